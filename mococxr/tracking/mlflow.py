@@ -1,0 +1,215 @@
+"""Where runs live and how they are tagged.
+
+MLflow is the system of record. This module owns the store location (the embedded default is
+``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``; ``MLFLOW_TRACKING_URI`` or
+``--tracking-uri`` override it, including an ``http(s)://`` tracking server), the ``mococxr.*`` tag
+schema, and the few helpers every stage uses to log plain data (JSON, DataFrames, state dicts).
+The file store is refused: it raises in MLflow >= 3.13 and cannot hold LoggedModels well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from mococxr.errors import TrackingError
+
+TAG_PREFIX = "mococxr."
+DEFAULT_STORE_DIR = "mlruns"
+STATE_DICT_FILE = "state_dict.pt"
+MODEL_INFO_FILE = "mococxr_model.json"
+
+# Tag keys (without the prefix) that DESIGN.md fixes; anything else is a bug in the caller.
+TAG_KEYS = frozenset(
+    {
+        "kind", "backbone", "init", "protocol", "dataset", "task", "label_fraction", "draw",
+        "pretrain_run_id", "checkpoint_epoch", "optuna_study", "optuna_trial", "optuna_state",
+        "manifest_sha256", "test_manifest_sha256", "config_hash", "registry_version", "grid", "preset", "image_size",
+    }
+)
+
+
+def tag(key: str) -> str:
+    """The full tag name for ``key`` (``kind`` -> ``mococxr.kind``)."""
+    if key not in TAG_KEYS:
+        raise ValueError(f"unknown mococxr tag {key!r}; known: {sorted(TAG_KEYS)}")
+    return TAG_PREFIX + key
+
+
+def tags(**values: Any) -> dict[str, str]:
+    """``tags(kind="pretrain", backbone="resnet18")`` -> prefixed string tags, ``None`` values dropped."""
+    return {tag(k): str(v) for k, v in values.items() if v is not None}
+
+
+def default_tracking_uri(base: str | os.PathLike | None = None) -> str:
+    """``sqlite:///<base>/mlruns/mlflow.db`` with ``base`` the current folder by default."""
+    store = Path(base or os.getcwd()).resolve() / DEFAULT_STORE_DIR
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(override: str | None = None) -> str:
+    """The tracking URI in force: ``override``, else ``MLFLOW_TRACKING_URI``, else the embedded store."""
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("", "file") or (len(scheme) == 1 and scheme.isalpha()):  # a bare path or C:\...
+        raise TrackingError(
+            f"tracking URI {uri!r} names MLflow's file store, which MLflow 3.13+ refuses; use a "
+            f"database store such as sqlite:///{Path(uri.removeprefix('file:')).resolve()}/mlflow.db "
+            "or an http(s):// tracking server"
+        )
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Local artifact folder for a sqlite store (beside the database), ``None`` for servers/other DBs.
+
+    ``MOCOCXR_ARTIFACT_ROOT`` overrides it. A tracking server chooses its own (``mlflow-artifacts:``).
+    """
+    if os.environ.get("MOCOCXR_ARTIFACT_ROOT"):
+        return Path(os.environ["MOCOCXR_ARTIFACT_ROOT"]).resolve()
+    db = _sqlite_path(uri)
+    return db.resolve().parent / "artifacts" if db is not None else None
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at the store in force, creating the embedded store's folder on first use."""
+    uri = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # children (DataLoader workers, torchrun ranks) agree
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, created with the project's artifact location if it is new."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or pick another name"
+            )
+        return exp.experiment_id
+    root = artifact_root(mlflow.get_tracking_uri())
+    location = None
+    if root is not None:
+        location = (root / name.replace("/", "_")).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextmanager
+def start_run(
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, with ``run_id``, resume) a run in ``experiment``; status is FAILED if the body raises.
+
+    ``KeyboardInterrupt`` marks the run KILLED, so an interrupted run is visible as such and resumable.
+    """
+    exp_id = ensure_experiment(experiment)
+    nested = mlflow.active_run() is not None
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(
+            experiment_id=exp_id, run_name=run_name, tags=dict(run_tags or {}),
+            parent_run_id=parent_run_id, nested=nested,
+        )
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a JSON-serialisable object as ``artifact_file`` of the run."""
+    MlflowClient().log_dict(run_id or _active_run_id(), obj, artifact_file)
+
+
+def log_parquet(df: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a DataFrame as a parquet artifact (used for per-image predictions and manifests)."""
+    path = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / path.name
+        df.to_parquet(local, index=False)
+        parent = str(path.parent) if str(path.parent) != "." else None
+        MlflowClient().log_artifact(run_id or _active_run_id(), str(local), parent)
+
+
+def _active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("no active MLflow run to log to")
+    return run.info.run_id
+
+
+def log_state_dict_model(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    name: str,
+    run_id: str,
+    experiment_id: str,
+    step: int,
+    info: Mapping[str, Any],
+    model_tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """Log a plain state dict as an MLflow 3 LoggedModel and return its ``model_id``.
+
+    The model's artifacts are ``state_dict.pt`` (load with ``torch.load(..., weights_only=True)``)
+    and ``mococxr_model.json`` (``info``: backbone, epoch, ...). No pickled objects, no flavor: a
+    checkpoint is data, and whoever loads it chooses the code that reads it.
+    """
+    client = MlflowClient()
+    model = client.create_logged_model(
+        experiment_id=experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags={**(model_tags or {}), tag("checkpoint_epoch"): str(step)},
+        params={k: str(v) for k, v in (params or {}).items()},
+        model_type="mococxr-encoder",
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(dict(state_dict), Path(tmp) / STATE_DICT_FILE)
+            (Path(tmp) / MODEL_INFO_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
+            client.log_model_artifacts(model.model_id, tmp)
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

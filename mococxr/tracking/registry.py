@@ -1,0 +1,214 @@
+"""Checkpoints by name and stage: the MLflow model registry, with stages implemented as aliases.
+
+Registry stages are deprecated in MLflow 3, so ``staging`` and ``production`` are aliases
+(``models:/NAME@production``); the older spelling ``models:/NAME/Production`` is accepted and means
+the same alias. ``archived`` removes a version's aliases and marks it with a tag. Every version carries
+tags for the run, epoch, metrics and data manifest hash it came from, so ``mococxr registry list``
+answers "which checkpoint is production, and where did it come from".
+
+This module also turns any checkpoint reference (``models:/...``, ``runs:/...``, a LoggedModel id
+``m-...`` or a local file) into a plain state dict; models/ never talks to MLflow itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mococxr.errors import TrackingError
+from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, tag
+
+STAGES = ("staging", "production", "archived")
+STAGE_TAG = TAG_PREFIX + "stage"
+_STAGE_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)/?$")
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
+
+
+def _stage(value: str) -> str:
+    stage = value.lower()
+    if stage not in STAGES:
+        raise TrackingError(f"unknown stage {value!r}; use one of {', '.join(STAGES)}")
+    return stage
+
+
+def find_logged_model(run_id: str, epoch: int) -> str:
+    """The id of the READY LoggedModel that run ``run_id`` logged for ``epoch``."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND tags.`{tag('checkpoint_epoch')}` = '{epoch}'",
+    )
+    ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+    if not ready:
+        raise TrackingError(f"run {run_id} has no checkpoint for epoch {epoch} (was it pruned by retention?)")
+    return ready[0].model_id
+
+
+def register(
+    name: str,
+    *,
+    model_id: str | None = None,
+    run_id: str | None = None,
+    epoch: int | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> str:
+    """Register a checkpoint (a LoggedModel, or a run's epoch) as a new version of ``name``.
+
+    The version is tagged with the source run, epoch, the epoch's metrics and the data manifest hash.
+    Returns the version number as a string.
+    """
+    client = MlflowClient()
+    if model_id is None:
+        if run_id is None or epoch is None:
+            raise TrackingError("register needs a model id, or a run id and an epoch")
+        model_id = find_logged_model(run_id, epoch)
+    try:
+        model = client.get_logged_model(model_id)
+    except MlflowException as exc:
+        raise TrackingError(f"no LoggedModel {model_id!r} in {mlflow.get_tracking_uri()}") from exc
+    run_id = model.source_run_id
+    version_tags = {
+        TAG_PREFIX + "run_id": run_id,
+        TAG_PREFIX + "model_id": model_id,
+        tag("checkpoint_epoch"): model.tags.get(tag("checkpoint_epoch"), ""),
+    }
+    run_tags = client.get_run(run_id).data.tags if run_id else {}
+    for key in ("manifest_sha256", "backbone", "dataset"):
+        if tag(key) in run_tags:
+            version_tags[tag(key)] = run_tags[tag(key)]
+    for metric in model.metrics or []:
+        version_tags[f"metric.{metric.key}"] = f"{metric.value:.6g}"
+    version_tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
+    mv = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
+    return str(mv.version)
+
+
+def promote(name: str, version: str | int, stage: str) -> None:
+    """Move ``version`` of ``name`` to ``stage`` (the alias moves off whichever version held it)."""
+    stage = _stage(stage)
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise TrackingError(f"registered model {name!r} has no version {version}") from exc
+    for alias in mv.aliases:
+        if alias in STAGES:
+            client.delete_registered_model_alias(name, alias)
+    if stage != "archived":
+        holder = _alias_version(name, stage)
+        if holder is not None:
+            client.set_model_version_tag(name, holder, STAGE_TAG, "none")
+        client.set_registered_model_alias(name, stage, str(version))
+    client.set_model_version_tag(name, str(version), STAGE_TAG, stage)
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def list_versions(name: str | None = None) -> pd.DataFrame:
+    """One row per registered version: name, version, stage, run, epoch and its metrics."""
+    client = MlflowClient()
+    filt = f"name = '{name}'" if name else None
+    rows = []
+    for mv in client.search_model_versions(filt):
+        stage = next((a for a in mv.aliases if a in STAGES), mv.tags.get(STAGE_TAG, "none"))
+        metrics = {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")}
+        rows.append(
+            {
+                "name": mv.name,
+                "version": int(mv.version),
+                "stage": stage if stage != "none" else "",
+                "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id or ""),
+                "epoch": mv.tags.get(tag("checkpoint_epoch"), ""),
+                **metrics,
+            }
+        )
+    if name and not rows:
+        raise TrackingError(f"no registered model named {name!r} in {mlflow.get_tracking_uri()}")
+    cols = ["name", "version", "stage", "run_id", "epoch"]
+    df = pd.DataFrame(rows)
+    return df.sort_values(["name", "version"]).reset_index(drop=True) if len(df) else pd.DataFrame(columns=cols)
+
+
+def canonical_uri(uri: str) -> str:
+    """Translate ``models:/NAME/Production`` (stage spelling) to ``models:/NAME@production``."""
+    m = _STAGE_URI.match(uri)
+    if m and not m.group("ref").isdigit() and not uri.startswith("models:/m-"):
+        return f"models:/{m.group('name')}@{_stage(m.group('ref'))}"
+    return uri
+
+
+def resolve(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Any checkpoint reference -> (state dict, info).
+
+    ``ref`` is ``models:/NAME@stage``, ``models:/NAME/Stage``, ``models:/NAME/3``, ``models:/m-<id>``,
+    ``runs:/<run_id>/<path to a .pt file or a folder holding state_dict.pt>``, or a local file.
+    ``info`` holds what is known of its origin (run id, epoch, registry version, backbone).
+    """
+    info: dict[str, Any] = {"uri": ref}
+    if ref.startswith(("models:/", "runs:/")):
+        uri = canonical_uri(ref)
+        info.update(_registry_info(uri))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(uri))
+        except MlflowException as exc:
+            raise TrackingError(f"cannot resolve {ref!r} in {mlflow.get_tracking_uri()}: {exc.message}") from exc
+    else:
+        local = Path(ref)
+        if not local.exists():
+            raise TrackingError(f"checkpoint file {ref!r} does not exist")
+    if local.is_dir():
+        if (local / MODEL_INFO_FILE).is_file():
+            info.update(json.loads((local / MODEL_INFO_FILE).read_text()))
+        local = local / STATE_DICT_FILE
+        if not local.is_file():
+            raise TrackingError(f"{ref!r} holds no {STATE_DICT_FILE}; is it a mococxr checkpoint?")
+    try:
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or pickled-object file: refuse rather than unpickle
+        raise TrackingError(f"cannot load {ref!r} as a plain state dict ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise TrackingError(f"{ref!r} does not hold a state dict")
+    return state, info
+
+
+def _registry_info(uri: str) -> dict[str, Any]:
+    """Registry version, run id and epoch behind a models:/ URI (empty for runs:/ URIs)."""
+    client = MlflowClient()
+    mv = None
+    try:
+        if m := _ALIAS_URI.match(uri):
+            mv = client.get_model_version_by_alias(m.group("name"), m.group("alias"))
+        elif (m := _STAGE_URI.match(uri)) and m.group("ref").isdigit():
+            mv = client.get_model_version(m.group("name"), m.group("ref"))
+    except MlflowException as exc:
+        raise TrackingError(f"cannot resolve {uri!r} in {mlflow.get_tracking_uri()}: {exc.message}") from exc
+    if mv is None:
+        if uri.startswith("models:/m-"):
+            model = client.get_logged_model(uri.removeprefix("models:/").strip("/"))
+            return {"run_id": model.source_run_id, "epoch": model.tags.get(tag("checkpoint_epoch"))}
+        if uri.startswith("runs:/"):
+            return {"run_id": uri.removeprefix("runs:/").split("/", 1)[0]}
+        return {}
+    return {
+        "registered_model": mv.name,
+        "registry_version": str(mv.version),
+        "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id),
+        "epoch": mv.tags.get(tag("checkpoint_epoch")),
+    }

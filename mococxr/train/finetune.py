@@ -1,0 +1,234 @@
+"""Fine-tuning at a label fraction: ``linear`` (frozen backbone in eval mode, new head) or ``e2e``.
+
+One call is one MLflow run: parameters and ``mococxr.*`` tags, per-epoch train and validation metrics,
+the split and draw manifests, and after training the test AUC/AUPRC per task and the per-image test
+predictions (``predictions/test.parquet``) from which the report module builds its tables.
+
+The best epoch is chosen by validation AUC alone; the test split is read once, after training, with
+the weights of that epoch. Nothing computed on the test set can change what was trained or chosen.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mococxr.config import FinetuneConfig, config_hash, flat_params, to_dict
+from mococxr.data.dataset import CXRDataset
+from mococxr.data.labels import label_matrix, resolve_tasks
+from mococxr.data.splits import draw_fraction, make_manifest
+from mococxr.data.transforms import build_transform
+from mococxr.errors import ConfigError, DataError
+from mococxr.models.backbones import build_encoder
+from mococxr.tracking import mlflow as mt
+from mococxr.train.data import load_cache, split_records
+from mococxr.train.pretrain import resolve_init
+
+# MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
+# log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> ~52).
+FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
+
+
+def epochs_for_fraction(fraction: float) -> int:
+    """The paper's epochs for a label fraction (see ``FRACTION_EPOCHS`` for the rule)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+    xs = [math.log10(f) for f, _ in FRACTION_EPOCHS]
+    ys = [e for _, e in FRACTION_EPOCHS]
+    return int(round(float(np.interp(math.log10(fraction), xs, ys))))
+
+
+class Classifier(nn.Module):
+    """An encoder and a new linear head; ``frozen`` keeps the encoder in eval mode without gradients."""
+
+    def __init__(self, encoder: nn.Module, n_out: int, *, frozen: bool):
+        super().__init__()
+        self.encoder, self.frozen = encoder, frozen
+        self.head = nn.Linear(encoder.feature_dim, n_out)
+        if frozen:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # frozen BN statistics: the linear protocol never updates the backbone
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.encoder.features(x)
+        else:
+            feats = self.encoder.features(x)
+        return self.head(feats)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over the labels that are known; NaN (U-Ignore, unknown) is masked out of the loss."""
+    mask = ~torch.isnan(target)
+    if not mask.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[mask], target[mask])
+
+
+def task_metrics(y: np.ndarray, scores: np.ndarray, tasks: list[str], prefix: str) -> dict[str, float]:
+    """AUC and AUPRC per task (masked) and their means, as MLflow metrics named ``prefix/...``."""
+    out: dict[str, float] = {}
+    aucs, aps = [], []
+    for j, task in enumerate(tasks):
+        known = ~np.isnan(y[:, j])
+        yj, sj = y[known, j], scores[known, j]
+        if len(np.unique(yj)) < 2:
+            continue
+        auc, ap = roc_auc_score(yj, sj), average_precision_score(yj, sj)
+        aucs.append(auc)
+        aps.append(ap)
+        if len(tasks) > 1:
+            key = task.replace(" ", "_")
+            out[f"{prefix}/auc_{key}"], out[f"{prefix}/auprc_{key}"] = auc, ap
+    if aucs:
+        out[f"{prefix}/auc"], out[f"{prefix}/auprc"] = float(np.mean(aucs)), float(np.mean(aps))
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, records: pd.DataFrame, cfg: FinetuneConfig, cache, device) -> np.ndarray:
+    model.eval()
+    loader = DataLoader(CXRDataset(records, build_transform("eval", cfg.image_size), cache=cache),
+                        batch_size=64, shuffle=False, num_workers=cfg.workers)
+    out = [torch.sigmoid(model(x.to(device)).float()).cpu() for x, _ in loader]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    best_epoch: int
+    val_auc: float
+    test: dict[str, float]
+    predictions: pd.DataFrame
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    splits: dict[str, pd.DataFrame] | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train per ``cfg`` on its label-fraction draw, keep the best epoch by val AUC, score the test set."""
+    if cfg.protocol not in ("linear", "e2e"):
+        raise ConfigError(f"protocol must be linear or e2e, got {cfg.protocol!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = split_records(cfg.data) if splits is None else splits
+    tasks = resolve_tasks(cfg.data.task, splits["train"])
+    train = draw_fraction(splits["train"], cfg.fraction, draw=cfg.draw, seed=cfg.seed, task=tasks[0])
+    val, test = splits["val"], splits["test"]
+    for name, part in (("val", val), ("test", test)):
+        if len(part) == 0:
+            raise DataError(f"the {name} split is empty; check --val/--test fractions or --test-csv")
+    manifests = {
+        "train": make_manifest("train", train, seed=cfg.seed, fraction=cfg.fraction, draw=cfg.draw),
+        "val": make_manifest("val", val, seed=cfg.data.split_seed),
+        "test": make_manifest("test", test, seed=cfg.data.split_seed),
+    }
+    epochs = cfg.epochs or max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale)))
+
+    torch.manual_seed(cfg.seed * 1_000_003 + cfg.draw)
+    init_kind, state, origin = resolve_init(cfg.init, cfg.backbone)
+    encoder = build_encoder(cfg.backbone, init=init_kind, state_dict=state)
+    model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear").to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cache = load_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
+    train_set = CXRDataset(train, build_transform(cfg.preset, cfg.image_size), tasks=tasks, cache=cache)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+    y_val = label_matrix(val, tasks)
+
+    mt.configure()
+    run_tags = mt.tags(
+        kind="finetune", backbone=cfg.backbone, init=_init_label(cfg.init, init_kind), protocol=cfg.protocol,
+        dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
+        pretrain_run_id=origin.get("run_id"), checkpoint_epoch=origin.get("epoch"),
+        registry_version=origin.get("registry_version"), manifest_sha256=manifests["train"].sha256,
+        test_manifest_sha256=manifests["test"].sha256, config_hash=config_hash(cfg), preset=cfg.preset,
+        image_size=cfg.image_size,
+    )
+    with mt.start_run(cfg.experiment, run_name=cfg.run_name or _run_name(cfg, init_kind),
+                      run_tags={**run_tags, **(extra_tags or {})}, parent_run_id=parent_run_id) as run:
+        mlflow.log_params({**flat_params(cfg), "epochs_resolved": epochs, "init_resolved": init_kind,
+                           "n_train": len(train), "n_val": len(val), "n_test": len(test)})
+        mt.log_json(to_dict(cfg), "config.json")
+        for name, manifest in manifests.items():
+            mt.log_json(manifest.to_dict(), f"manifests/{name}.json")
+
+        best_auc, best_epoch, best_state = -math.inf, 0, None
+        bar = tqdm(range(1, epochs + 1), desc=f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}",
+                   disable=not progress, leave=False)
+        for epoch in bar:
+            model.train()
+            t0, loss_sum, n = time.perf_counter(), 0.0, 0
+            for images, target in loader:
+                images, target = images.to(device), target.to(device)
+                loss = masked_bce(model(images), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(images)
+                n += len(images)
+            val_scores = predict(model, val, cfg, cache, device)
+            metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0,
+                       **task_metrics(y_val, val_scores, tasks, "val")}
+            mlflow.log_metrics(metrics, step=epoch)
+            val_auc = metrics.get("val/auc", float("nan"))
+            if val_auc > best_auc:  # the only model choice, made on validation alone
+                best_auc, best_epoch = val_auc, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
+        if best_state is None:
+            raise DataError("validation AUC was undefined at every epoch (single-class val split?)")
+        model.load_state_dict(best_state)
+
+        test_scores = predict(model, test, cfg, cache, device)
+        y_test = label_matrix(test, tasks)
+        test_metrics = task_metrics(y_test, test_scores, tasks, "test")
+        mlflow.log_metrics({"best_epoch": best_epoch, "val/best_auc": best_auc, **test_metrics})
+        predictions = prediction_table(test, tasks, y_test, test_scores)
+        mt.log_parquet(predictions, "predictions/test.parquet")
+        run_id = run.info.run_id
+    return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+
+
+def prediction_table(records: pd.DataFrame, tasks: list[str], y: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """One row per test image: image_id, patient_id, ``label:<task>`` and ``score:<task>`` columns."""
+    table = pd.DataFrame({"image_id": records["image_id"].astype(str).to_numpy(),
+                          "patient_id": records["patient_id"].astype(str).to_numpy()})
+    for j, task in enumerate(tasks):
+        table[f"label:{task}"] = y[:, j]
+        table[f"score:{task}"] = scores[:, j]
+    return table
+
+
+def _init_label(init: str, kind: str) -> str:
+    """What the report groups by: random, imagenet, or moco (any pretrained checkpoint)."""
+    return "moco" if kind == "checkpoint" else kind
+
+
+def _run_name(cfg: FinetuneConfig, kind: str) -> str:
+    return f"{_init_label(cfg.init, kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"

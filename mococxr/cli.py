@@ -217,6 +217,54 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+# -- sweeps, reports and the demo -----------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mococxr.sweep.study import run_sweep
+
+    promote = ("production" if args.production else "staging") if args.promote else None
+    result = run_sweep(args.spec, n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
+                       promote=promote, registered_model=args.registered_model)
+    print(f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
+          f"{result.n_failed} failed (MLflow parent run {result.parent_run_id})")
+    if result.best_trial is not None:
+        print(f"best trial {result.best_trial}: {result.best_value:.4f} at epoch {result.best_epoch} "
+              f"(run {result.best_run_id}) {result.best_params}")
+    if result.promoted_uri:
+        print(f"promoted: {result.promoted_uri}  ->  mococxr finetune --init {result.promoted_uri}")
+    return 0
+
+
+def print_report(report) -> None:
+    """The paper-style tables of a report, in the terminal."""
+    from mococxr.report.tables import to_markdown, wide_table
+
+    for title, tidy in (("AUC (95% CI)", report.absolute), ("AUC difference, paired (95% CI)", report.improvement)):
+        if len(tidy):
+            print(f"\n{title}\n")
+            print(to_markdown(wide_table(tidy, "auc")))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mococxr.report.tables import build_report
+
+    report = build_report(
+        args.experiment, out=args.out, dataset=args.dataset, task=args.task, backbone=args.backbone,
+        n_replicates=args.replicates, seed=args.seed, groups="patient" if args.by_patient else "image",
+        baseline=tuple(b.strip() for b in args.baseline.split(",")), log_to_mlflow=not args.no_mlflow,
+    )
+    print_report(report)
+    print(f"\ntables and plots in {args.out} (report.md, tables/, plots/)"
+          + (f"; MLflow report run {report.run_id}" if report.run_id else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mococxr.demo import run_demo
+
+    run_demo(quick=args.quick, dataset=args.dataset, root=args.root, task=args.task)
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mococxr", description=__doc__.splitlines()[0])
@@ -276,6 +324,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("sweep", help="an Optuna study over pretraining hyperparameters (joins/resumes)")
+    p.add_argument("spec", help="study YAML, e.g. sweeps/pretrain_lr.yaml")
+    p.add_argument("--n-trials", type=int, help="total trial budget of the study (overrides the spec)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///mlruns/optuna.db; postgresql://...)")
+    p.add_argument("--study-name", help="join or create this study (default: the spec's name)")
+    p.add_argument("--promote", action="store_true", help="register the best checkpoint and move it to staging")
+    p.add_argument("--production", action="store_true", help="with --promote: move it to production instead")
+    p.add_argument("--registered-model", help="registered model name (default mococxr-<backbone>)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="paired bootstrap tables and plots from the fine-tune runs in MLflow")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--task")
+    p.add_argument("--backbone")
+    p.add_argument("--out", required=True, help="folder for report.md, tables/ and plots/")
+    p.add_argument("--replicates", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--by-patient", action="store_true", help="resample whole patients")
+    p.add_argument("--baseline", default="random,imagenet", help="inits MoCo is compared against")
+    p.add_argument("--no-mlflow", action="store_true", help="write files only, log no report run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole flow on the embedded phantom dataset")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute version")
+    p.add_argument("--dataset", default="phantom", choices=("phantom", *DATASETS))
+    p.add_argument("--root", help="dataset root (for a real dataset)")
+    p.add_argument("--task", help="task (default pleural_effusion; pneumonia for nih)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("registry", help="list, register and promote checkpoints")
     p.add_argument("action", choices=("list", "register", "promote"))

@@ -67,7 +67,7 @@ def test_tie_between_classes_counts_one_half():
 
 
 @pytest.mark.parametrize("kind", ["float", "round1", "all_tied"])
-@pytest.mark.parametrize(("n", "n_checked"), [(234, 200), (2000, 40), (20000, 8)])
+@pytest.mark.parametrize(("n", "n_checked"), [(234, 120), (2000, 30), (20000, 8)])
 def test_equals_sklearn_on_the_same_resamples(n, n_checked, kind):
     rng = np.random.default_rng(n)
     y = rng.random(n) < 0.3
@@ -211,3 +211,15 @@ def test_unknown_model_or_metric_in_result():
         res.interval("x")
     with pytest.raises(DataError, match="not computed"):
         res.diff("m", "m", "auprc")
+
+
+def test_large_counts_and_any_integer_dtype():
+    rng = np.random.default_rng(9)
+    y = np.arange(30) % 4 == 0
+    s = np.round(rng.random(30), 1)
+    rows = [rng.integers(0, 30, size=40), np.r_[np.zeros(300, int), np.arange(30)], np.arange(30)]
+    counts = indices_to_counts(rows, 30)  # row 1 holds image 0 301 times: needs more than uint8
+    ref_auc, ref_ap = _sklearn_replicates(y, s, counts, range(3))
+    for dtype in (np.int64, np.uint16, np.int32):
+        np.testing.assert_allclose(auc_replicates(y, s, counts.astype(dtype)), ref_auc, atol=TOL)
+        np.testing.assert_allclose(auprc_replicates(y, s, counts.astype(dtype)), ref_ap, atol=TOL)

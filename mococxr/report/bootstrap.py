@@ -9,19 +9,21 @@ resamples. Across the draws of one label fraction, replicate metrics are average
 A resample is represented by a counts matrix ``counts[r, i]`` = how many times test image ``i``
 appears in replicate ``r``. That one representation covers image-level and patient-level (cluster)
 resampling, whose replicates hold different numbers of images, and it lets the metrics be computed
-without materialising the resampled arrays: the scores are sorted once per model, and for every
-replicate the bootstrap counts are summed per tied-score group and per class. From those
-per-group weighted counts the exact Mann-Whitney AUC and scikit-learn's step-wise average
-precision follow in a few array operations over all replicates together (no Python loop over
-replicates). Results equal ``sklearn.metrics.roc_auc_score`` and ``average_precision_score`` on the
-materialised resample to ~1e-15, ties included.
+without materialising the resampled arrays: the scores are sorted once per model, and prefix sums
+of the bootstrap counts of the positives and of the negatives in score order give, at every
+distinct score, the weighted true and false positives of every replicate (sklearn's curve with the
+counts as sample weights). The exact Mann-Whitney AUC and scikit-learn's step-wise average
+precision follow in a few array operations over all replicates together (replicates go in blocks
+sized for the CPU cache, never one at a time). Results equal ``sklearn.metrics.roc_auc_score`` and
+``average_precision_score`` on the materialised resample to ~1e-15, ties included.
 
 Single-class replicates. A replicate whose resampled labels hold only positives or only negatives
 has no defined AUC (scikit-learn raises or, from 1.6 on, warns and returns NaN) and no meaningful
-AUPRC (scikit-learn warns and returns 0 without positives, 1 without negatives). Both metrics are NaN for such a replicate, it is left
-out of every percentile and every "fraction of replicates where a > b", and the number of such
-replicates is reported as ``n_single_class``. Which replicates are single-class depends only on the
-labels and the resample, so it is the same for every model and every draw.
+AUPRC (scikit-learn warns and returns 0 without positives, 1 without negatives). Both metrics are
+NaN for such a replicate, it is left out of every percentile and every "fraction of replicates
+where a > b", and the number of such replicates is reported as ``n_single_class``. Which
+replicates are single-class depends only on the labels and the resample, so it is the same for
+every model and every draw.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def bootstrap_counts(n: int, n_replicates: int = 500, *, seed: int = 0, groups=N
         return indices_to_counts(draws, n)
     groups = np.asarray(groups)
     if groups.shape != (n,):
-        raise DataError(f"bootstrap: groups must hold one patient id per image ({n}), got shape {groups.shape}")
+        raise DataError(
+            f"bootstrap: groups must hold one patient id per image ({n}), got shape {groups.shape}"
+        )
     _, code = np.unique(groups, return_inverse=True)
     n_groups = int(code.max()) + 1
     draws = rng.integers(0, n_groups, size=(n_replicates, n_groups))
@@ -72,7 +76,9 @@ def indices_to_counts(indices, n: int) -> np.ndarray:
     """
     rows = [np.asarray(r) for r in indices] if not isinstance(indices, np.ndarray) else list(indices)
     if any(r.ndim != 1 for r in rows):
-        raise DataError("bootstrap: indices must be a [replicates, draws] array or a list of 1-D index arrays")
+        raise DataError(
+            "bootstrap: indices must be a [replicates, draws] array or a list of 1-D index arrays"
+        )
     flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= n):
         raise DataError(f"bootstrap: indices must lie in [0, {n}), got [{flat.min()}, {flat.max()}]")
@@ -112,6 +118,10 @@ def _check_counts(counts, n: int) -> np.ndarray:
         raise DataError(f"bootstrap: counts must be integers, got dtype {c.dtype}")
     if c.size and c.min() < 0:
         raise DataError("bootstrap: counts must be >= 0")
+    if c.size and c.sum(axis=1, dtype=np.int64).max() >= 2**31:
+        raise DataError(
+            "bootstrap: a replicate holds 2**31 images or more; the int32 prefix sums would overflow"
+        )
     return c
 
 
@@ -130,18 +140,17 @@ class _Ranking:
 
     Tied scores form groups, numbered by distinct score from the highest: sklearn's thresholds.
     Positives and negatives are each listed in descending score order (``pos``, ``neg``: indices
-    into the test set). ``pos_starts`` cuts the positives into their score groups (None when no two
-    positives tie, the common case with float scores). ``bounds`` lists the only prefix lengths of
-    the negatives ever needed: for each positive group, the number of negatives scoring strictly
-    above it and at or above it; ``above`` / ``at_or_above`` are their positions in ``bounds``.
+    into the test set). For each group holding a positive, the prefix lengths of those lists that
+    score strictly above it and at or above it: ``pos_above``/``pos_at`` (None when no two
+    positives tie, the common case with float scores) and ``neg_above``/``neg_at``.
     """
 
     pos: np.ndarray
     neg: np.ndarray
-    pos_starts: np.ndarray | None
-    bounds: np.ndarray
-    above: np.ndarray
-    at_or_above: np.ndarray
+    pos_above: np.ndarray | None
+    pos_at: np.ndarray | None
+    neg_above: np.ndarray
+    neg_at: np.ndarray
 
 
 def _rank(y: np.ndarray, scores: np.ndarray) -> _Ranking:
@@ -149,17 +158,15 @@ def _rank(y: np.ndarray, scores: np.ndarray) -> _Ranking:
     s, is_pos = scores[order], y[order]
     gid = np.concatenate(([0], np.cumsum(s[1:] != s[:-1])))
     gp, gn = gid[is_pos], gid[~is_pos]
-    pos_starts = np.flatnonzero(np.concatenate(([True], gp[1:] != gp[:-1])))
-    g = gp[pos_starts]
-    above, at_or_above = np.searchsorted(gn, g, "left"), np.searchsorted(gn, g, "right")
-    bounds = np.union1d(np.concatenate((above, at_or_above)), [0, gn.size])
+    g = np.unique(gp)
+    pos_ties = g.size < gp.size
     return _Ranking(
         pos=order[is_pos],
         neg=order[~is_pos],
-        pos_starts=None if pos_starts.size == gp.size else pos_starts,
-        bounds=bounds,
-        above=np.searchsorted(bounds, above),
-        at_or_above=np.searchsorted(bounds, at_or_above),
+        pos_above=np.searchsorted(gp, g, "left") if pos_ties else None,
+        pos_at=np.searchsorted(gp, g, "right") if pos_ties else None,
+        neg_above=np.searchsorted(gn, g, "left"),
+        neg_at=np.searchsorted(gn, g, "right"),
     )
 
 
@@ -182,29 +189,33 @@ class _Workspace:
         return buf[:size].reshape(shape)
 
 
+def _prefix_sums(w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[:, k]`` = sum of the first ``k`` columns of ``w`` (``out`` has one more column)."""
+    out[:, 0] = 0
+    np.cumsum(w, axis=1, dtype=out.dtype, out=out[:, 1:])
+    return out
+
+
 def _metrics_block(rk: _Ranking, counts: np.ndarray, metrics: Sequence[str], ws: _Workspace) -> dict:
     """AUC / AUPRC of every replicate (row) of ``counts``: sklearn's curve with count weights.
 
-    Everything is reduced to the positive score groups: ``gained`` (weight of the group's
-    positives), ``tp`` (weight of the positives at or above it) and the weight of the negatives
-    strictly above / at or above it, from one segment sum and one cumulative sum per class.
+    Everything is reduced to the groups holding a positive: ``gained`` (weight of the group's
+    positives), ``tp`` (weight of the positives at or above it) and ``fp`` (weight of the negatives
+    at or above it), read off one prefix sum per class in score order.
     """
-    rows, n_groups, f8 = counts.shape[0], rk.above.size, np.float64
-    wp = np.take(counts, rk.pos, axis=1, out=ws.get("wp", (rows, rk.pos.size), counts.dtype))
-    if rk.pos_starts is None:
-        gained = wp
+    rows, n_groups, f8 = counts.shape[0], rk.neg_at.size, np.float64
+    n_p, n_n = rk.pos.size, rk.neg.size
+    wp = np.take(counts, rk.pos, axis=1, out=ws.get("wp", (rows, n_p), counts.dtype))
+    cp = _prefix_sums(wp, ws.get("cp", (rows, n_p + 1), np.int32))
+    if rk.pos_at is None:
+        gained, tp = wp, cp[:, 1:]
     else:
-        gained = np.add.reduceat(wp, rk.pos_starts, axis=1, dtype=np.int32,
-                                 out=ws.get("gained", (rows, n_groups), np.int32))
-    tp = np.cumsum(gained, axis=1, dtype=np.int32, out=ws.get("tp", (rows, n_groups), np.int32))
-    wn = np.take(counts, rk.neg, axis=1, out=ws.get("wn", (rows, rk.neg.size), counts.dtype))
-    below = ws.get("below", (rows, rk.bounds.size), np.int32)
-    below[:, 0] = 0
-    segments = np.add.reduceat(wn, rk.bounds[:-1], axis=1, dtype=np.int32,
-                               out=ws.get("segments", (rows, rk.bounds.size - 1), np.int32))
-    np.cumsum(segments, axis=1, out=below[:, 1:])
-    fp = np.take(below, rk.at_or_above, axis=1, out=ws.get("fp", (rows, n_groups), np.int32))
-    n_pos, n_neg = tp[:, -1].astype(f8), below[:, -1].astype(f8)
+        tp = np.take(cp, rk.pos_at, axis=1, out=ws.get("tp", (rows, n_groups), np.int32))
+        gained = np.subtract(tp, np.take(cp, rk.pos_above, axis=1), out=ws.get("gained", tp.shape, np.int32))
+    wn = np.take(counts, rk.neg, axis=1, out=ws.get("wn", (rows, n_n), counts.dtype))
+    cn = _prefix_sums(wn, ws.get("cn", (rows, n_n + 1), np.int32))
+    fp = np.take(cn, rk.neg_at, axis=1, out=ws.get("fp", (rows, n_groups), np.int32))
+    n_pos, n_neg = cp[:, -1].astype(f8), cn[:, -1].astype(f8)
     single = (n_pos == 0) | (n_neg == 0)
     # float64 holds every integer below 2**53 exactly, so the AUC sums below stay exact
     weight = ws.get("weight", (rows, n_groups), f8)
@@ -215,10 +226,10 @@ def _metrics_block(rk: _Ranking, counts: np.ndarray, metrics: Sequence[str], ws:
         if "auc" in metrics:
             # Mann-Whitney, doubled to stay in integers: a positive beats the negatives below its
             # score and ties with those at it (one half each): 2 N - (above + at_or_above).
-            if np.array_equal(rk.above, rk.at_or_above):
+            if np.array_equal(rk.neg_above, rk.neg_at):
                 np.multiply(fp, 2, out=tmp)
             else:
-                np.add(fp, np.take(below, rk.above, axis=1), out=tmp)
+                np.add(fp, np.take(cn, rk.neg_above, axis=1), out=tmp)
             lost = np.einsum("ij,ij->i", weight, tmp)
             auc = (2.0 * n_pos * n_neg - lost) / (2.0 * n_pos * n_neg)
             out["auc"] = np.where(single, np.nan, auc)
@@ -234,14 +245,21 @@ def _metrics_block(rk: _Ranking, counts: np.ndarray, metrics: Sequence[str], ws:
     return out
 
 
-def _replicates(y, scores, counts, metrics: Sequence[str], ws: _Workspace | None = None,
-                block: int = 64) -> dict[str, np.ndarray]:
+# Replicates per block = this / n: a block's intermediates (a few bytes per element) then stay in
+# the CPU cache; on 2 Zen3 cores 16-32 rows at n=20,000 ran 1.4x faster than one 500-row pass.
+_BLOCK_ELEMENTS = 1 << 19
+
+
+def _replicates(
+    y, scores, counts, metrics: Sequence[str], ws: _Workspace | None = None
+) -> dict[str, np.ndarray]:
     """Metrics of one score vector on every replicate: sorted once, replicates taken in blocks."""
     rk = _rank(y, scores)
     out = {m: np.full(counts.shape[0], np.nan) for m in metrics}
     if rk.pos.size == 0 or rk.neg.size == 0:
         return out
     ws = _Workspace() if ws is None else ws
+    block = max(8, _BLOCK_ELEMENTS // counts.shape[1])
     for lo in range(0, counts.shape[0], block):
         for m, v in _metrics_block(rk, counts[lo : lo + block], metrics, ws).items():
             out[m][lo : lo + block] = v
@@ -282,8 +300,8 @@ class Interval:
 class Difference:
     """``a - b`` on one metric: point difference, its interval, and how often ``a`` beat ``b``.
 
-    ``frac_greater`` is the fraction of (non-single-class) replicates where ``a > b``; one minus it
-    is a one-sided bootstrap p-value for "a is better than b".
+    ``frac_greater`` is the fraction of the replicates holding both classes where ``a > b`` strictly
+    (a tie counts as not greater).
     """
 
     a: str
@@ -356,9 +374,16 @@ class BootstrapResult:
             for name in self.names:
                 iv = self.interval(name, metric)
                 rows.append(
-                    {"model": name, "metric": metric, "point": iv.point, "lo": iv.lo, "hi": iv.hi,
-                     "n_draws": self.n_draws.get(name, 1), "n_replicates": self.n_replicates,
-                     "n_single_class": self.n_single_class}
+                    {
+                        "model": name,
+                        "metric": metric,
+                        "point": iv.point,
+                        "lo": iv.lo,
+                        "hi": iv.hi,
+                        "n_draws": self.n_draws.get(name, 1),
+                        "n_replicates": self.n_replicates,
+                        "n_single_class": self.n_single_class,
+                    }
                 )
         return rows
 
@@ -398,14 +423,18 @@ def paired_bootstrap(
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise DataError(f"bootstrap: metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)}")
+        raise DataError(
+            f"bootstrap: metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)}"
+        )
     if not 0.0 < ci < 1.0:
         raise DataError(f"bootstrap: ci must be in (0, 1), got {ci}")
     if not scores:
         raise DataError("bootstrap: no models given")
     if y.all() or not y.any():
-        raise DataError(f"bootstrap: the test labels hold a single class ({int(y.sum())} positives of {n}); "
-                        "AUC and AUPRC are undefined")
+        raise DataError(
+            f"bootstrap: the test labels hold a single class ({int(y.sum())} positives of {n}); "
+            "AUC and AUPRC are undefined"
+        )
     if counts is None:
         counts = bootstrap_counts(n, n_replicates, seed=seed, groups=groups)
     elif groups is not None:

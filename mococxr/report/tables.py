@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from tqdm import tqdm
 
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.report.bootstrap import METRICS, BootstrapResult, bootstrap_counts, paired_bootstrap
 from mococxr.tracking import mlflow as mt
 
 PREDICTIONS_ARTIFACT = "predictions/test.parquet"
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TREATMENT = "moco"
 INIT_ORDER = ("random", "imagenet", "moco")
 PROTOCOL_ORDER = ("linear", "e2e")
@@ -187,7 +190,9 @@ def check_runs(runs: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- predictions
 
 
-def load_predictions(run_ids: Sequence[str], cache_dir: str | os.PathLike, *, workers: int = 8) -> dict:
+def load_predictions(
+    run_ids: Sequence[str], cache_dir: str | os.PathLike, *, workers: int = 8, progress: bool = False
+) -> dict[str, pd.DataFrame]:
     """Each run's ``predictions/test.parquet`` as a DataFrame, downloaded in parallel and cached.
 
     The cache key is the run id alone: the report only reads FINISHED runs, whose artifacts do not
@@ -210,9 +215,24 @@ def load_predictions(run_ids: Sequence[str], cache_dir: str | os.PathLike, *, wo
             os.replace(local, path)
         return path
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
-        paths = list(pool.map(fetch, run_ids))
+    with _quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
+        jobs = pool.map(fetch, run_ids)
+        paths = list(tqdm(jobs, total=len(run_ids), desc="predictions", disable=not progress, leave=False))
     return {rid: pd.read_parquet(p) for rid, p in zip(run_ids, paths, strict=True)}
+
+
+@contextmanager
+def _quiet_downloads():
+    """MLflow draws one progress bar per downloaded file; one bar over all runs is drawn instead."""
+    old = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = old
 
 
 def align_predictions(predictions: Mapping[str, pd.DataFrame]) -> Aligned:
@@ -364,17 +384,18 @@ def fraction_label(fraction: float) -> str:
     return f"{round(100 * fraction, 6):g}%"
 
 
-def wide_table(tidy: pd.DataFrame, metric: str = "auc", *, task: str | None = None, signed: bool = False,
-               digits: int = 3) -> pd.DataFrame:
+def wide_table(tidy: pd.DataFrame, metric: str = "auc", *, task: str | None = None, digits: int = 3) -> pd.DataFrame:
     """A paper-style table of strings: rows = cells (or comparisons), columns = label fractions.
 
-    Works on either tidy table: rows are (Architecture, Init, Protocol) for the absolute table and
-    (Architecture, Comparison) for the improvement table; a cell reads ``0.812 (0.790, 0.833)``.
+    Works on either tidy table: rows are (Architecture, Init, Protocol) for the absolute table, a
+    cell reading ``0.812 (0.790, 0.833)``, and (Architecture, Comparison) for the improvement table,
+    a cell reading ``+0.034 (0.012, 0.055)``.
     """
     sub = tidy[tidy["metric"] == metric]
     if task is not None:
         sub = sub[sub["task"] == task]
-    keys = ["backbone", "comparison"] if "comparison" in sub.columns else ["backbone", "init", "protocol"]
+    signed = "comparison" in sub.columns
+    keys = ["backbone", "comparison"] if signed else ["backbone", "init", "protocol"]
     heads = {"backbone": "Architecture", "init": "Init", "protocol": "Protocol", "comparison": "Comparison"}
     fractions = sorted(sub["fraction"].unique())
     fmt = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
@@ -397,8 +418,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     def cell(v) -> str:
         return str(v).replace("|", "\\|")
     header = "| " + " | ".join(cell(c) for c in table.columns) + " |"
-    sep = "|" + "|".join("---" if table[c].dtype == object and not _is_numeric_text(table[c]) else "---:"
-                         for c in table.columns) + "|"
+    sep = "|" + "|".join("---:" if _is_numeric_text(table[c]) else "---" for c in table.columns) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join([header, sep, *body]) + "\n"
 
@@ -445,7 +465,7 @@ def write_tables(out: Path, absolute: pd.DataFrame, improvement: pd.DataFrame, m
         if tidy.empty:
             continue
         for metric in METRICS:
-            table = wide_table(tidy, metric, task=task, signed=signed)
+            table = wide_table(tidy, metric, task=task)
             if table.empty:
                 continue
             what = f"{names[metric]} difference, MoCo - baseline" if signed else names[metric]
@@ -478,6 +498,7 @@ def build_report(
     cache_dir: str | os.PathLike | None = None,
     tracking_uri: str | None = None,
     workers: int = 8,
+    progress: bool = True,
 ) -> Report:
     """Find the fine-tune runs, bootstrap them together, write and log tables and plots.
 
@@ -490,6 +511,8 @@ def build_report(
 
     if n_replicates < 1:
         raise ConfigError(f"n_replicates must be >= 1, got {n_replicates}")
+    if groups not in ("image", "patient"):
+        raise ConfigError(f"groups must be 'image' or 'patient', got {groups!r}")
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     mt.configure(tracking_uri)
     out = Path(out)
@@ -498,7 +521,7 @@ def build_report(
     runs = _order(find_runs(experiment, dataset=dataset, task=task, backbone=backbone))
     check_runs(runs)
     predictions = load_predictions(list(runs["run_id"]), cache_dir or out / ".cache" / "predictions",
-                                   workers=workers)
+                                   workers=workers, progress=progress)
     aligned = align_predictions(predictions)
     results, skipped = bootstrap_cells(runs, aligned, n_replicates=n_replicates, seed=seed, groups=groups)
     present = [b for b in baselines if b in set(runs["init"]) and b != TREATMENT]
@@ -522,15 +545,20 @@ def build_report(
     runs_json.write_text(json.dumps(manifest, indent=1))
     paths.append(runs_json)
 
-    report = Report(absolute[absolute["task"] == main_task].reset_index(drop=True), improvement[
-        improvement["task"] == main_task].reset_index(drop=True), per_task, runs, paths, None, skipped)
+    report = Report(
+        absolute=absolute[absolute["task"] == main_task].reset_index(drop=True),
+        improvement=improvement[improvement["task"] == main_task].reset_index(drop=True),
+        per_task=per_task, runs=runs, paths=paths, skipped_tasks=skipped,
+    )
     if log_to_mlflow:
-        report.run_id = _log_report(experiment, out, paths, manifest, dataset, task, backbone, baselines)
+        backbones = runs["backbone"].unique()
+        run_tags = mt.tags(kind="report", dataset=runs["dataset"].iloc[0], task=runs["task"].iloc[0],
+                           backbone=backbones[0] if len(backbones) == 1 else None)
+        report.run_id = _log_report(experiment, out, paths, manifest, run_tags, baselines)
     return report
 
 
-def _log_report(experiment, out: Path, paths, manifest, dataset, task, backbone, baselines) -> str:
-    run_tags = mt.tags(kind="report", dataset=dataset, task=task, backbone=backbone)
+def _log_report(experiment, out: Path, paths, manifest, run_tags, baselines) -> str:
     with mt.start_run(experiment, run_name="report", run_tags=run_tags) as run:
         mlflow.log_params({"replicates": manifest["n_replicates"], "seed": manifest["seed"],
                            "groups": manifest["groups"], "baseline": ",".join(baselines),

@@ -181,8 +181,9 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True) ->
             splits = split_records(spec.base.data)  # one split for the whole grid: one test set
         t0 = time.perf_counter()
         try:
+            # the grid's own label (random, imagenet, moco, ...) is what the report groups by
             res = finetune(cfg, splits=splits, parent_run_id=parent, progress=progress,
-                           extra_tags={mt.tag("grid"): spec.name})
+                           extra_tags=mt.tags(grid=spec.name, init=label))
         except Exception as exc:  # one failed cell must not lose the others; re-running redoes it
             result.failed.append(f"{head}: {exc.__class__.__name__}: {exc}")
             print(f"{head}: FAILED ({exc})", flush=True)

@@ -56,8 +56,13 @@ def extract_features(
     workers: int = 0,
     device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Frozen features [n, feature_dim] with the eval transform, in records order."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Frozen features [n, feature_dim] with the eval transform, in records order.
+
+    ``device`` defaults to the encoder's own device, so a monitor called mid-pretraining on a GPU
+    neither moves the encoder nor feeds it tensors from the wrong device.
+    """
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder.to(device)
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(CXRDataset(records, build_transform("eval", image_size), cache=cache),

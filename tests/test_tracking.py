@@ -1,0 +1,144 @@
+"""Unit tests of the MLflow store/tag helpers and of checkpoint retention (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mococxr.errors import ConfigError, TrackingError
+from mococxr.tracking import mlflow as mt
+from mococxr.train import checkpoints
+
+
+# -- tags ---------------------------------------------------------------------------------------------
+def test_tags_are_prefixed_strings_and_drop_none():
+    out = mt.tags(kind="pretrain", backbone="resnet18", checkpoint_epoch=3, label_fraction=0.1, draw=None)
+    assert out == {
+        "mococxr.kind": "pretrain",
+        "mococxr.backbone": "resnet18",
+        "mococxr.checkpoint_epoch": "3",
+        "mococxr.label_fraction": "0.1",
+    }
+
+
+def test_every_design_tag_is_known():
+    design = ["kind", "backbone", "init", "protocol", "dataset", "task", "label_fraction", "draw",
+              "pretrain_run_id", "checkpoint_epoch", "optuna_study", "optuna_trial", "manifest_sha256"]
+    assert [mt.tag(k) for k in design] == [f"mococxr.{k}" for k in design]
+
+
+def test_unknown_tag_is_refused():
+    with pytest.raises(ValueError, match="unknown mococxr tag 'epochs'"):
+        mt.tags(epochs=3)
+
+
+# -- the store ------------------------------------------------------------------------------------------
+def test_default_store_is_sqlite_under_mlruns(tmp_path):
+    assert mt.default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+
+
+def test_default_store_follows_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = mt.resolve_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert mt.artifact_root(uri) == tmp_path.resolve() / "mlruns" / "artifacts"
+
+
+def test_override_beats_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/a.db")
+    assert mt.resolve_tracking_uri() == "sqlite:////tmp/a.db"
+    assert mt.resolve_tracking_uri("http://localhost:5000") == "http://localhost:5000"
+    assert mt.artifact_root("http://localhost:5000") is None
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "./mlruns", "/tmp/x/mlruns", "file:///tmp/x/mlruns", "file:mlruns"])
+def test_file_store_is_refused(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError, match="file store.*sqlite:///"):
+        mt.resolve_tracking_uri()
+    with pytest.raises(TrackingError):
+        mt.configure()
+
+
+def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
+    """One store for all checks: creating a sqlite store costs seconds (schema migrations)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MOCOCXR_ARTIFACT_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = mt.configure()
+    assert (tmp_path / "mlruns").is_dir()
+    assert mlflow.get_tracking_uri() == uri
+    exp_id = mt.ensure_experiment("unit/exp")
+    location = MlflowClient().get_experiment(exp_id).artifact_location
+    assert location == (tmp_path.resolve() / "mlruns" / "artifacts" / "unit_exp").as_uri()
+    assert mt.ensure_experiment("unit/exp") == exp_id
+
+    # a run that raises is FAILED, an interrupted one KILLED (visible as such, and resumable)
+    with pytest.raises(RuntimeError), mt.start_run("unit/exp") as run:
+        raise RuntimeError("boom")
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), mt.start_run("unit/exp") as run:
+        raise KeyboardInterrupt
+    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+    # a state dict logged as a LoggedModel comes back equal, through weights_only loading
+    state = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(7)}
+    with mt.start_run("unit/exp") as run:
+        model_id = mt.log_state_dict_model(
+            state, name="toy", run_id=run.info.run_id, experiment_id=run.info.experiment_id, step=4,
+            info={"backbone": "toy"}, model_tags=mt.tags(kind="pretrain"),
+        )
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
+    model = MlflowClient().get_logged_model(model_id)
+    assert model.tags["mococxr.checkpoint_epoch"] == "4" and model.tags["mococxr.kind"] == "pretrain"
+    assert "READY" in str(model.status) and model.source_run_id == run.info.run_id
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}"))
+    assert local.resolve().is_relative_to(tmp_path.resolve() / "mlruns" / "artifacts")
+    loaded = torch.load(local / mt.STATE_DICT_FILE, weights_only=True)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+# -- retention ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [("all", ("all", 0, None)), ("every:5", ("every", 5, None)), ("best:3:val/auc", ("best", 3, "val/auc"))],
+)
+def test_parse_keep(keep, expected):
+    assert checkpoints.parse_keep(keep) == expected
+
+
+@pytest.mark.parametrize("keep", ["", "some", "every", "every:0", "every:x", "every:2:3", "best:2", "best:0:loss",
+                                  "best:x:loss", "ALL"])
+def test_parse_keep_errors(keep):
+    with pytest.raises(ConfigError, match="every:K.*best:K:metric"):
+        checkpoints.parse_keep(keep)
+
+
+HISTORY = {e: {"train/loss": 5.0 - 0.5 * e, "val/auc": auc} for e, auc in
+           zip(range(1, 8), [0.60, 0.75, 0.70, 0.80, 0.65, 0.72, 0.50], strict=True)}
+
+
+def test_retained_all_and_every():
+    assert checkpoints.retained("all", HISTORY) == set(range(1, 8))
+    assert checkpoints.retained("every:3", HISTORY) == {3, 6, 7}  # the latest is always kept
+    assert checkpoints.retained("every:1", HISTORY) == set(range(1, 8))
+    assert checkpoints.retained("every:2", {1: {}, 2: {}}) == {2}
+    assert checkpoints.retained("every:5", {}) == set()
+
+
+def test_retained_best_keeps_the_top_k_and_the_latest():
+    assert checkpoints.retained("best:2:val/auc", HISTORY) == {4, 2, 7}
+    assert checkpoints.retained("best:1:val/auc", {1: {"val/auc": 0.7}, 2: {"val/auc": 0.7}}) == {1, 2}
+    # epochs without the metric (before monitoring starts) are never "best"
+    partial = {1: {"train/loss": 1.0}, 2: {"val/auc": 0.6}, 3: {"val/auc": 0.9}, 4: {"train/loss": 1.0}}
+    assert checkpoints.retained("best:1:val/auc", partial) == {3, 4}
+
+
+def test_retained_best_needs_a_logged_metric():
+    with pytest.raises(ConfigError, match="'val/auc' is not logged"):
+        checkpoints.retained("best:2:val/auc", {1: {"train/loss": 1.0}})

@@ -255,3 +255,39 @@ def test_the_test_split_never_influences_training_or_epoch_selection(phantom, tr
     for (_, a), (_, b) in zip(seen[0][:3], seen[1][:3], strict=True):
         np.testing.assert_array_equal(a, b)
     assert results[0].test["test/auc"] != pytest.approx(results[1].test["test/auc"])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
+    """Real radiographs end to end: a short MoCo pretrain on the sample, then linear fine-tunes of
+    random and MoCo inits on the patient-level split; runs, tags and predictions land in MLflow."""
+    from mococxr.config import PretrainConfig
+    from mococxr.train.pretrain import pretrain
+
+    data = DataConfig(dataset="nih", root=str(nih_sample), task="pneumonia")
+    pre = pretrain(PretrainConfig(data=data, init="random", image_size=64, batch_size=32, epochs=2,
+                                  moco_k=4096, workers=0, experiment="test-nih-pretrain"), progress=False)
+    uri = f"models:/{pre.model_ids[2]}"
+    splits = split_records(data)
+    patients = {name: set(part["patient_id"]) for name, part in splits.items()}
+    assert not (patients["test"] & (patients["train"] | patients["val"]))
+
+    client = MlflowClient()
+    aucs = {}
+    for init in ("random", uri):
+        cfg = FinetuneConfig(data=data, init=init, protocol="linear", epochs=5, lr=1e-3, batch_size=32,
+                             image_size=64, experiment="test-nih-finetune")
+        res = ft.finetune(cfg, splits=splits, progress=False)
+        run = client.get_run(res.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[mt.tag("dataset")] == "nih"
+        predictions = download_predictions(res.run_id)
+        assert predictions["image_id"].tolist() == splits["test"]["image_id"].tolist()
+        assert 0.0 <= res.test["test/auc"] <= 1.0
+        if init == uri:
+            assert run.data.tags[mt.tag("pretrain_run_id")] == pre.run_id
+            assert run.data.tags[mt.tag("checkpoint_epoch")] == "2"
+        aucs["moco" if init == uri else "random"] = (res.val_auc, res.test["test/auc"], res.test["test/auprc"])
+    for name, (val_auc, test_auc, test_ap) in aucs.items():
+        print(f"NIH pneumonia, {name:>6} init, linear 64 px: val AUC {val_auc:.4f}  test AUC {test_auc:.4f}  "
+              f"test AUPRC {test_ap:.4f}  ({len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images)")

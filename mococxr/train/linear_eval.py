@@ -126,19 +126,21 @@ def make_monitor(data_cfg, image_size: int, *, max_train: int = 2000, seed: int 
     """A pretraining epoch callback logging ``val/linear_auc`` on the labeled splits of ``data_cfg``.
 
     The train side is a patient-level stratified subsample of at most ``max_train`` images so the
-    monitor costs seconds per epoch even on CheXpert.
+    monitor costs seconds per epoch even on CheXpert. With ``data_cfg.cache`` the images come from the
+    pre-resized cache (the one pretraining built covers them: both are train and val patients).
     """
     from mococxr.data.labels import resolve_tasks
     from mococxr.data.splits import draw_fraction
-    from mococxr.train.data import split_records
+    from mococxr.train.data import load_cache, split_records
 
     splits = split_records(data_cfg)
     tasks = resolve_tasks(data_cfg.task, splits["train"])
-    train = splits["train"]
+    train, val = splits["train"], splits["val"]
     if len(train) > max_train:
         train = draw_fraction(train, max_train / len(train), draw=0, seed=seed, task=tasks[0])
+    cache = load_cache(data_cfg, pd.concat([train, val], ignore_index=True), image_size)
 
     def monitor(epoch: int, encoder: torch.nn.Module, metrics: dict[str, float]) -> dict[str, float]:
-        return linear_eval(encoder, train, splits["val"], tasks, image_size=image_size).metrics()
+        return linear_eval(encoder, train, val, tasks, image_size=image_size, cache=cache).metrics()
 
     return monitor

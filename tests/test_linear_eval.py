@@ -101,5 +101,5 @@ def test_fast_linear_eval_ranks_a_trained_encoder_above_random_like_the_slow_pro
                              image_size=64, experiment="rank-target")
         slow[name] = ft.finetune(cfg, splits=splits, progress=False).val_auc
     print(f"fast linear_eval AUC {fast}; slow linear protocol val AUC {slow}")
-    assert fast["trained"] > fast["random"] + 0.03
-    assert slow["trained"] > slow["random"] + 0.03
+    assert fast["trained"] > fast["random"] + 0.02
+    assert slow["trained"] > slow["random"] + 0.02

@@ -87,6 +87,7 @@ def _assert_one_per_epoch(run_id: str, epochs: int) -> None:
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), key
 
 
+@pytest.mark.slow
 def test_loss_falls_and_every_epoch_is_logged(reference, store):
     loss = {e: h["train/loss"] for e, h in reference.history.items()}
     assert sorted(loss) == list(range(1, EPOCHS + 1))

@@ -41,8 +41,9 @@ def main() -> None:
     p.add_argument("--val", type=float, default=0.3)
     p.add_argument("--test", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=40, help="epochs of the slow protocol")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the slow protocol's head")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the slow protocol's head")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3, help="timings of the fast evaluation (median reported)")
     args = p.parse_args()
 
     if args.dataset == "chexpert" and not Path(args.root).exists():
@@ -61,8 +62,12 @@ def main() -> None:
     print(f"{args.dataset} {args.root}: {len(splits['train'])} train / {len(splits['val'])} val images, "
           f"task {','.join(tasks)}, init {args.init}, {args.image_size} px, torch threads {torch.get_num_threads()}")
 
-    fast = linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=args.image_size)
-    print(f"fast linear_eval:     val AUC {fast.auc:.4f}  {fast.seconds:8.1f} s  (C={fast.C})", flush=True)
+    # the machine may be shared: time the fast evaluation a few times and keep the median
+    runs = [linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=args.image_size)
+            for _ in range(args.repeat)]
+    fast = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    print(f"fast linear_eval:     val AUC {fast.auc:.4f}  {fast.seconds:8.1f} s  (median of {args.repeat}: "
+          f"{', '.join(f'{r.seconds:.1f}' for r in runs)} s; C={fast.C})", flush=True)
 
     cfg = FinetuneConfig(data=data, init=str(weights), protocol="linear", epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, image_size=args.image_size, experiment="bench-linear-eval")
@@ -70,7 +75,7 @@ def main() -> None:
     slow = finetune(cfg, splits=splits, progress=False)
     slow_s = time.perf_counter() - t0
     print(f"slow linear protocol: val AUC {slow.val_auc:.4f}  {slow_s:8.1f} s  "
-          f"({args.epochs} epochs, best epoch {slow.best_epoch}, lr {args.lr:g})")
+          f"({args.epochs} epochs, {slow_s / args.epochs:.1f} s/epoch, best epoch {slow.best_epoch}, lr {args.lr:g})")
     print(f"speed-up {slow_s / fast.seconds:.1f}x; AUC difference (fast - slow) {fast.auc - slow.val_auc:+.4f}")
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import optuna
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
@@ -421,7 +422,9 @@ class _PerTrialSeed(optuna.samplers.BaseSampler):
         self._inner = build(seed)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._inner = self._build(self._seed * 1_000_003 + trial.number)
+        # MT19937 seeded with neighbouring small integers draws nearly equal first numbers: hash them.
+        state = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+        self._inner = self._build(int(state))
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -457,10 +460,11 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**args)
 
 
-def grid_size(spec: StudySpec) -> int | None:
+def study_budget(spec: StudySpec) -> int:
+    """Finished trials the study aims for: ``n_trials``, or fewer when a grid has fewer points."""
     if spec.sampler != "grid":
-        return None
-    return math.prod(len(p.choices) for p in spec.search_space.values())
+        return spec.n_trials
+    return min(spec.n_trials, math.prod(len(p.choices) for p in spec.search_space.values()))
 
 
 # -- MLflow linkage -----------------------------------------------------------------------------------
@@ -557,22 +561,33 @@ def trial_config(spec: StudySpec, params: Mapping[str, Any], study_name: str, nu
     return cfg
 
 
-def make_objective(spec: StudySpec, study_name: str, parent_run_id: str) -> Callable[[optuna.Trial], float]:
-    """The trial function: pretrain with the drawn params, report the metric each epoch, prune early."""
+def make_objective(
+    spec: StudySpec, study_name: str, parent_run_id: str, started: list[int] | None = None
+) -> Callable[[optuna.Trial], float]:
+    """The trial function: pretrain with the drawn params, report the metric each epoch, prune early.
+
+    ``started`` collects the numbers of the trials this function ran (one worker's share). A trial
+    interrupted with Ctrl-C is FAIL and queued again with the same params, so the next run resumes it.
+    """
     from mococxr.train.pretrain import StopTraining, pretrain
 
     sign = 1 if spec.direction == "maximize" else -1
 
     def objective(trial: optuna.Trial) -> float:
+        if started is not None:
+            started.append(trial.number)
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         trials = trial.study.get_trials(deepcopy=False)
         ahead = [t for t in trials if t.number < trial.number and t.state in (*FINISHED, TrialState.RUNNING)]
-        if len(ahead) >= spec.n_trials:
+        if len(ahead) >= study_budget(spec):
             trial.set_user_attr("fail_reason", "over budget: other workers took the remaining trials")
             raise _OverBudget()
         retried = next(t for t in trials if t.number == trial.number).system_attrs.get("failed_trial")
-        if retried is not None:
+        if retried is not None:  # the retry inherited the dead trial's user attrs; its run is not ours
             trial.set_user_attr("retry_of_trial", retried)
+            trial.set_user_attr("retry_of_mlflow_run_id", trial.user_attrs.get("mlflow_run_id", ""))
+            trial.set_user_attr("mlflow_run_id", "")
+            trial.set_user_attr("fail_reason", "")
         box: dict[str, Any] = {}
 
         def on_epoch_end(epoch: int, encoder: Any, metrics: dict[str, float]) -> None:
@@ -605,6 +620,13 @@ def make_objective(spec: StudySpec, study_name: str, parent_run_id: str) -> Call
                 raise optuna.TrialPruned(f"pruned after epoch {max(result.history)}")
             state = TrialState.COMPLETE
             return scored[best_epoch]
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted; queued again with the same params")
+            frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)(trial.study, frozen)
+            raise
         except Exception as exc:
             if state == TrialState.FAIL:
                 trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
@@ -683,12 +705,12 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
     parent_id = parent_run(spec, spec.name)
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("mlflow_experiment", spec.experiment)
-    budget = min(spec.n_trials, grid_size(spec) or spec.n_trials)
-    objective = make_objective(spec, spec.name, parent_id)
+    budget = study_budget(spec)
+    ran: list[int] = []
+    objective = make_objective(spec, spec.name, parent_id, ran)
     log(f"study {spec.name} ({_mask_password(spec.storage)}): budget {budget} trials of {spec.epochs} epochs, "
         f"objective {spec.direction} {spec.metric}; MLflow parent run {parent_id}")
 
-    ran: list[int] = []
     failures = 0
     waiting_said = False
     while True:
@@ -707,17 +729,15 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
             time.sleep(spec.heartbeat_interval)
             continue
         waiting_said = False
-        before = {t.number for t in trials}
+        n_before = len(ran)
         t0 = time.perf_counter()
         try:
             study.optimize(objective, n_trials=1, catch=(FloatingPointError, _OverBudget), gc_after_trial=True)
         finally:
-            mine = [t for t in study.get_trials(deepcopy=False)
-                    if t.number not in before and t.user_attrs.get("worker") == f"{os.uname().nodename}:{os.getpid()}"]
+            mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran[n_before:]]
             for t in mine:
                 log(_trial_line(t, spec, time.perf_counter() - t0))
             record_study(study, parent_id, spec.metric)
-        ran += [t.number for t in mine]
         if any(t.user_attrs.get("fail_reason", "").startswith("over budget") for t in mine):
             continue
         failures = failures + 1 if any(t.state == TrialState.FAIL for t in mine) else 0

@@ -202,7 +202,7 @@ def _registry_info(uri: str) -> dict[str, Any]:
     if mv is None:
         if uri.startswith("models:/m-"):
             model = client.get_logged_model(uri.removeprefix("models:/").strip("/"))
-            return {"run_id": model.source_run_id, "epoch": model.tags.get(tag("checkpoint_epoch"))}
+            return {"run_id": model.source_run_id, "epoch": _epoch(model.tags.get(tag("checkpoint_epoch")))}
         if uri.startswith("runs:/"):
             return {"run_id": uri.removeprefix("runs:/").split("/", 1)[0]}
         return {}
@@ -210,5 +210,10 @@ def _registry_info(uri: str) -> dict[str, Any]:
         "registered_model": mv.name,
         "registry_version": str(mv.version),
         "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id),
-        "epoch": mv.tags.get(tag("checkpoint_epoch")),
+        "epoch": _epoch(mv.tags.get(tag("checkpoint_epoch"))),
     }
+
+
+def _epoch(value: str | None) -> int | None:
+    """Epoch tags are strings; ``info["epoch"]`` is an int whichever source filled it."""
+    return int(value) if value not in (None, "") else None

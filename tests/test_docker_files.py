@@ -1,0 +1,187 @@
+"""Static checks of docker/: the compose stack's shape, its mococxr commands, ports and secrets.
+
+There is no Docker daemon where these run; tests/test_servers.py runs the same topology natively.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from servers import COMPOSE, DOCKER, REPO, compose_service, interpolate, load_compose
+
+from mococxr.cli import build_parser
+
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "optuna-dashboard", "worker"}
+ONE_SHOT = {"minio-init"}  # run once and exit; the others must report health
+PUBLISHED = {"mlflow", "optuna-dashboard"}
+SECRET = re.compile(r"PASSWORD|SECRET|ACCESS_KEY")
+
+
+def env_example() -> dict[str, str]:
+    """docker/.env.example as a mapping (what a user copies to docker/.env)."""
+    pairs = {}
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose(env_example())
+
+
+def test_compose_parses_and_has_the_services(compose):
+    assert SERVICES <= set(compose["services"]), sorted(compose["services"])
+    raw = yaml.safe_load(COMPOSE.read_text())
+    assert set(raw["volumes"]) == {"postgres-data", "minio-data"}
+
+
+def test_env_example_defines_every_required_variable():
+    env = env_example()
+    load_compose(env)  # raises KeyError naming a ${VAR:?} that .env.example lacks
+    for name in re.findall(r"\$\{([A-Za-z_]+):\?", COMPOSE.read_text()):
+        without = {k: v for k, v in env.items() if k != name}
+        with pytest.raises(KeyError, match=name):
+            load_compose(without)
+
+
+def test_interpolation_follows_compose_rules():
+    env = {"SET": "v", "EMPTY": ""}
+    assert interpolate("$$SET ${SET} $SET ${MISSING:-d} ${EMPTY:-d} ${EMPTY-d} ${SET:+alt}", env) == "$SET v v d d  alt"
+    assert interpolate("${MISSING:-${SET}}", env) == "v"
+    with pytest.raises(KeyError, match="EMPTY: give it"):
+        interpolate("${EMPTY:?give it}", env)
+
+
+def mococxr_commands(compose: dict) -> list[tuple[str, list[str]]]:
+    """Every ``mococxr ...`` invocation in a service's entrypoint or command, as argv lists."""
+    found = []
+    for name, service in compose["services"].items():
+        for key in ("entrypoint", "command"):
+            value = service.get(key)
+            if not value:
+                continue
+            argv = shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+            if argv[:1] == ["mococxr"]:
+                found.append((name, argv[1:]))
+            for part in (a for a in argv if " " in a):  # shell scripts: sh -c "... mococxr sweep ..."
+                for line in re.split(r"&&|;|\|\||\n", part):
+                    words = shlex.split(line)
+                    if words[:1] == ["mococxr"]:
+                        found.append((name, words[1:]))
+    return found
+
+
+def test_every_mococxr_command_parses_with_the_real_cli(compose):
+    commands = mococxr_commands(compose)
+    assert {name for name, _ in commands} >= {"worker"}
+    parser = build_parser()
+    for name, argv in commands:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"service {name}: `mococxr {' '.join(argv)}` is not a valid mococxr command line")
+        if args.command == "sweep":
+            assert (REPO / args.spec).is_file(), f"service {name}: study spec {args.spec} is not in the repository"
+            assert args.storage.startswith("postgresql+psycopg2://") and ":" not in args.storage.split("//")[1].split("@")[0]
+
+
+def test_worker_logs_to_the_server_with_credentials(compose):
+    env = compose_service("worker", env_example())["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["MLFLOW_TRACKING_USERNAME"] and env["MLFLOW_TRACKING_PASSWORD"]
+    assert int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 10  # MLflow refuses more
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # artifacts go through the server, not to MinIO
+
+
+def test_mlflow_server_is_authenticated_and_proxies_artifacts(compose):
+    service = compose_service("mlflow", env_example())
+    argv = service["command"]
+    assert argv[:2] == ["mlflow", "server"]
+    assert {"--app-name=basic-auth", "--serve-artifacts", "--host=0.0.0.0", "--port=5000"} <= set(argv)
+    flags = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    assert flags["--backend-store-uri"].startswith("postgresql+psycopg2://mlflow@postgres:5432/")
+    assert flags["--artifacts-destination"].startswith("s3://")
+    env = service["environment"]
+    ini_mount = {v.split(":")[1] for v in service["volumes"] if "basic_auth.ini" in v}
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] in ini_mount
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_published_ports_bind_loopback_only(compose):
+    for name, service in compose["services"].items():
+        ports = service.get("ports", [])
+        assert bool(ports) == (name in PUBLISHED), f"service {name} publishes {ports}"
+        for port in ports:
+            text = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published')}"
+            assert text.startswith("127.0.0.1:"), f"service {name} publishes {port!r} beyond 127.0.0.1"
+        assert service.get("network_mode") != "host"
+
+
+def test_health_checks_and_start_order(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no"
+            continue
+        assert service.get("healthcheck", {}).get("test"), f"service {name} has no healthcheck"
+        for dep, condition in (service.get("depends_on") or {}).items():
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert condition == {"condition": expected}, f"{name} -> {dep}: {condition}"
+    assert set(services["mlflow"]["depends_on"]) == {"postgres", "minio", "minio-init"}
+    assert set(services["worker"]["depends_on"]) == {"postgres", "mlflow"}
+
+
+def test_no_secret_values_are_committed():
+    for key, value in env_example().items():
+        if SECRET.search(key):
+            assert value == "change-me", f"docker/.env.example: {key} must be the placeholder change-me"
+    raw = yaml.safe_load(COMPOSE.read_text())
+    for name, service in raw["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET.search(key):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), f"{name}.{key} is not a required ${{VAR}}"
+    ini = (DOCKER / "mlflow" / "basic_auth.ini").read_text()
+    assert not re.search(r"^\s*admin_password\s*=", ini, re.M)
+    assert not re.search(r"://[^/@\s]+:[^/@\s]+@", ini + COMPOSE.read_text()), "a password inside a URL"
+    assert not (DOCKER / ".env").exists() or _git_ignored(DOCKER / ".env")
+    if shutil.which("git") and (REPO / ".git").exists():
+        tracked = subprocess.run(["git", "ls-files", "docker"], cwd=REPO, capture_output=True, text=True).stdout
+        assert "docker/.env\n" not in tracked
+
+
+def _git_ignored(path) -> bool:
+    if not shutil.which("git"):
+        return False
+    return subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO).returncode == 0
+
+
+def test_dockerfile_has_a_base_build_arg_and_the_project_pins():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE\}$", text, re.M)
+    assert text.index("ARG BASE") < text.index("FROM ${BASE}")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for package in ("torch", "torchvision"):
+        spec = re.search(rf'"({package}[<>=!~][^"]*)"', pyproject).group(1)
+        assert f'"{spec}"' in text, f"Dockerfile must install {spec} as pyproject.toml pins it"
+    assert 'mlflow[auth]' in text and "boto3" in text  # basic-auth app and the S3 artifact store
+
+
+def test_init_script_is_valid_shell_and_creates_the_databases():
+    script = DOCKER / "postgres" / "init-databases.sh"
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for database in ("mlflow", "mlflow_auth", "optuna"):
+        assert f"CREATE DATABASE {database} OWNER" in text
+    ini = (DOCKER / "mlflow" / "basic_auth.ini").read_text()
+    assert "@postgres:5432/mlflow_auth" in ini

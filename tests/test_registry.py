@@ -1,0 +1,155 @@
+"""Registry round trip: register a run's epoch, promote it, and resolve every URI spelling to its weights.
+
+The run is a stand-in (three epochs of random state dicts logged as the pretraining loop logs them), so
+these tests need no training; tests/test_pretrain.py covers the loop itself.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from mococxr import cli
+from mococxr.errors import TrackingError
+from mococxr.tracking import mlflow as mt
+from mococxr.tracking import registry
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module: creating one costs seconds (schema migrations)."""
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MOCOCXR_ARTIFACT_ROOT", str(root / "artifacts"))
+        mt.configure()
+        yield root
+
+
+@pytest.fixture()
+def name(request) -> str:
+    """A registered model name of the test's own: the store is shared by the module."""
+    return f"mococxr-{request.node.name}"
+
+
+@pytest.fixture()
+def run(store):
+    """A finished run with one LoggedModel (and linked metrics) per epoch; returns (run id, states)."""
+    mt.configure()
+    states = {}
+    with mt.start_run("registry", run_tags=mt.tags(kind="pretrain", backbone="resnet18", dataset="chexpert",
+                                                   manifest_sha256="ab" * 32)) as active:
+        info = active.info
+        for epoch in (1, 2, 3):
+            states[epoch] = {"trunk.w": torch.randn(4, 3), "trunk.bn.num_batches_tracked": torch.tensor(epoch)}
+            model_id = mt.log_state_dict_model(
+                states[epoch], name=f"toy-epoch{epoch:03d}", run_id=info.run_id,
+                experiment_id=info.experiment_id, step=epoch, info={"backbone": "resnet18", "epoch": epoch},
+            )
+            mlflow.log_metrics({"train/loss": 4.0 - epoch}, step=epoch, model_id=model_id)
+    return info.run_id, states
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_register_promote_resolve_round_trip(name, run):
+    run_id, states = run
+    v1 = registry.register(name, run_id=run_id, epoch=2)
+    registry.promote(name, v1, "production")
+    for uri in (f"models:/{name}/Production", f"models:/{name}@production", f"models:/{name}/1"):
+        state, info = registry.resolve(uri)
+        assert _equal(state, states[2]), uri
+        assert info["run_id"] == run_id and info["epoch"] == 2 and info["registry_version"] == "1", uri
+    table = registry.list_versions(name)
+    row = table.iloc[0].to_dict()
+    assert (row["version"], row["stage"], row["run_id"], row["epoch"]) == (1, "production", run_id, "2")
+    assert float(row["train/loss"]) == 2.0  # the epoch's metrics travel with the version
+
+    # a new production version takes the alias; the old one is left without a stage, then archived
+    v2 = registry.register(name, run_id=run_id, epoch=3)
+    registry.promote(name, v2, "production")
+    assert _equal(registry.resolve(f"models:/{name}@production")[0], states[3])
+    assert _equal(registry.resolve(f"models:/{name}/1")[0], states[2])
+    stages = dict(zip(*registry.list_versions(name)[["version", "stage"]].T.values, strict=True))
+    assert stages == {1: "", 2: "production"}
+    registry.promote(name, v1, "staging")
+    registry.promote(name, v1, "archived")
+    stages = dict(zip(*registry.list_versions(name)[["version", "stage"]].T.values, strict=True))
+    assert stages == {1: "archived", 2: "production"}
+    with pytest.raises(TrackingError):
+        registry.resolve(f"models:/{name}@staging")
+
+
+def test_unknown_references_are_tracking_errors(name, run):
+    registry.register(name, run_id=run[0], epoch=1)
+    for uri, message in [
+        ("models:/nothing@production", "cannot resolve"),
+        ("models:/nothing/Production", "cannot resolve"),
+        ("models:/nothing/3", "cannot resolve"),
+        (f"models:/{name}/7", "cannot resolve"),
+        (f"models:/{name}@production", "cannot resolve"),
+        (f"models:/{name}/Shipping", "unknown stage"),
+        ("runs:/0123456789abcdef/state_dict.pt", "cannot resolve"),
+        ("/no/such/checkpoint.pt", "does not exist"),
+    ]:
+        with pytest.raises(TrackingError, match=message):
+            registry.resolve(uri)
+
+
+def test_register_and_promote_errors(name, run):
+    run_id, _ = run
+    with pytest.raises(TrackingError, match="no checkpoint for epoch 9"):
+        registry.register(name, run_id=run_id, epoch=9)
+    with pytest.raises(TrackingError, match="no MLflow run"):
+        registry.register(name, run_id="0" * 32, epoch=1)
+    with pytest.raises(TrackingError, match="needs a model id"):
+        registry.register(name, run_id=run_id)
+    version = registry.register(name, run_id=run_id, epoch=1)
+    with pytest.raises(TrackingError, match="unknown stage 'live'"):
+        registry.promote(name, version, "live")
+    with pytest.raises(TrackingError, match="has no version 5"):
+        registry.promote(name, 5, "production")
+    with pytest.raises(TrackingError, match="no registered model named 'other'"):
+        registry.list_versions("other")
+
+
+def test_resolve_a_run_artifact_and_a_local_file(run, tmp_path):
+    run_id, states = run
+    with mlflow.start_run(run_id=run_id):
+        path = tmp_path / "weights.pt"
+        torch.save(states[1], path)
+        mlflow.log_artifact(str(path), "extra")
+    assert _equal(registry.resolve(f"runs:/{run_id}/extra/weights.pt")[0], states[1])
+    assert _equal(registry.resolve(str(path))[0], states[1])
+    pickled = tmp_path / "object.pt"
+    torch.save({"w": torch.nn.Linear(1, 1)}, pickled)  # a pickled module, not a plain state dict
+    with pytest.raises(TrackingError, match="plain state dict"):
+        registry.resolve(str(pickled))
+
+
+def test_cli_registry(name, run, capsys):
+    run_id, _ = run
+    assert cli.main(["registry", "list"]) == 0  # every model in the store, one line per version
+    capsys.readouterr()
+    assert cli.main(["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "2",
+                     "--stage", "staging"]) == 0
+    out = capsys.readouterr().out
+    assert f"registered {name} version 1" in out and f"models:/{name}@staging" in out
+    assert cli.main(["registry", "promote", "--name", name, "--version", "1", "--stage", "Production"]) == 0
+    assert f"models:/{name}@production" in capsys.readouterr().out
+    assert cli.main(["registry", "list", "--name", name]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:5] == ["name", "version", "stage", "run_id", "epoch"]
+    assert listing[1].split()[:5] == [name, "1", "production", run_id, "2"]
+
+    # user errors: one line on stderr, no traceback, exit 2
+    for argv in (["registry", "promote", "--name", name, "--version", "9", "--stage", "production"],
+                 ["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "7"],
+                 ["registry", "list", "--name", "missing"]):
+        assert cli.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.startswith("mococxr: error: ") and captured.err.count("\n") == 1, captured.err
+        assert "Traceback" not in captured.err + captured.out

@@ -179,6 +179,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_linear_eval(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from mococxr.config import FinetuneConfig
     from mococxr.data.labels import resolve_tasks
     from mococxr.models.backbones import build_encoder
@@ -194,7 +196,7 @@ def cmd_linear_eval(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(cfg.data.task, splits["train"])
     kind, state, origin = resolve_init(cfg.init, cfg.backbone)
     encoder = build_encoder(cfg.backbone, init=kind, state_dict=state)
-    cache = load_cache(cfg.data, splits["train"], cfg.image_size)
+    cache = load_cache(cfg.data, pd.concat([splits["train"], splits["val"]], ignore_index=True), cfg.image_size)
     result = linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=cfg.image_size, cache=cache)
     for task, auc in result.per_task.items():
         print(f"{task}: val AUC {auc:.4f} (C={result.C[task]:g})")

@@ -19,6 +19,7 @@ makes new runs instead of silently reusing old ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from mococxr.config import FinetuneConfig, config_hash, from_dict, load_yaml, ov
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
 
-GRID_KEYS = {"experiment", "base", "inits", "protocols", "fractions", "draws", "name"}
+GRID_KEYS = {"experiment", "base", "inits", "protocols", "fractions", "draws", "name", "epochs",
+             "protocol_overrides"}
 
 
 @dataclass
@@ -44,6 +46,8 @@ class GridSpec:
     protocols: list[str]
     fractions: list[float]
     draws: dict[float, int]
+    epochs: dict[float, int] = field(default_factory=dict)  # fraction -> epochs; absent: the paper's rule
+    protocol_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {linear: {lr: 1e-3}}
 
     def configs(self) -> list[tuple[str, FinetuneConfig]]:
         """Every (init label, config) of the grid, small fractions first."""
@@ -52,9 +56,10 @@ class GridSpec:
             self.fractions, self.inits.items(), self.protocols
         ):
             for draw in range(self.draws[fraction]):
-                cfg = override(self.base, {"init": init, "protocol": protocol, "fraction": fraction,
-                                           "draw": draw, "experiment": self.experiment})
-                out.append((label, cfg))
+                values = {"init": init, "protocol": protocol, "fraction": fraction, "draw": draw,
+                          "experiment": self.experiment, "epochs": self.epochs.get(fraction),
+                          **self.protocol_overrides.get(protocol, {})}
+                out.append((label, override(self.base, values)))
         return out
 
 
@@ -94,10 +99,19 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
         draws = {f: int(draws_raw) for f in fractions}
     if any(v < 1 for v in draws.values()):
         raise ConfigError(f"{path}: draws must be at least 1")
+    epochs_raw = raw.get("epochs") or {}
+    if not isinstance(epochs_raw, dict):
+        epochs_raw = dict.fromkeys(fractions, epochs_raw)
+    epochs = {float(k): int(v) for k, v in epochs_raw.items()}
+    overrides_raw = raw.get("protocol_overrides") or {}
+    if not isinstance(overrides_raw, dict) or any(p not in ("linear", "e2e") for p in overrides_raw):
+        raise ConfigError(f"{path}: protocol_overrides must map linear/e2e to config values")
+    for values in overrides_raw.values():
+        override(base, dict(values))  # validates the keys and types now, not halfway through the grid
     return GridSpec(
         name=str(raw.get("name") or Path(path).stem), experiment=str(raw["experiment"]), base=base,
         inits={str(k): str(v) for k, v in inits.items()}, protocols=protocols, fractions=fractions,
-        draws=draws,
+        draws=draws, epochs=epochs, protocol_overrides={k: dict(v) for k, v in overrides_raw.items()},
     )
 
 
@@ -160,7 +174,7 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True) ->
 
     mt.configure()
     pinned = {label: pin_init(init) for label, init in spec.inits.items()}
-    spec = GridSpec(spec.name, spec.experiment, spec.base, pinned, spec.protocols, spec.fractions, spec.draws)
+    spec = dataclasses.replace(spec, inits=pinned)
     jobs = spec.configs()
     parent = _parent_run(spec, _sha(spec.name + ":" + ",".join(config_hash(c) for _, c in jobs)))
     done = finished_hashes(spec.experiment)

@@ -481,6 +481,19 @@ def _trial_run_id(experiment: str, study_name: str, number: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _open_tracking(experiment: str) -> None:
+    """First contact with the MLflow store, retried: workers starting together on a new sqlite store
+    race in its schema migration and all but one fail once."""
+    for attempt in range(3):
+        try:
+            mt.ensure_experiment(experiment)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(2 + 2 * attempt)
+
+
 def parent_run(spec: StudySpec, study_name: str) -> str:
     """Find or create the study's parent run; concurrent workers converge on the oldest one."""
     exp_id = mt.ensure_experiment(spec.experiment)
@@ -598,7 +611,7 @@ def make_objective(
                 raise ConfigError(f"{spec.source}: objective.metric {spec.metric!r} is not logged; the monitor "
                                   f"logs {sorted(k for k in metrics if k.startswith('val/'))}")
             trial.report(metrics[spec.metric], epoch)
-            if trial.should_prune():
+            if epoch < spec.epochs and trial.should_prune():  # a trial that ran its budget is COMPLETE
                 raise StopTraining()
 
         state = TrialState.FAIL
@@ -694,6 +707,7 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
         raise ConfigError(f"promote={promote!r}: use one of {', '.join(STAGES)}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed below instead
     mt.configure()
+    _open_tracking(spec.experiment)
     storage = make_storage(spec)
     study = optuna.create_study(
         study_name=spec.name, storage=storage, load_if_exists=True, direction=spec.direction,

@@ -7,15 +7,10 @@ study and kill one with SIGKILL.
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -306,46 +301,14 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tracking_uri, phant
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found and shutil.which("initdb"):
-        found = [shutil.which("initdb")]
-    return Path(found[-1]).parent if found else None
-
-
 @pytest.fixture()
 def postgres_url():
-    """A throwaway PostgreSQL server on 127.0.0.1 (trust auth), stopped and deleted afterwards."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    pytest.importorskip("psycopg2")
-    as_user: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="mococxr-pg-"))  # not under pytest's root-only tmp
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            pg = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run initdb as")
-        os.chown(base, pg.pw_uid, pg.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = base / "data"
+    """A throwaway PostgreSQL server on 127.0.0.1, stopped and deleted afterwards (tests/servers.py)."""
+    from servers import postgres
 
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
-
-    pg(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mococxr", "--no-sync")
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-       f"-h 127.0.0.1 -p {port} -k {base} -F", "start")
-    try:
-        pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mococxr", "optuna")
-        yield f"postgresql+psycopg2://mococxr@127.0.0.1:{port}/optuna"
-    finally:
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+    with postgres() as pg:
+        pg.create_database("optuna")
+        yield pg.url("optuna", password=pg.password)
 
 
 @pytest.mark.slow

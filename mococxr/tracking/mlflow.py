@@ -9,6 +9,7 @@ The file store is refused: it raises in MLflow >= 3.13 and cannot hold LoggedMod
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -19,10 +20,12 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import requests
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mococxr.errors import TrackingError
+from mococxr.errors import MococxrError, TrackingError
 
 TAG_PREFIX = "mococxr."
 DEFAULT_STORE_DIR = "mlruns"
@@ -91,9 +94,14 @@ def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at the store in force, creating the embedded store's folder on first use."""
     uri = resolve_tracking_uri(tracking_uri)
     db = _sqlite_path(uri)
+    mlflow.set_tracking_uri(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+        # Several processes starting on a new sqlite store race to create its tables (alembic fails
+        # with "0 found"); the first one creates them under a lock, the others then find them.
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient().search_experiments(max_results=1)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # children (DataLoader workers, torchrun ranks) agree
     return uri
 
@@ -133,6 +141,9 @@ def start_run(
     """Start (or, with ``run_id``, resume) a run in ``experiment``; status is FAILED if the body raises.
 
     ``KeyboardInterrupt`` marks the run KILLED, so an interrupted run is visible as such and resumable.
+    A logging call that fails for good (MLflow has already retried transient server errors) is raised
+    as a ``TrackingError`` naming the run, the store and the request that failed, so a half-logged run
+    never looks complete; if the run cannot even be marked, the error says it is left RUNNING.
     """
     exp_id = ensure_experiment(experiment)
     nested = mlflow.active_run() is not None
@@ -143,16 +154,27 @@ def start_run(
             experiment_id=exp_id, run_name=run_name, tags=dict(run_tags or {}),
             parent_run_id=parent_run_id, nested=nested,
         )
+    where = f"run {run.info.run_id} (experiment {experiment!r}) in {mlflow.get_tracking_uri()}"
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.end_run(status)
+        except Exception as end_exc:
+            raise TrackingError(
+                f"{where} stopped with {type(exc).__name__}: {exc}; marking it {status} failed too ({end_exc}), "
+                f"so it still shows RUNNING although it is incomplete: once the server is back, run "
+                f"MlflowClient().set_terminated({run.info.run_id!r}, {status!r})"
+            ) from exc
+        if isinstance(exc, (MlflowException, requests.RequestException)) and not isinstance(exc, MococxrError):
+            raise TrackingError(f"{where} is incomplete and marked {status}: logging failed: {exc}") from exc
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
+    try:
         mlflow.end_run("FINISHED")
+    except Exception as exc:
+        raise TrackingError(f"{where}: everything was logged, but marking it FINISHED failed ({exc}); "
+                            f"it shows RUNNING until MlflowClient().set_terminated({run.info.run_id!r})") from exc
 
 
 def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:

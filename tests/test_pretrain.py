@@ -153,16 +153,18 @@ def test_bad_queue_length_is_a_config_error(store):
         pretrain(cfg, progress=False)
 
 
-def _wait_inside_epoch_2(proc: subprocess.Popen, artifacts: Path, experiment_dir: str, timeout: float = 240):
-    """Block until epoch 1's resume point exists and epoch 2 has begun (its metrics are logged after)."""
+def _wait_for_epoch_1(proc: subprocess.Popen, artifacts: Path, experiment_dir: str, timeout: float = 240):
+    """Block until epoch 1's resume point appears, polling fast enough that epoch 2 cannot end first.
+
+    The kill then lands between epoch 1's resume point and its metrics, or early in epoch 2: both
+    are crashes resume must repair (see checkpoints.reconcile).
+    """
     deadline = time.monotonic() + timeout
     pattern = f"{experiment_dir}/*/artifacts/{checkpoints.RESUME_DIR}/epoch_0001.pt"
     while not list(artifacts.glob(pattern)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "epoch 1 never finished"
-        time.sleep(0.2)
-    time.sleep(2.5)  # epoch-end logging is well under a second; an epoch here takes several
-    assert proc.poll() is None, "the run ended before it could be killed; make the epochs longer"
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -172,7 +174,7 @@ def test_killed_run_resumes_to_the_same_weights(reference, store):
            "--experiment", "killed", *_cli_flags(FLAGS)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_inside_epoch_2(proc, store / "artifacts", "killed")
+        _wait_for_epoch_1(proc, store / "artifacts", "killed")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -180,7 +182,7 @@ def test_killed_run_resumes_to_the_same_weights(reference, store):
     runs = mlflow.search_runs(experiment_names=["killed"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "RUNNING"  # a killed process leaves it running
     run_id = runs[0].info.run_id
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] in ([], [1])
 
     done = subprocess.run([sys.executable, "-m", "mococxr", "pretrain", "--resume", run_id], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -218,7 +220,7 @@ def test_torchrun_two_processes_killed_and_resumed(store):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_inside_epoch_2(proc, store / "artifacts", "ddp")
+        _wait_for_epoch_1(proc, store / "artifacts", "ddp")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

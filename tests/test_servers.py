@@ -251,8 +251,14 @@ def test_workers_finish_the_study_and_everything_reaches_the_server(stack, sweep
         assert {"READY"} == {str(m.status).rsplit(".", 1)[-1] for m in models}
 
     best = max(complete, key=lambda t: t.value)
-    local = mlflow.artifacts.download_artifacts(f"models:/{best.user_attrs['best_model_id']}",
-                                                tracking_uri=stack.server.url, dst_path=str(stack.work / "dl"))
+    # models:/ URIs resolve through the global tracking URI (MLflow ignores tracking_uri= for them).
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(stack.server.url)
+    try:
+        local = mlflow.artifacts.download_artifacts(f"models:/{best.user_attrs['best_model_id']}",
+                                                    dst_path=str(stack.work / "dl"))
+    finally:
+        mlflow.set_tracking_uri(previous)
     state = torch.load(Path(local) / "state_dict.pt", map_location="cpu", weights_only=True)
     assert any(k.endswith("weight") for k in state)
     # Bytes live in the server's artifact destination; the workers kept nothing locally.

@@ -22,7 +22,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from mococxr.data.phantom import synthesize
 
     t0 = time.perf_counter()
-    root = synthesize(args.out, args.n, size=args.size, seed=args.seed, layout=args.layout)
+    root = synthesize(args.out, args.n, size=args.size, seed=args.seed, layout=args.layout, n_valid=args.n_valid)
     print(f"wrote {args.n} phantom images ({args.layout} layout, {args.size} px) under {root} "
           f"in {time.perf_counter() - t0:.1f} s")
     dataset = "chexpert" if args.layout == "chexpert" else "shenzhen"
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("chexpert", "shenzhen"), default="chexpert")
+    p.add_argument("--n-valid", type=int, help="images in valid.csv, the test set (default max(20, n/10))")
     p.set_defaults(func=cmd_data_synth)
     for name, func, helptext in (
         ("check", cmd_data_check, "scan every row and image; report all problems; exit 1 if any"),

@@ -24,6 +24,7 @@ class DemoSize:
     """How big each stage is. ``full`` fits 15 minutes on 2 CPU cores; ``quick`` about 2 minutes."""
 
     n_images: int
+    n_test: int  # the phantom's valid.csv, the test set: larger than CheXpert's 1/10 for tighter CIs
     store_px: int
     image_px: int
     n_trials: int
@@ -35,9 +36,9 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(n_images=1200, store_px=128, image_px=64, n_trials=4, pretrain_epochs=5,
-                     fractions=(0.02, 0.1, 1.0), draws=(3, 2, 1), epochs=(20, 10, 4), replicates=500),
-    "quick": DemoSize(n_images=240, store_px=64, image_px=48, n_trials=2, pretrain_epochs=2,
+    "full": DemoSize(n_images=1200, n_test=300, store_px=128, image_px=64, n_trials=4, pretrain_epochs=4,
+                     fractions=(0.02, 0.1, 1.0), draws=(5, 2, 1), epochs=(15, 8, 4), replicates=500),
+    "quick": DemoSize(n_images=240, n_test=60, store_px=64, image_px=48, n_trials=2, pretrain_epochs=2,
                       fractions=(0.1, 0.5, 1.0), draws=(2, 1, 1), epochs=(3, 2, 1), replicates=200),
 }
 
@@ -54,11 +55,11 @@ def prepare_phantom(out: Path, size: DemoSize, seed: int = 0) -> Path:
     from mococxr.data.phantom import synthesize
 
     marker = out / ".mococxr-phantom"
-    wanted = f"n={size.n_images} size={size.store_px} seed={seed}"
+    wanted = f"n={size.n_images} n_valid={size.n_test} size={size.store_px} seed={seed}"
     if marker.is_file() and marker.read_text().strip() == wanted:
         print(f"phantom dataset already at {out} ({wanted}), reused")
         return out
-    root = synthesize(out, size.n_images, size=size.store_px, seed=seed, layout="chexpert")
+    root = synthesize(out, size.n_images, size=size.store_px, seed=seed, layout="chexpert", n_valid=size.n_test)
     marker.write_text(wanted + "\n")
     return Path(root)
 

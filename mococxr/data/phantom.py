@@ -60,14 +60,15 @@ def synthesize(
     seed: int = 0,
     layout: str = "chexpert",
     workers: int | None = None,
+    n_valid: int | None = None,
 ) -> Path:
     """Write a phantom dataset of ``n`` images under ``out`` and return ``out``.
 
     ``layout="chexpert"`` writes ``CheXpert-v1.0-small/{train,valid}.csv`` and the JPEG tree exactly as
     the real CheXpert-v1.0-small download (header, ``Male``/``Female``, ``1.0``/``0.0``/``-1.0``/blank
     labels, ``patientNNNNN/studyN/viewN_frontal.jpg``). ``n`` is the number of rows in ``train.csv``;
-    ``valid.csv`` gets ``max(20, n // 10)`` more images from separate patients, fully labeled with 0/1
-    and no uncertain labels, as the real validation set that serves as a test set.
+    ``valid.csv`` gets ``n_valid`` (default ``max(20, n // 10)``) more images from separate patients,
+    fully labeled with 0/1 and no uncertain labels, as the real validation set that serves as a test set.
     ``layout="shenzhen"`` writes ``CXR_png/CHNCXR_0001_0.png`` ... (the digit before the extension is
     the TB label), one frontal PA image per patient, half of them with upper-zone TB opacities.
 
@@ -84,7 +85,10 @@ def synthesize(
     if layout == "chexpert":
         train = _plan_chexpert(int(n), seed, _TRAIN, first_patient=1)
         first_valid = int(train[-1]["patient"]) + 1
-        valid = _plan_chexpert(max(20, int(n) // 10), seed, _VALID, first_patient=first_valid)
+        n_test = max(20, int(n) // 10) if n_valid is None else int(n_valid)
+        if n_test < 2:
+            raise DataError(f"phantom n_valid={n_valid!r} is invalid; expected at least 2 images")
+        valid = _plan_chexpert(n_test, seed, _VALID, first_patient=first_valid)
         specs = train + valid
         root = out / CHEXPERT_DIR
         _write_csv(root / "train.csv", (s["row"] for s in train))

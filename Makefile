@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,postgres,auth]'
+	$(VENV)/bin/pip install --quiet --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --quiet -e '.[dev,postgres,auth]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -85,7 +85,8 @@ def run_demo(
 
     size = SIZES["quick" if quick else "full"]
     workdir = Path(workdir).resolve()
-    prefix = prefix or ("mococxr-demo-quick" if quick else "mococxr-demo")
+    if prefix is None:  # each dataset gets its own experiments, so reports never mix them
+        prefix = ("mococxr-demo-quick" if quick else "mococxr-demo") + ("" if dataset == "phantom" else f"-{dataset}")
     t_all = time.perf_counter()
     uri = configure()
 
@@ -108,7 +109,7 @@ def run_demo(
 
     t0 = _stage("2/5 Optuna study over MoCo pretraining (learning rate x scheduler, median pruning)")
     raw = load_yaml(SWEEPS / "demo.yaml")
-    raw["name"] = f"{prefix}-{dataset}"
+    raw["name"] = prefix if dataset != "phantom" else f"{prefix}-{dataset}"
     raw["experiment"] = f"{prefix}-sweep"
     raw["storage"] = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}" \
         if uri.startswith("sqlite:///") else raw.get("storage")

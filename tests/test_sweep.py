@@ -118,7 +118,8 @@ def test_shipped_specs_load():
     assert paper.base.keep == "best:1:val/linear_auc"
     demo = load_spec(REPO / "sweeps" / "demo.yaml")
     lr = demo.search_space["lr"]
-    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-3, 1e-1, True)
+    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-4, 3e-3, True)
+    assert (demo.base.optimizer, demo.base.keep) == ("adam", "all")
     assert demo.storage == "sqlite:///mlruns/optuna.db"
 
 

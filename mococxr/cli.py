@@ -269,7 +269,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- the parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mococxr", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mococxr",
+        description="MoCo-CXR pretraining, fine-tuning and paired-bootstrap reports for chest X-ray encoders, "
+        "tracked in MLflow and searched with Optuna. Start with `mococxr demo`.",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns/mlflow.db)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -20,6 +20,7 @@ makes new runs instead of silently reusing old ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -119,9 +120,9 @@ def pin_init(init: str) -> str:
     """``models:/NAME@alias`` (or ``/Stage``) -> ``models:/NAME/<version>`` it points to now."""
     if not init.startswith("models:/"):
         return init
-    from mococxr.tracking.registry import _registry_info, canonical_uri
+    from mococxr.tracking.registry import canonical_uri, version_info
 
-    info = _registry_info(canonical_uri(init))
+    info = version_info(canonical_uri(init))
     if info.get("registry_version"):
         return f"models:/{info['registered_model']}/{info['registry_version']}"
     return init
@@ -211,6 +212,4 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True) ->
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()

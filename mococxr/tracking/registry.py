@@ -164,7 +164,7 @@ def resolve(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     info: dict[str, Any] = {"uri": ref}
     if ref.startswith(("models:/", "runs:/")):
         uri = canonical_uri(ref)
-        info.update(_registry_info(uri))
+        info.update(version_info(uri))
         try:
             local = Path(mlflow.artifacts.download_artifacts(uri))
         except MlflowException as exc:
@@ -188,8 +188,8 @@ def resolve(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return state, info
 
 
-def _registry_info(uri: str) -> dict[str, Any]:
-    """Registry version, run id and epoch behind a models:/ URI (empty for runs:/ URIs)."""
+def version_info(uri: str) -> dict[str, Any]:
+    """Registry version, run id and epoch behind a models:/ or runs:/ URI (as canonical_uri spells it)."""
     client = MlflowClient()
     mv = None
     try:

@@ -178,7 +178,7 @@ def finetune(
 
     mt.configure()
     run_tags = mt.tags(
-        kind="finetune", backbone=cfg.backbone, init=_init_label(cfg.init, init_kind), protocol=cfg.protocol,
+        kind="finetune", backbone=cfg.backbone, init=_init_label(init_kind), protocol=cfg.protocol,
         dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
         pretrain_run_id=origin.get("run_id"), checkpoint_epoch=origin.get("epoch"),
         registry_version=origin.get("registry_version"), manifest_sha256=manifests["train"].sha256,
@@ -241,10 +241,10 @@ def prediction_table(records: pd.DataFrame, tasks: list[str], y: np.ndarray, sco
     return table
 
 
-def _init_label(init: str, kind: str) -> str:
+def _init_label(kind: str) -> str:
     """What the report groups by: random, imagenet, or moco (any pretrained checkpoint)."""
     return "moco" if kind == "checkpoint" else kind
 
 
 def _run_name(cfg: FinetuneConfig, kind: str) -> str:
-    return f"{_init_label(cfg.init, kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
+    return f"{_init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"

@@ -74,7 +74,9 @@ def run_demo(
     prefix: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns what it made (study result, grid result, report)."""
-    from mococxr.config import DataConfig, FinetuneConfig, from_dict, load_yaml, to_dict
+    import dataclasses
+
+    from mococxr.config import DataConfig, FinetuneConfig, build, load_yaml, to_dict
     from mococxr.data.labels import resolve_tasks
     from mococxr.data.records import check_dataset, summarize
     from mococxr.report.tables import build_report
@@ -123,9 +125,8 @@ def run_demo(
 
     t0 = _stage("3/5 fine-tune grid (random vs MoCo; linear and e2e; label fractions x draws)")
     grid_raw = load_yaml(SWEEPS / "demo_grid.yaml")
-    base = from_dict(FinetuneConfig, grid_raw.get("base") or {}, where="sweeps/demo_grid.yaml: base")
-    base.data = data
-    base.image_size = size.image_px
+    base = build(FinetuneConfig, grid_raw.get("base") or {}, where="sweeps/demo_grid.yaml: base")
+    base = dataclasses.replace(base, data=data, image_size=size.image_px)
     inits = {"random": "random", "moco": f"models:/{spec.registered_model}@production"}
     from mococxr.models.backbones import available_imagenet_weights
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mococxr.config import DataConfig, PretrainConfig, from_dict, to_dict
+from mococxr.config import DataConfig, PretrainConfig, build, to_dict
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(store):
     """An uninterrupted run with FLAGS, on one thread like the subprocesses below."""
-    cfg = from_dict(PretrainConfig, {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": "reference"})
+    cfg = build(PretrainConfig, {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": "reference"})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -122,7 +122,7 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
     # what defines the run: config, manifest, parameters, tags
     config = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=reference.run_id,
                                                                  artifact_path="config.json")).read_text())
-    cfg = from_dict(PretrainConfig, config)
+    cfg = build(PretrainConfig, config)
     assert cfg.moco_k == 32 and cfg.data.root == str(store / "phantom") and to_dict(cfg) == config
     manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=reference.run_id, artifact_path="manifests/pretrain.json")).read_text())
@@ -148,7 +148,7 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
 
 
 def test_bad_queue_length_is_a_config_error(store):
-    cfg = from_dict(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}})
+    cfg = build(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}})
     with pytest.raises(ConfigError, match="moco_k=40 is not a multiple of batch_size=16.*try moco_k=32"):
         pretrain(cfg, progress=False)
 
@@ -250,7 +250,7 @@ def _manifest_ids(run_id: str) -> list[str]:
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_pretrain_on_the_nih_sample(nih_sample, tracking_uri):
-    cfg = from_dict(PretrainConfig, {
+    cfg = build(PretrainConfig, {
         "data": to_dict(DataConfig(dataset="nih", root=str(nih_sample), task="Effusion")),
         "init": "random", "image_size": 64, "batch_size": 16, "epochs": 2, "moco_k": 64, "lr": 1e-3,
         "workers": 0, "experiment": "nih",

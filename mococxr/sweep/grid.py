@@ -30,7 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mococxr.config import FinetuneConfig, config_hash, from_dict, load_yaml, override
+from mococxr.config import FinetuneConfig, build, config_hash, load_yaml, override
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
 
@@ -73,7 +73,7 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     for key in ("experiment", "inits", "protocols", "fractions"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r}")
-    base = from_dict(FinetuneConfig, raw.get("base") or {}, where=f"{path}: base")
+    base = build(FinetuneConfig, raw.get("base") or {}, where=f"{path}: base")
     base = override(base, overrides or {})
     inits = raw["inits"]
     if isinstance(inits, list):

@@ -25,6 +25,7 @@ Why the loop looks the way it does:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -43,7 +44,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from mococxr.config import PretrainConfig, flat_params, from_dict, load_yaml, override, to_dict
+from mococxr.config import PretrainConfig, build, flat_params, load_yaml, override, to_dict
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
 
@@ -147,7 +148,7 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
             raise ConfigError(f"{source}: missing required key `{key}`")
     name = _study_name(data["name"], f"{source}: name")
     base_raw = _mapping(data.get("base"), f"{source}: base")
-    base = from_dict(PretrainConfig, base_raw, where=f"{source}: base")
+    base = build(PretrainConfig, base_raw, where=f"{source}: base")
 
     budget = _mapping(data["budget"], f"{source}: budget")
     _only(budget, {"n_trials", "epochs", "max_failures"}, f"{source}: budget")
@@ -203,9 +204,8 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
             raise ConfigError(f"{source}: base.keep={base.keep!r} may delete the best epoch, which promotion "
                               "needs; use all or best:K:val/linear_auc")
     elif direction == "maximize":
-        base.keep = f"best:1:{metric}"  # the best epoch (for promotion) and the last one (resume)
-    base.monitor = True
-    base.epochs = epochs
+        base = dataclasses.replace(base, keep=f"best:1:{metric}")  # the best epoch (promotion) + the last (resume)
+    base = dataclasses.replace(base, monitor=True, epochs=epochs)
 
     storage = str(data.get("storage") or DEFAULT_STORAGE)
     registered = data.get("registered_model")
@@ -567,11 +567,8 @@ class _OverBudget(Exception):
 
 def trial_config(spec: StudySpec, params: Mapping[str, Any], study_name: str, number: int) -> PretrainConfig:
     cfg = override(spec.base, dict(params))
-    cfg.monitor = True
-    cfg.epochs = spec.epochs
-    cfg.experiment = spec.experiment
-    cfg.run_name = f"{study_name}-trial{number:03d}"
-    return cfg
+    return dataclasses.replace(cfg, monitor=True, epochs=spec.epochs, experiment=spec.experiment,
+                               run_name=f"{study_name}-trial{number:03d}")
 
 
 def make_objective(

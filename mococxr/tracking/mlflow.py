@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +91,61 @@ def artifact_root(uri: str) -> Path | None:
     return db.resolve().parent / "artifacts" if db is not None else None
 
 
-def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow at the store in force, creating the embedded store's folder on first use."""
+@dataclass(frozen=True)
+class Store:
+    """Where this process logs: the MLflow tracking URI, the local artifact folder (sqlite stores) and
+    the Optuna storage that lives beside the MLflow store (``optuna.db`` next to ``mlflow.db``)."""
+
+    tracking_uri: str
+    artifact_root: Path | None
+    optuna_storage: str
+
+
+_OPENED: dict[str, Store] = {}
+
+
+def default_optuna_storage(tracking_uri: str) -> str:
+    """Optuna's default storage for a tracking URI: ``optuna.db`` beside a sqlite ``mlflow.db``, else
+    ``mlruns/optuna.db`` in the current folder (a tracking server's users name a shared one)."""
+    db = _sqlite_path(tracking_uri)
+    folder = db.resolve().parent if db is not None else Path(os.getcwd()).resolve() / DEFAULT_STORE_DIR
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def open_store(tracking_uri: str | None = None) -> Store:
+    """Point MLflow at the store in force and return it; called once by each entry point.
+
+    The store is ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
+    ``sqlite:///mlruns/mlflow.db``. The embedded store's folder and tables are created on first use;
+    a store already opened by this process is not opened again.
+    """
     uri = resolve_tracking_uri(tracking_uri)
-    db = _sqlite_path(uri)
-    mlflow.set_tracking_uri(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        # Several processes starting on a new sqlite store race to create its tables (alembic fails
-        # with "0 found"); the first one creates them under a lock, the others then find them.
-        with open(db.with_name(db.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            MlflowClient().search_experiments(max_results=1)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # children (DataLoader workers, torchrun ranks) agree
-    return uri
+    store = _OPENED.get(uri)
+    if store is None:
+        db = _sqlite_path(uri)
+        mlflow.set_tracking_uri(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # Several processes starting on a new sqlite store race to create its tables (alembic fails
+            # with "0 found"); the first one creates them under a lock, the others then find them.
+            with open(db.with_name(db.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                MlflowClient().search_experiments(max_results=1)
+        store = Store(uri, artifact_root(uri), default_optuna_storage(uri))
+        _OPENED[uri] = store
+    elif mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return store
+
+
+def current_store(store: Store | None = None) -> Store:
+    """``store`` when the caller passed one down, else the store in force (opened once per URI), so a
+    library call without an entry point still logs where ``MLFLOW_TRACKING_URI`` points."""
+    if store is not None:
+        if mlflow.get_tracking_uri() != store.tracking_uri:
+            mlflow.set_tracking_uri(store.tracking_uri)
+        return store
+    return open_store()
 
 
 def ensure_experiment(name: str) -> str:

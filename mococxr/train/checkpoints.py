@@ -24,26 +24,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mococxr.config import parse_keep
 from mococxr.errors import ConfigError, TrackingError
 from mococxr.tracking.mlflow import tag
 
 RESUME_DIR = "resume"
 _RESUME_FILE = re.compile(r"epoch_(\d+)\.pt$")
-
-
-def parse_keep(keep: str) -> tuple[str, int, str | None]:
-    """``all`` | ``every:K`` | ``best:K:metric`` -> (mode, k, metric)."""
-    parts = keep.split(":")
-    try:
-        if parts == ["all"]:
-            return "all", 0, None
-        if parts[0] == "every" and len(parts) == 2 and int(parts[1]) > 0:
-            return "every", int(parts[1]), None
-        if parts[0] == "best" and len(parts) == 3 and int(parts[1]) > 0:
-            return "best", int(parts[1]), parts[2]
-    except ValueError:
-        pass
-    raise ConfigError(f"keep={keep!r}: use all, every:K (e.g. every:5) or best:K:metric (e.g. best:3:val/auc)")
 
 
 def retained(keep: str, history: Mapping[int, Mapping[str, float]]) -> set[int]:

@@ -12,6 +12,7 @@ only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from mococxr.config import PretrainConfig, config_hash, flat_params, from_dict, to_dict
+from mococxr.config import PretrainConfig, build, config_hash, flat_params, to_dict
 from mococxr.data.dataset import CXRDataset, seed_worker
 from mococxr.data.splits import make_manifest
 from mococxr.data.transforms import TwoCrops, build_transform
@@ -383,7 +384,5 @@ def _config_of_run(run_id: str, epochs: int | None) -> PretrainConfig:
     """The config a run was started with, so ``--resume`` needs nothing else; ``epochs`` may extend it."""
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json")
     with open(path) as fh:
-        logged = from_dict(PretrainConfig, json.load(fh), where=f"config.json of run {run_id}")
-    if epochs is not None:
-        logged.epochs = epochs
-    return logged
+        logged = build(PretrainConfig, json.load(fh), where=f"config.json of run {run_id}")
+    return logged if epochs is None else dataclasses.replace(logged, epochs=epochs)

@@ -6,13 +6,10 @@ User errors (``MococxrError``) print one line without a traceback and exit 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from mococxr.errors import MococxrError
-
-DATASETS = ("chexpert", "nih", "shenzhen", "montgomery", "tb", "csv")
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -53,92 +50,19 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- config flags -------------------------------------------------------------------------------------
-# flag dest -> config key; flags left unset keep the YAML's or the dataclass's value.
-DATA_FLAGS = {
-    "dataset": "data.dataset", "root": "data.root", "csv": "data.csv", "test_csv": "data.test_csv",
-    "task": "data.task", "policy": "data.policy", "cache": "data.cache", "split_seed": "data.split_seed",
-    "val": "data.val", "test": "data.test",
-}
-COMMON_FLAGS = {
-    "backbone": "backbone", "init": "init", "image_size": "image_size", "batch_size": "batch_size",
-    "epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "preset": "preset",
-    "workers": "workers", "seed": "seed", "experiment": "experiment", "run_name": "run_name",
-}
-PRETRAIN_FLAGS = {
-    **DATA_FLAGS, **COMMON_FLAGS, "optimizer": "optimizer", "scheduler": "scheduler",
-    "warmup_epochs": "warmup_epochs", "moco_dim": "moco_dim", "moco_k": "moco_k", "moco_m": "moco_m",
-    "moco_t": "moco_t", "shuffle": "shuffle", "keep": "keep", "monitor": "monitor",
-}
-FINETUNE_FLAGS = {
-    **DATA_FLAGS, **COMMON_FLAGS, "protocol": "protocol", "fraction": "fraction", "draw": "draw",
-    "epochs_scale": "epochs_scale",
-}
-
-
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the job's config (flags override it)")
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--root", help="dataset root folder")
-    p.add_argument("--csv", help="label CSV (default: the dataset's usual file under --root)")
-    p.add_argument("--test-csv", help="a CSV whose images form the test set (CheXpert: valid.csv)")
-    p.add_argument("--task", help="task set (pleural_effusion, competition5, tb, pneumonia, ...) or columns")
-    p.add_argument("--policy", help="CheXpert uncertainty policy: ignore | ones | zeros")
-    p.add_argument("--cache", help="folder for the pre-resized uint8 image cache (built on first use)")
-    p.add_argument("--split-seed", type=int, help="seed of the patient-level train/val/test split")
-    p.add_argument("--val", type=float, help="fraction of patients for validation")
-    p.add_argument("--test", type=float, help="fraction of patients for test (without --test-csv)")
-
-
-def _add_common_flags(p: argparse.ArgumentParser, init_help: str) -> None:
-    p.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "densenet121"))
-    p.add_argument("--init", help=init_help)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--preset", help="augmentation preset: cxr | mocov2")
-    p.add_argument("--workers", type=int, help="DataLoader workers (0-1 recommended on CPU)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--run-name")
-
-
-def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
-    _add_data_flags(p)
-    _add_common_flags(p, "auto | random | imagenet | checkpoint path | models:/ or runs:/ URI")
-    p.add_argument("--optimizer", choices=("sgd", "adam"))
-    p.add_argument("--scheduler", choices=("cosine", "milestone", "constant"))
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--moco-dim", type=int)
-    p.add_argument("--moco-k", type=int, help="queue length K (a multiple of the batch size)")
-    p.add_argument("--moco-m", type=float)
-    p.add_argument("--moco-t", type=float)
-    p.add_argument("--shuffle", choices=("auto", "split_bn", "ddp", "none"))
-    p.add_argument("--keep", help="checkpoint retention: all | every:K | best:K:metric")
-    p.add_argument("--monitor", action="store_const", const=True,
-                   help="log val/linear_auc (fast linear evaluation on --task) after every epoch")
-
-
-def _config(cls, args: argparse.Namespace, flags: dict[str, str]):
-    from mococxr.config import from_dict, load_yaml, override
-
-    cfg = from_dict(cls, load_yaml(args.config), where=args.config) if args.config else cls()
-    return override(cfg, {key: getattr(args, flag, None) for flag, key in flags.items()})
-
-
-def _pretrain_config(args: argparse.Namespace):
-    from mococxr.config import PretrainConfig
-
-    return _config(PretrainConfig, args, PRETRAIN_FLAGS)
+# -- training -------------------------------------------------------------------------------------------
+# Config flags are generated from the config fields (mococxr.config.add_flags): a field is spelled once.
+LINEAR_EVAL_FIELDS = ("data.*", "backbone", "init", "image_size", "workers", "seed")
+GRID_FIELDS = ("data.*", "epochs_scale", "image_size", "workers")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mococxr.config import PretrainConfig, from_flags
     from mococxr.train.pretrain import pretrain
 
-    cfg = _pretrain_config(args)
-    result = pretrain(cfg, resume=args.resume, resume_epochs=args.epochs if args.resume else None)
+    cfg = from_flags(PretrainConfig, args, yaml_path=args.config)
+    result = pretrain(cfg, resume=args.resume, resume_epochs=args.epochs if args.resume else None,
+                      store=_store(args))
     if result.run_id:
         print(f"pretraining run {result.run_id}: {len(result.history)} epoch(s) logged")
         print(f"register a checkpoint: mococxr registry register --name mococxr-{cfg.backbone} "
@@ -148,9 +72,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     from mococxr.tracking import registry
-    from mococxr.tracking.mlflow import configure
 
-    configure()
+    _store(args)
     if args.action == "list":
         table = registry.list_versions(args.name)
         print(table.to_string(index=False) if len(table) else "no registered models")
@@ -168,36 +91,22 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 # -- fine-tuning and linear evaluation ------------------------------------------------------------------
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from mococxr.config import FinetuneConfig
+    from mococxr.config import FinetuneConfig, from_flags
     from mococxr.train.finetune import finetune
 
-    cfg = _config(FinetuneConfig, args, FINETUNE_FLAGS)
-    result = finetune(cfg)
+    cfg = from_flags(FinetuneConfig, args, yaml_path=args.config)
+    result = finetune(cfg, store=_store(args))
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test.items()))
     print(f"fine-tune run {result.run_id}: best epoch {result.best_epoch} (val AUC {result.val_auc:.4f}); {metrics}")
     return 0
 
 
 def cmd_linear_eval(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from mococxr.config import FinetuneConfig, from_flags
+    from mococxr.train.linear_eval import evaluate
 
-    from mococxr.config import FinetuneConfig
-    from mococxr.data.labels import resolve_tasks
-    from mococxr.models.backbones import build_encoder
-    from mococxr.tracking.mlflow import configure
-    from mococxr.train.data import load_cache, split_records
-    from mococxr.train.linear_eval import linear_eval
-    from mococxr.train.pretrain import resolve_init
-
-    cfg = _config(FinetuneConfig, args, FINETUNE_FLAGS)
-    if cfg.init.startswith(("models:/", "runs:/")):
-        configure()
-    splits = split_records(cfg.data)
-    tasks = resolve_tasks(cfg.data.task, splits["train"])
-    kind, state, origin = resolve_init(cfg.init, cfg.backbone)
-    encoder = build_encoder(cfg.backbone, init=kind, state_dict=state)
-    cache = load_cache(cfg.data, pd.concat([splits["train"], splits["val"]], ignore_index=True), cfg.image_size)
-    result = linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=cfg.image_size, cache=cache)
+    cfg = from_flags(FinetuneConfig, args, yaml_path=args.config, only=LINEAR_EVAL_FIELDS)
+    result = evaluate(cfg, store=_store(args))
     for task, auc in result.per_task.items():
         print(f"{task}: val AUC {auc:.4f} (C={result.C[task]:g})")
     print(f"linear evaluation of {cfg.init}: mean val AUC {result.auc:.4f} "
@@ -206,12 +115,12 @@ def cmd_linear_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    from mococxr.config import FinetuneConfig, flag_fields
     from mococxr.sweep.grid import load_grid, run_grid
 
-    overrides = {key: getattr(args, flag, None) for flag, key in DATA_FLAGS.items()}
-    overrides.update({"epochs_scale": args.epochs_scale, "image_size": args.image_size, "workers": args.workers})
+    overrides = {key: getattr(args, key) for key, _, _ in flag_fields(FinetuneConfig, GRID_FIELDS)}
     spec = load_grid(args.spec, overrides)
-    result = run_grid(spec, dry_run=args.dry_run)
+    result = run_grid(spec, dry_run=args.dry_run, store=_store(args))
     print(f"grid {spec.name}: {result.started} run(s) started, {result.skipped} skipped as finished, "
           f"{len(result.failed)} failed (parent run {result.parent_run_id})")
     for line in result.failed:
@@ -225,7 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     promote = ("production" if args.production else "staging") if args.promote else None
     result = run_sweep(args.spec, n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
-                       promote=promote, registered_model=args.registered_model)
+                       promote=promote, registered_model=args.registered_model, store=_store(args))
     print(f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
           f"{result.n_failed} failed (MLflow parent run {result.parent_run_id})")
     if result.best_trial is not None:
@@ -236,34 +145,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(report) -> None:
-    """The paper-style tables of a report, in the terminal."""
-    from mococxr.report.tables import to_markdown, wide_table
-
-    for title, tidy in (("AUC (95% CI)", report.absolute), ("AUC difference, paired (95% CI)", report.improvement)):
-        if len(tidy):
-            print(f"\n{title}\n")
-            print(to_markdown(wide_table(tidy, "auc")))
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from mococxr.report.tables import build_report
+    from mococxr.report.tables import build_report, format_report
 
     report = build_report(
         args.experiment, out=args.out, dataset=args.dataset, task=args.task, backbone=args.backbone,
         n_replicates=args.replicates, seed=args.seed, groups="patient" if args.by_patient else "image",
         baseline=tuple(b.strip() for b in args.baseline.split(",")), log_to_mlflow=not args.no_mlflow,
+        treatment=None if args.treatment.lower() == "none" else args.treatment,
+        store=_store(args),
     )
-    print_report(report)
+    print(format_report(report))
     print(f"\ntables and plots in {args.out} (report.md, tables/, plots/)"
           + (f"; MLflow report run {report.run_id}" if report.run_id else ""))
     return 0
 
 
+def _store(args: argparse.Namespace):
+    """The tracking store, opened once for the command (``--tracking-uri``, $MLFLOW_TRACKING_URI or
+    the embedded sqlite:///mlruns/mlflow.db) and passed down."""
+    from mococxr.tracking.mlflow import open_store
+
+    if getattr(args, "store", None) is None:
+        args.store = open_store(args.tracking_uri)
+    return args.store
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mococxr.demo import run_demo
 
-    run_demo(quick=args.quick, dataset=args.dataset, root=args.root, task=args.task)
+    run_demo(quick=args.quick, dataset=args.dataset, root=args.root, task=args.task, store=_store(args))
     return 0
 
 
@@ -277,15 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns/mlflow.db)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _data_parsers(sub)
+    _training_parsers(sub)
+    _study_and_report_parsers(sub)
+    return parser
+
+
+def _data_parsers(sub) -> None:
+    from mococxr.config import DATASETS
 
     data = sub.add_parser("data", help="synthesize, check and describe datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("synth", help="write a phantom chest X-ray dataset in a real layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=("chexpert", "shenzhen"), default="chexpert")
+    p.add_argument("--out", required=True, help="folder to write the dataset into")
+    p.add_argument("--n", type=int, default=1000, help="training images (default: 1000)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom (default: 0)")
+    p.add_argument("--layout", choices=("chexpert", "shenzhen"), default="chexpert",
+                   help="folder and CSV layout to imitate (default: chexpert)")
     p.add_argument("--n-valid", type=int, help="images in valid.csv, the test set (default max(20, n/10))")
     p.set_defaults(func=cmd_data_synth)
     for name, func, helptext in (
@@ -293,44 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
         ("stats", cmd_data_stats, "counts per task, label value, view and patient"),
     ):
         p = dsub.add_parser(name, help=helptext)
-        p.add_argument("--dataset", choices=DATASETS, required=True)
-        p.add_argument("--root", required=True)
-        p.add_argument("--csv")
+        p.add_argument("--dataset", choices=DATASETS, required=True, help="dataset reader")
+        p.add_argument("--root", required=True, help="dataset root folder")
+        p.add_argument("--csv", help="label CSV (default: the dataset's usual file under --root)")
         if name == "stats":
             p.add_argument("--task", help="task set or comma-separated columns")
         p.set_defaults(func=func)
 
+
+def _training_parsers(sub) -> None:
+    from mococxr.config import FinetuneConfig, PretrainConfig, add_flags
+
     p = sub.add_parser("pretrain", help="MoCo v2 pretraining, every epoch logged to MLflow")
-    _add_pretrain_flags(p)
+    p.add_argument("--config", help="YAML file with the job's config (flags override it)")
+    add_flags(p, PretrainConfig)
     p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted run (its logged config is used)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="linear or end-to-end fine-tuning at a label fraction, logged to MLflow")
-    _add_data_flags(p)
-    _add_common_flags(p, "random | imagenet | checkpoint path | models:/NAME/Production | runs:/ URI")
-    p.add_argument("--protocol", choices=("linear", "e2e"))
-    p.add_argument("--fraction", type=float, help="label fraction of the train split (0-1]")
-    p.add_argument("--draw", type=int, help="index of the random label-fraction draw")
-    p.add_argument("--epochs-scale", type=float, help="multiplies the label-fraction epoch rule")
+    p.add_argument("--config", help="YAML file with the job's config (flags override it)")
+    add_flags(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("linear-eval", help="fast linear evaluation (frozen features + logistic regression)")
-    _add_data_flags(p)
-    _add_common_flags(p, "random | imagenet | checkpoint path | models:/ or runs:/ URI")
+    p.add_argument("--config", help="YAML file with the job's config (flags override it)")
+    add_flags(p, FinetuneConfig, LINEAR_EVAL_FIELDS)
     p.set_defaults(func=cmd_linear_eval)
 
     p = sub.add_parser("grid", help="the fine-tune grid: inits x protocols x fractions x draws (idempotent)")
     p.add_argument("spec", help="grid YAML, e.g. sweeps/finetune_grid.yaml")
-    for flag in ("--dataset", "--root", "--csv", "--test-csv", "--task", "--policy", "--cache"):
-        p.add_argument(flag, help="override the grid's base data config")
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--val", type=float)
-    p.add_argument("--test", type=float)
-    p.add_argument("--epochs-scale", type=float, help="multiply every run's epochs (quick looks)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--workers", type=int)
+    add_flags(p, FinetuneConfig, GRID_FIELDS, show_defaults=False)  # override the grid's base config
     p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     p.set_defaults(func=cmd_grid)
+
+
+def _study_and_report_parsers(sub) -> None:
+    from mococxr.config import DATASETS
 
     p = sub.add_parser("sweep", help="an Optuna study over pretraining hyperparameters (joins/resumes)")
     p.add_argument("spec", help="study YAML, e.g. sweeps/pretrain_lr.yaml")
@@ -343,15 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="paired bootstrap tables and plots from the fine-tune runs in MLflow")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--dataset")
-    p.add_argument("--task")
-    p.add_argument("--backbone")
+    p.add_argument("--experiment", required=True, help="MLflow experiment holding the fine-tune runs")
+    p.add_argument("--dataset", help="only runs on this dataset")
+    p.add_argument("--task", help="only runs on this task")
+    p.add_argument("--backbone", help="only runs of this backbone")
     p.add_argument("--out", required=True, help="folder for report.md, tables/ and plots/")
-    p.add_argument("--replicates", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=int, default=500, help="bootstrap replicates (default: 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument("--by-patient", action="store_true", help="resample whole patients")
-    p.add_argument("--baseline", default="random,imagenet", help="inits MoCo is compared against")
+    p.add_argument("--treatment", default="moco", help="init label compared against the baselines "
+                   "(default: moco; none: absolute numbers only)")
+    p.add_argument("--baseline", default="random,imagenet", help="init labels the treatment is compared "
+                   "against (default: random,imagenet)")
     p.add_argument("--no-mlflow", action="store_true", help="write files only, log no report run")
     p.set_defaults(func=cmd_report)
 
@@ -365,20 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list, register and promote checkpoints")
     p.add_argument("action", choices=("list", "register", "promote"))
     p.add_argument("--name", help="registered model name, e.g. mococxr-resnet18")
-    p.add_argument("--run-id")
-    p.add_argument("--epoch", type=int)
+    p.add_argument("--run-id", help="the pretraining run whose checkpoint to register")
+    p.add_argument("--epoch", type=int, help="the epoch of that run's checkpoint")
     p.add_argument("--model-id", help="a LoggedModel id (m-...) instead of --run-id/--epoch")
-    p.add_argument("--version")
+    p.add_argument("--version", help="registered version to promote")
     p.add_argument("--stage", help="staging | production | archived")
     p.set_defaults(func=cmd_registry)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.command == "registry" and args.action != "list" and not args.name:
         parser.error("registry register/promote need --name")
     try:

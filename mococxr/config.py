@@ -376,8 +376,10 @@ def flag_fields(cls: type, only: tuple[str, ...] | None = None) -> list[tuple[st
     return out
 
 
-def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None) -> None:
-    """One ``--flag`` per config field (``data.root`` -> ``--root``), help and choices from the field."""
+def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, show_defaults: bool = True) -> None:
+    """One ``--flag`` per config field (``data.root`` -> ``--root``), help and choices from the field.
+
+    ``show_defaults=False`` where the defaults come from elsewhere (a grid's base)."""
     import argparse
 
     for key, f, hint in flag_fields(cls, only):
@@ -392,7 +394,7 @@ def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None) -> No
             kwargs["choices"] = typing.get_args(base)
         else:
             kwargs["metavar"] = {int: "N", float: "X"}.get(base, key.rsplit(".", 1)[-1].upper())
-        parser.add_argument(flag, help=f"{help_text} (default: {default})" if default is not None else help_text,
+        parser.add_argument(flag, help=f"{help_text} (default: {default})" if default is not None and show_defaults else help_text,
                             **kwargs)
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import mococxr.data.cache as cache_module
 from mococxr.data.cache import ImageCache, load_gray
-from mococxr.data.dataset import CXRDataset, loader_kwargs
+from mococxr.data.dataset import CXRDataset, _loader_kwargs
 from mococxr.data.transforms import TwoCrops, build_transform
 from mococxr.errors import DataError
 
@@ -178,7 +178,7 @@ def test_dataset_without_tasks_returns_empty_targets_and_two_crops(tmp_path):
     views, target = dataset[1]
     assert len(views) == 2 and views[0].shape == (3, 32, 32)
     assert target.shape == (0,)
-    batch_views, batch_targets = next(iter(DataLoader(dataset, batch_size=4, **loader_kwargs(0))))
+    batch_views, batch_targets = next(iter(DataLoader(dataset, batch_size=4, **_loader_kwargs(0))))
     assert batch_views[0].shape == (4, 3, 32, 32) and batch_targets.shape == (4, 0)
 
 

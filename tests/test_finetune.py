@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import mlflow
@@ -16,6 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from mococxr.config import DataConfig, FinetuneConfig
 from mococxr.data.labels import label_matrix
 from mococxr.data.phantom import synthesize
+from mococxr.data.prepare import prepare
 from mococxr.data.records import read_records
 from mococxr.data.splits import make_manifest
 from mococxr.errors import ConfigError, DataError
@@ -23,7 +25,6 @@ from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.train import finetune as ft
-from mococxr.train.data import split_records
 
 TWO_TASKS = "Pleural Effusion,Cardiomegaly"
 
@@ -63,7 +64,7 @@ def registered_checkpoint(name: str = "mococxr-test") -> tuple[str, str, dict[st
     """A random resnet18 logged as a pretraining run's epoch-3 LoggedModel and registered: (uri, run id, state)."""
     torch.manual_seed(123)
     state = build_encoder("resnet18").state_dict()
-    mt.configure()
+    mt.open_store()
     with mt.start_run("test-pretrain", run_tags=mt.tags(kind="pretrain")) as run:
         model_id = mt.log_state_dict_model(
             state, name="resnet18-epoch003", run_id=run.info.run_id, experiment_id=run.info.experiment_id,
@@ -126,17 +127,17 @@ def test_masked_bce_ignores_nan_labels_exactly():
 def test_bad_protocol_and_empty_split_are_reported(phantom, tracking_uri):
     with pytest.raises(ConfigError, match="protocol"):
         ft.finetune(make_cfg(phantom, protocol="knn"))
-    splits = split_records(data_cfg(phantom))
-    splits["val"] = splits["val"].iloc[:0]
+    data = prepare(data_cfg(phantom))
+    data = dataclasses.replace(data, splits={**data.splits, "val": data.splits["val"].iloc[:0]})
     with pytest.raises(DataError, match="val split is empty"):
-        ft.finetune(make_cfg(phantom), splits=splits, progress=False)
+        ft.finetune(make_cfg(phantom), data=data, progress=False)
 
 
 # -- runs on the phantom -----------------------------------------------------------------------------
 def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, tracking_uri, captured):
     uri, pretrain_run, state = registered_checkpoint()
     cfg = make_cfg(phantom, task=TWO_TASKS, protocol="linear", init=uri, epochs=2)
-    splits = split_records(cfg.data)
+    splits = prepare(cfg.data).splits
     res = ft.finetune(cfg, progress=False)
 
     client = MlflowClient()
@@ -192,8 +193,9 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
 
 def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, captured):
     cfg = make_cfg(phantom, task="competition5", protocol="e2e", fraction=0.5, draw=1, epochs=1)
-    splits = split_records(cfg.data)
-    res = ft.finetune(cfg, splits=splits, progress=False)
+    data = prepare(cfg.data)
+    splits = data.splits
+    res = ft.finetune(cfg, data=data, progress=False)
 
     after = captured["encoder"].state_dict()
     conv = "trunk.conv1.weight"
@@ -233,17 +235,17 @@ def test_the_test_split_never_influences_training_or_epoch_selection(phantom, tr
 
     monkeypatch.setattr(ft, "predict", spy)
     cfg = make_cfg(phantom, protocol="linear", epochs=3, lr=3e-3)
-    splits = split_records(cfg.data)
-    altered = dict(splits)
+    data = prepare(cfg.data)
+    splits = data.splits
     test = splits["test"].copy()
     test["Pleural Effusion"] = 1.0 - test["Pleural Effusion"]  # flipped labels (NaN stays NaN)
     test["path"] = test["path"].to_numpy()[::-1]  # and every test image swapped for another
-    altered["test"] = test
+    altered = dataclasses.replace(data, splits={**splits, "test": test})
 
     results, seen = [], []
-    for parts in (splits, altered):
+    for parts in (data, altered):
         calls.clear()
-        results.append(ft.finetune(cfg, splits=parts, progress=False))
+        results.append(ft.finetune(cfg, data=parts, progress=False))
         seen.append(list(calls))
     client = MlflowClient()
     hist = [history(client, r.run_id, "val/auc") for r in results]
@@ -269,7 +271,8 @@ def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
     pre = pretrain(PretrainConfig(data=data, init="random", image_size=64, batch_size=32, epochs=2,
                                   moco_k=4096, workers=0, experiment="test-nih-pretrain"), progress=False)
     uri = f"models:/{pre.model_ids[2]}"
-    splits = split_records(data)
+    prepared = prepare(data)
+    splits = prepared.splits
     patients = {name: set(part["patient_id"]) for name, part in splits.items()}
     assert not (patients["test"] & (patients["train"] | patients["val"]))
 
@@ -278,7 +281,7 @@ def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
     for init in ("random", uri):
         cfg = FinetuneConfig(data=data, init=init, protocol="linear", epochs=5, lr=1e-3, batch_size=32,
                              image_size=64, experiment="test-nih-finetune")
-        res = ft.finetune(cfg, splits=splits, progress=False)
+        res = ft.finetune(cfg, data=prepared, progress=False)
         run = client.get_run(res.run_id)
         assert run.info.status == "FINISHED" and run.data.tags[mt.tag("dataset")] == "nih"
         predictions = download_predictions(res.run_id)

@@ -8,11 +8,18 @@ import torch
 
 from mococxr.config import DataConfig, FinetuneConfig
 from mococxr.data.phantom import synthesize
+from mococxr.data.prepare import prepare
 from mococxr.errors import DataError
 from mococxr.models.backbones import build_encoder
 from mococxr.train import finetune as ft
-from mococxr.train.data import split_records
-from mococxr.train.linear_eval import DEFAULT_CS, extract_features, fit_probe, linear_eval, make_monitor
+from mococxr.train.linear_eval import (
+    DEFAULT_CS,
+    evaluate,
+    extract_features,
+    fit_probe,
+    linear_eval,
+    make_monitor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def test_fit_probe_learns_a_separable_signal_and_ignores_nan_rows():
 
 
 def test_extract_features_is_frozen_ordered_and_restores_the_mode(phantom):
-    records = split_records(DataConfig(root=phantom, val=0.25, test=0.2))["val"].iloc[:5]
+    records = prepare(DataConfig(root=phantom, val=0.25, test=0.2)).splits["val"].iloc[:5]
     torch.manual_seed(0)
     encoder = build_encoder("resnet18").train()
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -52,9 +59,10 @@ def test_extract_features_is_frozen_ordered_and_restores_the_mode(phantom):
     np.testing.assert_allclose(reversed_feats[::-1], feats, rtol=1e-4, atol=1e-5)
 
 
-def test_linear_eval_and_monitor_report_val_auc(phantom):
+def test_linear_eval_monitor_and_evaluate_report_val_auc(phantom, tmp_path):
     data = DataConfig(root=phantom, task="Pleural Effusion,Cardiomegaly", val=0.25, test=0.2)
-    splits = split_records(data)
+    prepared = prepare(data)
+    splits = prepared.splits
     torch.manual_seed(0)
     encoder = build_encoder("resnet18")
     result = linear_eval(encoder, splits["train"], splits["val"], ["Pleural Effusion", "Cardiomegaly"],
@@ -63,8 +71,12 @@ def test_linear_eval_and_monitor_report_val_auc(phantom):
     assert result.auc == pytest.approx(np.mean(list(result.per_task.values())))
     assert set(result.metrics()) == {"val/linear_auc", "val/linear_auc_Pleural_Effusion",
                                      "val/linear_auc_Cardiomegaly"}
-    monitor = make_monitor(data, 64)
+    monitor = make_monitor(prepared, 64)
     assert monitor(1, encoder, {})["val/linear_auc"] == pytest.approx(result.auc)
+    # `mococxr linear-eval`: the same evaluation of an encoder given by its init (here a file)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+    cfg = FinetuneConfig(data=data, init=str(tmp_path / "encoder.pt"), image_size=64)
+    assert evaluate(cfg, data=prepared).per_task == pytest.approx(result.per_task)
 
 
 @pytest.mark.slow
@@ -94,14 +106,15 @@ def test_fast_linear_eval_ranks_a_trained_encoder_above_random_like_the_slow_pro
     torch.save(build_encoder("resnet18").state_dict(), random_file)
 
     data = DataConfig(root=target, val=0.3, test=0.1)
-    splits = split_records(data)
+    prepared = prepare(data)
+    splits = prepared.splits
     fast, slow = {}, {}
     for name, path in (("trained", trained_file), ("random", random_file)):
         encoder = build_encoder("resnet18", init="checkpoint", state_dict=torch.load(path, weights_only=True))
         fast[name] = linear_eval(encoder, splits["train"], splits["val"], ["Pleural Effusion"], image_size=64).auc
         cfg = FinetuneConfig(data=data, init=str(path), protocol="linear", epochs=8, lr=3e-3, batch_size=32,
                              image_size=64, experiment="rank-target")
-        slow[name] = ft.finetune(cfg, splits=splits, progress=False).val_auc
+        slow[name] = ft.finetune(cfg, data=prepared, progress=False).val_auc
     print(f"fast linear_eval AUC {fast}; slow linear protocol val AUC {slow}")
     assert fast["trained"] > fast["random"] + 0.02
     assert slow["trained"] > slow["random"] + 0.02

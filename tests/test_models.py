@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from mococxr.errors import ConfigError
+from mococxr.errors import ConfigError, DataError
 from mococxr.models.backbones import (
     Encoder,
     available_imagenet_weights,
@@ -21,7 +21,7 @@ from mococxr.models.backbones import (
     imagenet_weights_filename,
     load_state_dict_file,
 )
-from mococxr.models.moco import MoCo, pretext_accuracy
+from mococxr.models.moco import MoCo, _pretext_accuracy
 
 
 def flat_encoder(width: int = 4) -> Encoder:
@@ -132,7 +132,7 @@ def test_infonce_logits_and_loss_match_hand_computation():
     manual = -sum(row[0] - math.log(sum(math.exp(v) for v in row)) for row in expected.tolist()) / 2
     assert loss.item() == pytest.approx(manual, rel=1e-6)
     # positives 0.8/T vs best negative 0.6/T (row 0), 0.707/T vs 0.5/T (row 1): both correct
-    assert pretext_accuracy(logits, labels).item() == 1.0
+    assert _pretext_accuracy(logits, labels).item() == 1.0
     # the keys were enqueued after the logits were made
     torch.testing.assert_close(model.queue[:, :2], torch.tensor(k).T)
     assert int(model.queue_ptr) == 2
@@ -288,13 +288,13 @@ def test_checkpoint_missing_or_foreign_keys_are_clear_errors(tmp_path):
         build_encoder("resnet18", init="checkpoint", state_dict=sd)
     with pytest.raises(ConfigError, match="does not fit backbone resnet18"):
         build_encoder("resnet18", init="checkpoint", state_dict=tvm.resnet50().state_dict())
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_state_dict_file(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         load_state_dict_file(tmp_path / "junk.pt")
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "other.pt")
-    with pytest.raises(ConfigError, match="model, state_dict"):
+    with pytest.raises(DataError, match="model, state_dict"):
         load_state_dict_file(tmp_path / "other.pt")
 
 

@@ -6,12 +6,14 @@ and the kill-and-resume test must reach its weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -20,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mococxr.config import DataConfig, PretrainConfig, build, to_dict
+from mococxr.data import prepare as prepare_module
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
@@ -148,9 +151,27 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
 
 
 def test_bad_queue_length_is_a_config_error(store):
-    cfg = build(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}})
     with pytest.raises(ConfigError, match="moco_k=40 is not a multiple of batch_size=16.*try moco_k=32"):
-        pretrain(cfg, progress=False)
+        pretrain(build(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}}),
+                 progress=False)
+
+
+def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch):
+    """Pretraining, its monitor and the run's manifest share one prepared dataset: one CSV parse per run."""
+    reads: Counter = Counter()
+    read_records = prepare_module.read_records
+
+    def counting(dataset, root, csv=None, **kwargs):
+        reads[(str(root), csv)] += 1
+        return read_records(dataset, root, csv, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "read_records", counting)
+    cfg = build(PretrainConfig, {**FLAGS, "epochs": 2, "monitor": True, "experiment": "read-once",
+                                 "data": {"root": str(store / "phantom"), "val": 0.25, "test": 0.2}})
+    result = pretrain(cfg, progress=False)
+    assert sorted(result.history) == [1, 2]
+    assert all("val/linear_auc" in h for h in result.history.values())  # the monitor ran every epoch
+    assert reads == {(str(store / "phantom"), None): 1}
 
 
 def _wait_for_epoch_1(proc: subprocess.Popen, artifacts: Path, experiment_dir: str, timeout: float = 240):
@@ -255,10 +276,10 @@ def test_pretrain_on_the_nih_sample(nih_sample, tracking_uri):
         "init": "random", "image_size": 64, "batch_size": 16, "epochs": 2, "moco_k": 64, "lr": 1e-3,
         "workers": 0, "experiment": "nih",
     })
-    from mococxr.train.data import pretrain_records
-
-    records = pretrain_records(cfg.data).head(160)  # decoding 2000 px PNGs bounds the time, not the model
-    result = pretrain(cfg, records=records, progress=False)
+    data = prepare_module.prepare(cfg.data)
+    # decoding 2000 px PNGs bounds the time, not the model; the manifest follows the table it describes
+    data = dataclasses.replace(data, pretrain=data.pretrain.head(160))
+    result = pretrain(cfg, data=data, progress=False)
     _assert_one_per_epoch(result.run_id, 2)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in result.history.values())
     run = MlflowClient().get_run(result.run_id)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mococxr.config import DATASETS
 from mococxr.data.labels import apply_policy
 from mococxr.data.records import (
     BASE_COLUMNS,
@@ -388,6 +389,14 @@ def test_tb_errors(tmp_path):
 def test_read_records_rejects_unknown_dataset(tmp_path):
     with pytest.raises(ConfigError, match="unknown dataset 'mimic'"):
         read_records("mimic", tmp_path)
+
+
+def test_every_configured_dataset_has_a_reader(tmp_path):
+    """config.DATASETS is the one list of names: each reaches a reader (which then finds no data here)."""
+    for name in DATASETS:
+        with pytest.raises(DataError) as err:
+            read_records(name, tmp_path / "empty")
+        assert "unknown dataset" not in str(err.value), name
 
 
 def test_summarize(chexpert):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mococxr import cli
-from mococxr.errors import TrackingError
+from mococxr.errors import DataError, TrackingError
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 
@@ -23,7 +23,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("MOCOCXR_ARTIFACT_ROOT", str(root / "artifacts"))
-        mt.configure()
+        mt.open_store()
         yield root
 
 
@@ -36,7 +36,7 @@ def name(request) -> str:
 @pytest.fixture()
 def run(store):
     """A finished run with one LoggedModel (and linked metrics) per epoch; returns (run id, states)."""
-    mt.configure()
+    mt.open_store()
     states = {}
     with mt.start_run("registry", run_tags=mt.tags(kind="pretrain", backbone="resnet18", dataset="chexpert",
                                                    manifest_sha256="ab" * 32)) as active:
@@ -93,10 +93,11 @@ def test_unknown_references_are_tracking_errors(name, run):
         (f"models:/{name}@production", "cannot resolve"),
         (f"models:/{name}/Shipping", "unknown stage"),
         ("runs:/0123456789abcdef/state_dict.pt", "cannot resolve"),
-        ("/no/such/checkpoint.pt", "does not exist"),
     ]:
         with pytest.raises(TrackingError, match=message):
             registry.resolve(uri)
+    with pytest.raises(DataError, match="does not exist"):  # a bad file is a DataError, from the one loader
+        registry.resolve("/no/such/checkpoint.pt")
 
 
 def test_register_and_promote_errors(name, run):
@@ -124,9 +125,12 @@ def test_resolve_a_run_artifact_and_a_local_file(run, tmp_path):
         mlflow.log_artifact(str(path), "extra")
     assert _equal(registry.resolve(f"runs:/{run_id}/extra/weights.pt")[0], states[1])
     assert _equal(registry.resolve(str(path))[0], states[1])
+    kind, state, origin = registry.resolve_init(f"runs:/{run_id}/extra/weights.pt", "resnet18")
+    assert kind == "checkpoint" and _equal(state, states[1]) and origin["run_id"] == run_id
+    assert registry.resolve_init("random", "resnet18") == ("random", None, {})
     pickled = tmp_path / "object.pt"
     torch.save({"w": torch.nn.Linear(1, 1)}, pickled)  # a pickled module, not a plain state dict
-    with pytest.raises(TrackingError, match="plain state dict"):
+    with pytest.raises(DataError, match="plain state dict"):
         registry.resolve(str(pickled))
 
 

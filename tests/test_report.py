@@ -13,7 +13,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.report.bootstrap import bootstrap_counts
-from mococxr.report.tables import build_report, fraction_label, to_latex, to_markdown, wide_table
+from mococxr.report.tables import (
+    build_report,
+    format_report,
+    fraction_label,
+    to_latex,
+    to_markdown,
+    wide_table,
+)
 from mococxr.tracking import mlflow as mt
 
 EXP = "report-test"
@@ -61,12 +68,15 @@ def _migrated_db(tmp_path_factory):
 def store(tracking_uri, _migrated_db) -> str:
     """The conftest ``tracking_uri`` store, started from a copy of the migrated empty database."""
     shutil.copy(_migrated_db, tracking_uri.removeprefix("sqlite:///"))
-    mt.configure()
+    mt.open_store()
     return tracking_uri
 
 
-def _toy_runs() -> dict[tuple, str]:
-    return {(init, f, d): _log_run(_predictions(Y8, S8[auc]), init=init, fraction=f, draw=d)
+def _toy_runs(label=None, experiment=EXP) -> dict[tuple, str]:
+    """The TOY runs; ``label`` renames inits (e.g. ``{"moco": "moco-v2"}``) as a grid may call them."""
+    label = label or {}
+    return {(init, f, d): _log_run(_predictions(Y8, S8[auc]), init=label.get(init, init), fraction=f, draw=d,
+                                   experiment=experiment)
             for (init, f), aucs in TOY.items() for d, auc in enumerate(aucs)}
 
 
@@ -114,6 +124,11 @@ def test_toy_table_by_hand(store, tmp_path):
     tex = to_latex(table)
     assert r"10\% & 100\% \\" in tex and tex.strip().endswith(r"\end{tabular}")
     assert [fraction_label(f) for f in (0.001, 0.01, 0.07, 1.0)] == ["0.1%", "1%", "7%", "100%"]
+
+    text = format_report(report)
+    improvement_md = to_markdown(wide_table(report.improvement, "auc"))
+    assert text == f"\nAUC (95% CI)\n\n{md}\n\nAUC difference, paired (95% CI)\n\n{improvement_md}"
+    assert "| resnet18 | moco linear - random linear | +0.219 (" in text
 
 
 def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
@@ -245,3 +260,37 @@ def test_guards_refuse_different_test_sets_and_missing_cells(store, tmp_path):
     with pytest.raises(DataError, match="same cell and draw") as err:
         build_report("report-dup", out=out, log_to_mlflow=False)
     assert first in str(err.value) and second in str(err.value)
+
+
+def test_treatment_and_baseline_are_the_grids_labels(store, tmp_path):
+    """A MoCo init labelled other than "moco" is named, not silently dropped from the improvement table."""
+    _toy_runs({"moco": "moco-v2"})
+    kw = {"n_replicates": 20, "log_to_mlflow": False, "cache_dir": tmp_path / "cache"}
+    with pytest.raises(ConfigError, match=r"treatment init 'moco'; the runs carry inits \['moco-v2', 'random'\]"):
+        build_report(EXP, out=tmp_path / "a", **kw)
+    with pytest.raises(ConfigError, match=r"baseline inits \['imagenet'\] to compare 'moco-v2' against; "
+                                          r"the runs carry inits \['moco-v2', 'random'\]"):
+        build_report(EXP, out=tmp_path / "b", treatment="moco-v2", baseline="imagenet", **kw)
+
+    report = build_report(EXP, out=tmp_path / "c", treatment="moco-v2", tracking_uri=store, **kw)
+    assert list(report.improvement["comparison"].unique()) == ["moco-v2 linear - random linear"]
+    imp = report.improvement[report.improvement.metric == "auc"].set_index("fraction")
+    assert imp.loc[0.1, "point"] == pytest.approx(0.96875 - 0.75)
+    assert list(wide_table(report.absolute, "auc")["Init"]) == ["random", "moco-v2"]
+
+    # treatment=None: absolute numbers only, the same as with a comparison
+    alone = build_report(EXP, out=tmp_path / "d", treatment=None, **kw)
+    assert alone.improvement.empty and "AUC difference" not in format_report(alone)
+    pd.testing.assert_frame_equal(alone.absolute, report.absolute)
+    with pytest.raises(ConfigError, match="not both"):
+        build_report(EXP, out=tmp_path / "e", store=mt.current_store(), tracking_uri=store, **kw)
+
+
+def test_runs_of_one_init_have_absolute_numbers_only(store, tmp_path):
+    """Nothing to compare is not an error: the improvement table is empty, as it always was."""
+    y, rng = _synthetic(n=40)
+    for f in (0.1, 1.0):
+        _log_run(_predictions(y, y + rng.normal(size=y.size)), init="moco-v2", fraction=f)
+    report = build_report(EXP, out=tmp_path / "out", n_replicates=20, log_to_mlflow=False)
+    assert report.improvement.empty and len(report.absolute) == 2 * 2  # fractions x metrics
+    assert (tmp_path / "out" / "tables" / "improvement.csv").is_file()

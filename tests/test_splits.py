@@ -12,10 +12,10 @@ import pytest
 
 from mococxr.data.splits import (
     Manifest,
+    _split_manifests,
     check_disjoint,
     draw_fraction,
     make_manifest,
-    split_manifests,
     split_patients,
 )
 from mococxr.errors import DataError
@@ -275,9 +275,9 @@ def test_manifest_hash_is_stable_and_sensitive(train, tmp_path):
     assert make_manifest("effusion-0.1-draw1", frame, seed=5, fraction=0.1, draw=1).sha256 != m.sha256
 
     path = m.write(tmp_path / "sub" / "manifest.json")
-    read = Manifest.read(path)
+    read = Manifest._read(path)
     assert read == m and read.to_dict() == m.to_dict()
-    assert m.select(train)["image_id"].tolist() == sorted(frame["image_id"], key=list(train["image_id"]).index)
+    assert m._select(train)["image_id"].tolist() == sorted(frame["image_id"], key=list(train["image_id"]).index)
 
 
 def test_manifest_tampering_is_detected(train, tmp_path):
@@ -287,16 +287,16 @@ def test_manifest_tampering_is_detected(train, tmp_path):
     data["image_ids"][0] = "99999999_000.png"
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="does not match"):
-        Manifest.read(path)
+        Manifest._read(path)
     del data["seed"]
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="seed"):
-        Manifest.read(path)
+        Manifest._read(path)
     path.write_text("{not json")
     with pytest.raises(DataError, match="m.json"):
-        Manifest.read(path)
+        Manifest._read(path)
     with pytest.raises(DataError, match="not found"):
-        Manifest.read(tmp_path / "missing.json")
+        Manifest._read(tmp_path / "missing.json")
 
 
 def test_manifest_rejects_duplicates_and_missing_images(train):
@@ -304,12 +304,12 @@ def test_manifest_rejects_duplicates_and_missing_images(train):
         make_manifest("dup", pd.concat([train, train.iloc[:1]]), seed=0)
     m = make_manifest("train", train, seed=0)
     with pytest.raises(DataError, match="not in the records"):
-        m.select(train.iloc[1:])
+        m._select(train.iloc[1:])
 
 
 def test_split_manifests(records):
     splits = split_patients(records, seed=2, stratify=TASK)
-    manifests = split_manifests(splits, seed=2, prefix="nih-")
+    manifests = _split_manifests(splits, seed=2, prefix="nih-")
     assert {k: m.name for k, m in manifests.items()} == {"train": "nih-train", "val": "nih-val", "test": "nih-test"}
     assert len({m.sha256 for m in manifests.values()}) == 3
     assert sum(len(m.image_ids) for m in manifests.values()) == len(records)

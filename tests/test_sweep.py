@@ -102,7 +102,7 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) ->
 
 def prepare_stores(spec) -> None:
     """Create the MLflow and optuna tables once, as a first `mococxr sweep` would."""
-    mt.configure()
+    mt.open_store()
     mt.ensure_experiment(EXPERIMENT)
     optuna.create_study(study_name=spec.name, storage=make_storage(spec), load_if_exists=True,
                         direction=spec.direction)
@@ -116,11 +116,11 @@ def test_shipped_specs_load():
     assert (paper.base.backbone, paper.base.image_size, paper.base.batch_size) == ("resnet18", 224, 16)
     assert paper.base.monitor and paper.base.epochs == paper.epochs
     assert paper.base.keep == "best:1:val/linear_auc"
-    demo = load_spec(REPO / "sweeps" / "demo.yaml")
+    demo = load_spec(REPO / "mococxr" / "specs" / "demo.yaml")
     lr = demo.search_space["lr"]
     assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-4, 3e-3, True)
     assert (demo.base.optimizer, demo.base.keep) == ("adam", "all")
-    assert demo.storage == "sqlite:///mlruns/optuna.db"
+    assert demo.storage is None  # the default: optuna.db beside the MLflow store
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_shipped_specs_load():
         ({"search_space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True, "type": "float", "x": 1}}},
          "search_space.lr: unknown key(s) x"),
         ({"search_space": {"lr": {"type": "float", "low": 0, "high": 1e-2, "log": True}}}, "low > 0"),
-        ({"search_space": {"lr": ["fast"]}}, "search_space.lr.choices: expected a number"),
+        ({"search_space": {"lr": ["fast"]}}, "search_space.lr.choices='fast': expected a number"),
         ({"search_space": {"scheduler": ["cosine", "linear-ish"]}}, "search_space.scheduler"),
         ({"search_space": {"moco_k": [64, 100]}}, "moco_k=100 is not a multiple of batch_size=16"),
         ({"sampler": {"name": "cmaes"}}, "sampler.name"),
@@ -157,7 +157,7 @@ def test_spec_errors_name_the_key(tmp_path, change, message):
 
 def test_parent_run_is_shared_by_study_name(tmp_path, tracking_uri):
     spec = parse_spec(spec_dict(tmp_path, f"sqlite:///{tmp_path / 'o.db'}"))
-    mt.configure()
+    mt.open_store()
     first = parent_run(spec, "a")
     assert parent_run(spec, "a") == first
     assert parent_run(spec, "b") != first
@@ -205,6 +205,29 @@ def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
     # A second worker finding the study done promotes nothing new and runs nothing.
     again = run_study(spec, promote="staging", log=lines.append)
     assert again.trials_run == [] and again.registered_version == result.registered_version
+
+
+@pytest.mark.slow
+def test_study_reads_the_label_csv_once(tmp_path, tracking_uri, phantom, monkeypatch):
+    """Every trial of a worker shares one prepared dataset: three trials parse the label CSV once."""
+    import mococxr.data.prepare  # noqa: F401  (the reader it imported must be counted too)
+    from mococxr.data import records
+
+    original = records.read_records
+    calls: list[tuple] = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("mococxr")]:
+        if getattr(module, "read_records", None) is original:  # every module that imported the reader
+            monkeypatch.setattr(module, "read_records", counting)
+    spec = parse_spec(spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}",
+                                budget={"n_trials": 3, "epochs": 1}, pruner={"name": "none"}))
+    result = run_study(spec, log=lambda line: None)
+    assert result.trials_run == [0, 1, 2] and result.n_complete == 3
+    assert len(calls) == 1, calls
 
 
 @pytest.mark.slow

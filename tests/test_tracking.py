@@ -62,7 +62,7 @@ def test_file_store_is_refused(uri, monkeypatch):
     with pytest.raises(TrackingError, match="file store.*sqlite:///"):
         mt.resolve_tracking_uri()
     with pytest.raises(TrackingError):
-        mt.configure()
+        mt.open_store()
 
 
 def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MOCOCXR_ARTIFACT_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
-    uri = mt.configure()
+    uri = mt.open_store().tracking_uri
     assert (tmp_path / "mlruns").is_dir()
     assert mlflow.get_tracking_uri() == uri
     exp_id = mt.ensure_experiment("unit/exp")

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from mococxr.config import DataConfig, FinetuneConfig
-from mococxr.data.labels import resolve_tasks
 from mococxr.data.phantom import synthesize
+from mococxr.data.prepare import prepare
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
-from mococxr.train.data import split_records
+from mococxr.tracking.registry import resolve_init
 from mococxr.train.finetune import finetune
 from mococxr.train.linear_eval import linear_eval
-from mococxr.train.pretrain import resolve_init
 
 
 def main() -> None:
@@ -50,10 +49,10 @@ def main() -> None:
         synthesize(args.root, args.n, size=max(args.image_size, 64))
     tmp = tempfile.mkdtemp(prefix="bench-linear-eval-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-    mt.configure()
+    store = mt.open_store()
     data = DataConfig(dataset=args.dataset, root=args.root, task=args.task, val=args.val, test=args.test)
-    splits = split_records(data)
-    tasks = resolve_tasks(data.task, splits["train"])
+    prepared = prepare(data)
+    splits, tasks = prepared.splits, list(prepared.tasks)
     torch.manual_seed(0)
     kind, state, _ = resolve_init(args.init, "resnet18")
     encoder = build_encoder("resnet18", init=kind, state_dict=state)
@@ -72,7 +71,7 @@ def main() -> None:
     cfg = FinetuneConfig(data=data, init=str(weights), protocol="linear", epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, image_size=args.image_size, experiment="bench-linear-eval")
     t0 = time.perf_counter()
-    slow = finetune(cfg, splits=splits, progress=False)
+    slow = finetune(cfg, data=prepared, store=store, progress=False)
     slow_s = time.perf_counter() - t0
     print(f"slow linear protocol: val AUC {slow.val_auc:.4f}  {slow_s:8.1f} s  "
           f"({args.epochs} epochs, {slow_s / args.epochs:.1f} s/epoch, best epoch {slow.best_epoch}, lr {args.lr:g})")

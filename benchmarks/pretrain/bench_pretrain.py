@@ -18,6 +18,7 @@ instead (same backbone, batch, queue and optimizer) and prints its images/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -79,13 +80,15 @@ def loop_rate(data: list[torch.Tensor], warmup: int, k: int):
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     warm = PairDataset(torch.cat(data[:warmup]))
     timed = PairDataset(torch.cat(data[warmup:]))
-    args = dict(rank=0, world=1, device=torch.device("cpu"), per_rank=batch, progress=False)
-    P._train_one_epoch(model, model, warm, opt, sched, scaler, cfg, 1, **args)
-    metrics = P._train_one_epoch(model, model, timed, opt, sched, scaler, cfg, 2, **args)
-    return metrics, model, opt, sched, scaler, cfg
+    t = P.Training(cfg, model, model, opt, sched, scaler, warm, rank=0, world=1, device=torch.device("cpu"),
+                   init="random", origin={}, progress=False)
+    P._train_one_epoch(t, 1)
+    t = dataclasses.replace(t, dataset=timed)
+    metrics = P._train_one_epoch(t, 2)
+    return metrics, t
 
 
-def mlflow_cost(model, opt, sched, scaler, cfg, metrics, repeats: int = 3) -> float:
+def mlflow_cost(t, metrics, repeats: int = 3) -> float:
     """Median seconds of the epoch-end logging (what ``pretrain`` runs after every epoch)."""
     from mococxr.tracking import mlflow as mt
     from mococxr.train import pretrain as P
@@ -93,13 +96,13 @@ def mlflow_cost(model, opt, sched, scaler, cfg, metrics, repeats: int = 3) -> fl
     tmp = tempfile.mkdtemp(prefix="bench-mlflow-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
     os.environ["MOCOCXR_ARTIFACT_ROOT"] = f"{tmp}/artifacts"
-    mt.configure()
+    mt.open_store()
     times = []
     with mt.start_run("bench"):
         result = P.PretrainResult(run_id="")
         for epoch in range(1, repeats + 1):
             t0 = time.perf_counter()
-            P._end_epoch(result, cfg, model, opt, sched, scaler, epoch, dict(metrics), [])
+            P._end_epoch(t, result, epoch, dict(metrics), [])
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -165,11 +168,11 @@ def main() -> None:
     else:
         # interleave plain / loop / plain so drifting CPU contention hits both sides alike
         plain_a = plain_step_rate(data, args.warmup)
-        metrics, model, opt, sched, scaler, cfg = loop_rate(data, args.warmup, args.queue)
+        metrics, t = loop_rate(data, args.warmup, args.queue)
         plain_b = plain_step_rate(data, args.warmup)
         plain = (plain_a + plain_b) / 2
         loop = metrics["train/images_per_s"]
-        cost = mlflow_cost(model, opt, sched, scaler, cfg, metrics)
+        cost = mlflow_cost(t, metrics)
         epoch_s = args.epoch_images / loop
         out.update(plain_img_s=round(plain, 2), plain_spread=[round(plain_a, 2), round(plain_b, 2)],
                    loop_img_s=round(loop, 2), ratio=round(loop / plain, 3), mlflow_epoch_end_s=round(cost, 3),

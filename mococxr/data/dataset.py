@@ -97,10 +97,10 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def loader_kwargs(seed: int) -> dict[str, Any]:
+def _loader_kwargs(seed: int) -> dict[str, Any]:
     """DataLoader arguments making shuffling and augmentation reproducible for a given ``seed``.
 
-    Use as ``DataLoader(dataset, batch_size=..., num_workers=..., **loader_kwargs(seed))``. With
+    Use as ``DataLoader(dataset, batch_size=..., num_workers=..., **_loader_kwargs(seed))``. With
     ``num_workers=0`` augmentations draw from the global torch RNG: seed it with ``torch.manual_seed``.
     """
     return {"generator": torch.Generator().manual_seed(int(seed)), "worker_init_fn": seed_worker}

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mococxr.config import POLICIES
 from mococxr.data.records import CHEXPERT_OBSERVATIONS, NIH_FINDINGS, task_columns
 from mococxr.errors import ConfigError, DataError
 
@@ -34,7 +35,6 @@ TASK_SETS: dict[str, list[str]] = {
 # The same finding under another dataset's column name: a task set resolves to the name the records use
 # (NIH calls pleural effusion "Effusion").
 SYNONYMS: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Effusion",)}
-POLICIES = ("ignore", "ones", "zeros")
 BLANKS = ("negative", "unknown")
 _UNCERTAIN_TO = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}
 

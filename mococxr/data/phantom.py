@@ -27,15 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+# The header the CheXpert reader requires is the one written: the phantom's CSVs read like the real ones.
+from mococxr.data.readers import CHEXPERT_HEADER, CHEXPERT_OBSERVATIONS
 from mococxr.errors import DataError
 
 CHEXPERT_DIR = "CheXpert-v1.0-small"
-CHEXPERT_OBSERVATIONS = [
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-]
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_OBSERVATIONS]
 LAYOUTS = ("chexpert", "shenzhen")
 
 # Prevalences and label-noise rates of the CheXpert layout (per study unless said otherwise).

@@ -10,6 +10,7 @@ manifests differ).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,17 @@ class Prepared:
     tasks: tuple[str, ...]
     splits: dict[str, pd.DataFrame]  # train / val / test, policy applied
     pretrain: pd.DataFrame  # train + val patients (every record when the test set is a separate CSV)
-    manifests: dict[str, Manifest]  # val, test, pretrain
+
+    @cached_property
+    def manifests(self) -> dict[str, Manifest]:
+        """val, test and pretrain manifests, derived from the tables so they always describe them (a
+        ``dataclasses.replace`` that swaps a split gets the manifests of the new split)."""
+        seed = self.config.split_seed
+        return {
+            "val": make_manifest("val", self.splits["val"], seed=seed),
+            "test": make_manifest("test", self.splits["test"], seed=seed),
+            "pretrain": make_manifest("pretrain", self.pretrain, seed=seed),
+        }
 
     @property
     def labeled(self) -> pd.DataFrame:
@@ -62,12 +73,7 @@ def prepare(cfg: DataConfig, records: pd.DataFrame | None = None) -> Prepared:
         raw = split_patients(records, val=cfg.val, test=cfg.test, seed=cfg.split_seed, stratify=stratify)
         pretrain = pd.concat([raw["train"], raw["val"]], ignore_index=True)
     splits = {k: apply_policy(v, list(tasks), cfg.policy) for k, v in raw.items()}
-    manifests = {
-        "val": make_manifest("val", splits["val"], seed=cfg.split_seed),
-        "test": make_manifest("test", splits["test"], seed=cfg.split_seed),
-        "pretrain": make_manifest("pretrain", pretrain, seed=cfg.split_seed),
-    }
-    return Prepared(cfg, records, tasks, splits, pretrain, manifests)
+    return Prepared(cfg, records, tasks, splits, pretrain)
 
 
 def open_cache(cfg: DataConfig, records: pd.DataFrame, image_size: int) -> ImageCache | None:

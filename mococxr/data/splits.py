@@ -48,11 +48,8 @@ __all__ = [
     "check_disjoint",
     "draw_fraction",
     "make_manifest",
-    "split_manifests",
     "split_patients",
 ]
-
-SPLITS = ("train", "val", "test")
 
 # SeedSequence spawn keys keep the split stream and the draw streams of one seed independent.
 _SPLIT_STREAM = 0
@@ -135,6 +132,26 @@ def _rows(records: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
 # splits
 
 
+def _check_split_sizes(val: float, test: float | None, test_records: pd.DataFrame | None, what: str) -> float:
+    """``test`` as used (0.0 beside ``test_records``, 0.2 by default); DataError for sizes that cannot be."""
+    if test_records is not None:
+        _check_records(test_records, f"{what} test_records")
+        if test not in (None, 0, 0.0):
+            raise DataError(
+                f"{what}: give either test={test} or test_records, not both; the test split is "
+                f"test_records ({len(test_records)} images) when it is given"
+            )
+        test = 0.0
+    elif test is None:
+        test = 0.2
+    for name, value in (("val", val), ("test", test)):
+        if not 0.0 <= float(value) < 1.0:
+            raise DataError(f"{what}: {name} must be a fraction in [0, 1), got {value!r}")
+    if val + test >= 1.0:
+        raise DataError(f"{what}: val + test = {val + test:g} leaves no patient for train")
+    return test
+
+
 def split_patients(
     records: pd.DataFrame,
     *,
@@ -160,21 +177,7 @@ def split_patients(
     what = "split_patients"
     _check_records(records, what, (stratify,) if stratify else ())
     seed = _check_seed(seed, "seed")
-    if test_records is not None:
-        _check_records(test_records, f"{what} test_records")
-        if test not in (None, 0, 0.0):
-            raise DataError(
-                f"{what}: give either test={test} or test_records, not both; the test split is "
-                f"test_records ({len(test_records)} images) when it is given"
-            )
-        test = 0.0
-    elif test is None:
-        test = 0.2
-    for name, value in (("val", val), ("test", test)):
-        if not 0.0 <= float(value) < 1.0:
-            raise DataError(f"{what}: {name} must be a fraction in [0, 1), got {value!r}")
-    if val + test >= 1.0:
-        raise DataError(f"{what}: val + test = {val + test:g} leaves no patient for train")
+    test = _check_split_sizes(val, test, test_records, what)
 
     pool = records
     if test_records is not None:
@@ -276,18 +279,23 @@ def draw_fraction(
         selected = _rows(train, chosen[codes])
 
     if task:
-        labels = pd.to_numeric(selected[task]).to_numpy(dtype=float, na_value=np.nan)
-        n_pos, n_neg = int((labels == 1.0).sum()), int((labels == 0.0).sum())
-        if n_pos == 0 or n_neg == 0:
-            available = _positive_mask(train, task, what)
-            raise DataError(
-                f"{what}: fraction={fraction:g}, draw={draw}, seed={seed} on task {task!r} gives "
-                f"{n_pos} positive and {n_neg} negative images; a draw needs at least one of each. "
-                f"The train set has {int(available.sum())} positive images "
-                f"({train.loc[available, 'patient_id'].nunique()} patients) and "
-                f"{int((pd.to_numeric(train[task]) == 0.0).sum())} negative images."
-            )
+        _check_both_classes(selected, train, task, f"{what}: fraction={fraction:g}, draw={draw}, seed={seed}")
     return selected
+
+
+def _check_both_classes(selected: pd.DataFrame, train: pd.DataFrame, task: str, what: str) -> None:
+    """A draw without a positive and a negative image can neither train nor score a classifier."""
+    labels = pd.to_numeric(selected[task]).to_numpy(dtype=float, na_value=np.nan)
+    n_pos, n_neg = int((labels == 1.0).sum()), int((labels == 0.0).sum())
+    if n_pos == 0 or n_neg == 0:
+        available = _positive_mask(train, task, what)
+        raise DataError(
+            f"{what} on task {task!r} gives "
+            f"{n_pos} positive and {n_neg} negative images; a draw needs at least one of each. "
+            f"The train set has {int(available.sum())} positive images "
+            f"({train.loc[available, 'patient_id'].nunique()} patients) and "
+            f"{int((pd.to_numeric(train[task]) == 0.0).sum())} negative images."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> Manifest:
+    def _read(cls, path: str | Path) -> Manifest:
         """Read a manifest written by :meth:`write`; DataError if it is malformed or tampered with."""
         path = Path(path)
         try:
@@ -373,7 +381,7 @@ class Manifest:
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from exc
 
-    def select(self, records: pd.DataFrame) -> pd.DataFrame:
+    def _select(self, records: pd.DataFrame) -> pd.DataFrame:
         """The rows of ``records`` this manifest names, in the table's order; DataError if any is absent."""
         _check_records(records, f"manifest {self.name!r}")
         mask = records["image_id"].isin(self.image_ids).to_numpy()
@@ -402,6 +410,6 @@ def make_manifest(name: str, records: pd.DataFrame, *, seed: int, fraction: floa
     return Manifest(name, image_ids, patient_ids, seed, fraction, draw, digest)
 
 
-def split_manifests(splits: Mapping[str, pd.DataFrame], *, seed: int, prefix: str = "") -> dict[str, Manifest]:
+def _split_manifests(splits: Mapping[str, pd.DataFrame], *, seed: int, prefix: str = "") -> dict[str, Manifest]:
     """One manifest per split, named ``f"{prefix}{split}"`` (fraction 1.0, draw 0)."""
     return {split: make_manifest(f"{prefix}{split}", frame, seed=seed) for split, frame in splits.items()}

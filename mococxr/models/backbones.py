@@ -20,16 +20,16 @@ Three initialisations:
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from mococxr.errors import ConfigError
+from mococxr.errors import ConfigError, DataError
 
 IMAGENET_ENV = "MOCOCXR_IMAGENET_WEIGHTS"
 INITS = ("random", "imagenet", "checkpoint")
@@ -108,31 +108,37 @@ def available_imagenet_weights(name: str, weights_path: str | os.PathLike | None
     return next((p for p in _imagenet_candidates(name, weights_path) if p.is_file()), None)
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict saved with ``torch.save`` on the CPU, without unpickling arbitrary objects.
+def load_state_dict_file(
+    path: str | os.PathLike, *, what: str = "state dict file", nested: bool = True
+) -> dict[str, Any]:
+    """Load a file saved with ``torch.save`` on the CPU, without unpickling arbitrary objects.
 
-    A full training-state file (``{"model": state_dict, "optimizer": ..., "epoch": ...}``, or FAIR's
-    ``{"state_dict": ..., "arch": ...}``) is accepted too: the state dict nested under the first of
-    ``NESTED_STATE_KEYS`` present is returned.
+    The one loader of checkpoint files: ImageNet weights, ``models:/``/``runs:/`` downloads and resume
+    points all come through here, so every bad file fails the same way, with a :class:`DataError`
+    naming ``what`` and the path. With ``nested`` (the default) a full training-state file
+    (``{"model": state_dict, "optimizer": ..., "epoch": ...}``, or FAIR's ``{"state_dict": ..., "arch":
+    ...}``) is accepted too and the state dict nested under the first of ``NESTED_STATE_KEYS`` present
+    is returned; without it the whole mapping is returned (a resume point).
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"state dict file not found: {path}")
+        raise DataError(f"{what} not found: {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConfigError(
-            f"cannot read state dict file {path}: {e}. Expected a file written by torch.save(model.state_dict())"
+    except Exception as e:  # corrupt, truncated, or pickled objects: refuse rather than unpickle
+        raise DataError(
+            f"cannot read {what} {path} as a plain state dict ({type(e).__name__}: {e}). "
+            "Expected a file written by torch.save(model.state_dict())"
         ) from e
     if not isinstance(obj, Mapping):
-        raise ConfigError(f"{path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{what} {path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
+    if not nested or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
         return dict(obj)
     for key in NESTED_STATE_KEYS:
         if isinstance(obj.get(key), Mapping):
             return dict(obj[key])
-    raise ConfigError(
-        f"{path} is neither a state dict nor a training-state file with one of the keys "
+    raise DataError(
+        f"{what} {path} is neither a state dict nor a training-state file with one of the keys "
         f"{', '.join(NESTED_STATE_KEYS)}; its top-level keys are {sorted(map(str, obj))[:10]}"
     )
 
@@ -220,7 +226,8 @@ def build_encoder(
                 f"at run time: on a machine with internet download {weights.url} and copy it to one of the "
                 f"paths above (or set {IMAGENET_ENV} to the file or its folder)."
             )
-        _load_trunk(encoder, load_state_dict_file(path), f"ImageNet weights file {path}")
+        _load_trunk(encoder, load_state_dict_file(path, what="ImageNet weights file"),
+                    f"ImageNet weights file {path}")
     elif init == "checkpoint":
         _load_trunk(encoder, state_dict, "checkpoint state dict")
     return encoder

@@ -29,11 +29,17 @@ every model and every draw.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from mococxr.errors import DataError
+from mococxr.report.intervals import BootstrapResult, Difference, Interval
+
+__all__ = [
+    "METRICS", "BootstrapResult", "Difference", "Interval", "auc_replicates", "auprc_replicates",
+    "bootstrap_counts", "indices_to_counts", "paired_bootstrap",
+]
 
 METRICS = ("auc", "auprc")
 
@@ -287,113 +293,33 @@ def auprc_replicates(y, scores, counts) -> np.ndarray:
     return _replicates(y, _check_scores(scores, y.size), counts, ("auprc",))["auprc"]
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its percentile bootstrap interval."""
-
-    point: float
-    lo: float
-    hi: float
-
-
-@dataclass(frozen=True)
-class Difference:
-    """``a - b`` on one metric: point difference, its interval, and how often ``a`` beat ``b``.
-
-    ``frac_greater`` is the fraction of the replicates holding both classes where ``a > b`` strictly
-    (a tie counts as not greater).
-    """
-
-    a: str
-    b: str
-    metric: str
-    point: float
-    lo: float
-    hi: float
-    frac_greater: float
-
-
-@dataclass(frozen=True)
-class BootstrapResult:
-    """Paired bootstrap over one test set: every model was scored on the same replicates.
-
-    ``point[metric][name]`` is the metric on the full test set (averaged across draws),
-    ``replicates[metric][name]`` the ``[R]`` replicate values (averaged across draws per replicate,
-    NaN for single-class replicates), ``single_class`` the ``[R]`` mask of excluded replicates.
-    """
-
-    names: tuple[str, ...]
-    metrics: tuple[str, ...]
-    ci: float
-    point: dict[str, dict[str, float]]
-    replicates: dict[str, dict[str, np.ndarray]]
-    single_class: np.ndarray
-    n_draws: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def n_replicates(self) -> int:
-        return int(self.single_class.size)
-
-    @property
-    def n_single_class(self) -> int:
-        return int(self.single_class.sum())
-
-    def _bounds(self, values: np.ndarray) -> tuple[float, float]:
-        valid = values[~self.single_class]
-        if valid.size == 0:
-            return float("nan"), float("nan")
-        alpha = round(50.0 * (1.0 - self.ci), 10)  # 2.5 for ci=0.95, not 2.4999999999999996
-        lo, hi = np.percentile(valid, [alpha, 100.0 - alpha])
-        return float(lo), float(hi)
-
-    def _check(self, name: str, metric: str) -> None:
-        if metric not in self.metrics:
-            raise DataError(f"bootstrap: metric {metric!r} was not computed; have {list(self.metrics)}")
-        if name not in self.names:
-            raise DataError(f"bootstrap: unknown model {name!r}; have {list(self.names)}")
-
-    def interval(self, name: str, metric: str = "auc") -> Interval:
-        """Point estimate and percentile interval of one model on one metric."""
-        self._check(name, metric)
-        return Interval(self.point[metric][name], *self._bounds(self.replicates[metric][name]))
-
-    def diff(self, a: str, b: str, metric: str = "auc") -> Difference:
-        """Paired difference ``a - b``: the same replicates are subtracted one by one."""
-        self._check(a, metric)
-        self._check(b, metric)
-        d = self.replicates[metric][a] - self.replicates[metric][b]
-        valid = d[~self.single_class]
-        frac = float((valid > 0).mean()) if valid.size else float("nan")
-        point = self.point[metric][a] - self.point[metric][b]
-        return Difference(a, b, metric, point, *self._bounds(d), frac_greater=frac)
-
-    def summary(self) -> list[dict]:
-        """One row per model and metric (``pandas.DataFrame(result.summary())`` makes the table)."""
-        rows = []
-        for metric in self.metrics:
-            for name in self.names:
-                iv = self.interval(name, metric)
-                rows.append(
-                    {
-                        "model": name,
-                        "metric": metric,
-                        "point": iv.point,
-                        "lo": iv.lo,
-                        "hi": iv.hi,
-                        "n_draws": self.n_draws.get(name, 1),
-                        "n_replicates": self.n_replicates,
-                        "n_single_class": self.n_single_class,
-                    }
-                )
-        return rows
-
-
 def _as_draws(value) -> list:
     """One score vector, or a list / 2-D array of them (one per draw), as a list of vectors."""
     if isinstance(value, (list, tuple)) and value and np.ndim(value[0]) == 1:
         return list(value)
     arr = np.asarray(value)
     return list(arr) if arr.ndim == 2 else [arr]
+
+
+def _check_arguments(y, scores: Mapping[str, object], metrics: Sequence[str], ci: float) -> tuple[np.ndarray, tuple]:
+    """The labels as booleans and the metrics as a tuple, or a DataError saying what is wrong."""
+    y = _check_labels(y)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise DataError(
+            f"bootstrap: metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)}"
+        )
+    if not 0.0 < ci < 1.0:
+        raise DataError(f"bootstrap: ci must be in (0, 1), got {ci}")
+    if not scores:
+        raise DataError("bootstrap: no models given")
+    if y.all() or not y.any():
+        raise DataError(
+            f"bootstrap: the test labels hold a single class ({int(y.sum())} positives of {y.size}); "
+            "AUC and AUPRC are undefined"
+        )
+    return y, metrics
 
 
 def paired_bootstrap(
@@ -418,23 +344,8 @@ def paired_bootstrap(
     ``groups`` are not used. Percentiles are numpy's default (linear interpolation) over the
     replicates that hold both classes; the others are counted in ``n_single_class``.
     """
-    y = _check_labels(y)
+    y, metrics = _check_arguments(y, scores, metrics, ci)
     n = y.size
-    metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise DataError(
-            f"bootstrap: metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)}"
-        )
-    if not 0.0 < ci < 1.0:
-        raise DataError(f"bootstrap: ci must be in (0, 1), got {ci}")
-    if not scores:
-        raise DataError("bootstrap: no models given")
-    if y.all() or not y.any():
-        raise DataError(
-            f"bootstrap: the test labels hold a single class ({int(y.sum())} positives of {n}); "
-            "AUC and AUPRC are undefined"
-        )
     if counts is None:
         counts = bootstrap_counts(n, n_replicates, seed=seed, groups=groups)
     elif groups is not None:

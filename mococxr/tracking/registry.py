@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
+from mococxr.models.backbones import available_imagenet_weights, load_state_dict_file
 from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, tag
 
 STAGES = ("staging", "production", "archived")
@@ -170,22 +171,29 @@ def resolve(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         except MlflowException as exc:
             raise TrackingError(f"cannot resolve {ref!r} in {mlflow.get_tracking_uri()}: {exc.message}") from exc
     else:
-        local = Path(ref)
-        if not local.exists():
-            raise TrackingError(f"checkpoint file {ref!r} does not exist")
+        local = Path(ref)  # a missing file is the loader's DataError, like any other unreadable file
     if local.is_dir():
         if (local / MODEL_INFO_FILE).is_file():
             info.update(json.loads((local / MODEL_INFO_FILE).read_text()))
         local = local / STATE_DICT_FILE
         if not local.is_file():
             raise TrackingError(f"{ref!r} holds no {STATE_DICT_FILE}; is it a mococxr checkpoint?")
-    try:
-        state = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or pickled-object file: refuse rather than unpickle
-        raise TrackingError(f"cannot load {ref!r} as a plain state dict ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(state, dict):
-        raise TrackingError(f"{ref!r} does not hold a state dict")
+    state = load_state_dict_file(local, what=f"checkpoint {ref!r}")
     return state, info
+
+
+def resolve_init(init: str, backbone: str) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(init kind, state dict or None, origin info) for a config's ``init``, ready for ``build_encoder``.
+
+    ``auto`` picks imagenet when its weights file is present, else random; anything other than
+    ``random``/``imagenet`` is a checkpoint reference resolved by :func:`resolve` (kind ``checkpoint``).
+    """
+    if init == "auto":
+        init = "imagenet" if available_imagenet_weights(backbone) is not None else "random"
+    if init in ("random", "imagenet"):
+        return init, None, {}
+    state, info = resolve(init)
+    return "checkpoint", state, info
 
 
 def version_info(uri: str) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.config import parse_keep
-from mococxr.errors import ConfigError, TrackingError
+from mococxr.errors import ConfigError, DataError, TrackingError
+from mococxr.models.backbones import load_state_dict_file
 from mococxr.tracking.mlflow import tag
 
 RESUME_DIR = "resume"
@@ -114,8 +115,8 @@ def load_resume_state(run_id: str) -> dict[str, Any] | None:
     for _, path in candidates:
         try:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
-            return torch.load(local, map_location="cpu", weights_only=True)
-        except Exception:  # truncated by a crash mid-write: try the previous epoch
+            return load_state_dict_file(local, what=f"resume point {path} of run {run_id}", nested=False)
+        except (DataError, MlflowException, OSError):  # truncated by a crash mid-write: try the previous epoch
             continue
     return None
 

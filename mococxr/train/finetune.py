@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from mococxr.config import FinetuneConfig, config_hash, flat_params, to_dict
 from mococxr.data.dataset import CXRDataset
-from mococxr.data.labels import label_matrix, resolve_tasks
+from mococxr.data.labels import label_matrix
+from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import draw_fraction, make_manifest
 from mococxr.data.transforms import build_transform
 from mococxr.errors import ConfigError, DataError
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
-from mococxr.train.data import load_cache, split_records
-from mococxr.train.pretrain import resolve_init
+from mococxr.tracking.registry import resolve_init
 
 # MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
 # log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
@@ -137,46 +137,48 @@ class FinetuneResult:
     predictions: pd.DataFrame
 
 
-def finetune(
-    cfg: FinetuneConfig,
-    *,
-    splits: dict[str, pd.DataFrame] | None = None,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-    progress: bool = True,
-) -> FinetuneResult:
-    """Train per ``cfg`` on its label-fraction draw, keep the best epoch by val AUC, score the test set."""
-    if cfg.protocol not in ("linear", "e2e"):
-        raise ConfigError(f"protocol must be linear or e2e, got {cfg.protocol!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = split_records(cfg.data) if splits is None else splits
-    tasks = resolve_tasks(cfg.data.task, splits["train"])
-    train = draw_fraction(splits["train"], cfg.fraction, draw=cfg.draw, seed=cfg.seed, task=tasks[0])
-    val, test = splits["val"], splits["test"]
+def _draw(cfg: FinetuneConfig, data: Prepared):
+    """This run's label-fraction draw of the train split, the shared val and test splits, and manifests."""
+    train = draw_fraction(data.splits["train"], cfg.fraction, draw=cfg.draw, seed=cfg.seed, task=data.tasks[0])
+    val, test = data.splits["val"], data.splits["test"]
     for name, part in (("val", val), ("test", test)):
         if len(part) == 0:
             raise DataError(f"the {name} split is empty; check --val/--test fractions or --test-csv")
     manifests = {
         "train": make_manifest("train", train, seed=cfg.seed, fraction=cfg.fraction, draw=cfg.draw),
-        "val": make_manifest("val", val, seed=cfg.data.split_seed),
-        "test": make_manifest("test", test, seed=cfg.data.split_seed),
+        "val": data.manifests["val"],
+        "test": data.manifests["test"],
     }
+    return train, val, test, manifests
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    data: Prepared | None = None,
+    store: mt.Store | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train per ``cfg`` on its label-fraction draw, keep the best epoch by val AUC, score the test set.
+
+    ``data`` (prepared from ``cfg.data`` when not given) is shared by every run of a grid, so they all
+    draw from one split and score one test set.
+    """
+    mt.current_store(store)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = prepare(cfg.data) if data is None else data
+    tasks = list(data.tasks)
+    train, val, test, manifests = _draw(cfg, data)
     epochs = cfg.epochs or max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale)))
 
     torch.manual_seed(cfg.seed * 1_000_003 + cfg.draw)
     init_kind, state, origin = resolve_init(cfg.init, cfg.backbone)
     encoder = build_encoder(cfg.backbone, init=init_kind, state_dict=state)
     model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear").to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cache = load_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
-    train_set = CXRDataset(train, build_transform(cfg.preset, cfg.image_size), tasks=tasks, cache=cache)
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
-    y_val = label_matrix(val, tasks)
+    cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
 
-    mt.configure()
     run_tags = mt.tags(
         kind="finetune", backbone=cfg.backbone, init=_init_label(init_kind), protocol=cfg.protocol,
         dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
@@ -192,34 +194,8 @@ def finetune(
         mt.log_json(to_dict(cfg), "config.json")
         for name, manifest in manifests.items():
             mt.log_json(manifest.to_dict(), f"manifests/{name}.json")
-
-        best_auc, best_epoch, best_state = -math.inf, 0, None
-        bar = tqdm(range(1, epochs + 1), desc=f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}",
-                   disable=not progress, leave=False)
-        for epoch in bar:
-            model.train()
-            t0, loss_sum, n = time.perf_counter(), 0.0, 0
-            for images, target in loader:
-                images, target = images.to(device), target.to(device)
-                loss = masked_bce(model(images), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(images)
-                n += len(images)
-            val_scores = predict(model, val, cfg, cache, device)
-            metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0,
-                       "val/loss": _masked_bce_np(y_val, val_scores),
-                       **task_metrics(y_val, val_scores, tasks, "val")}
-            mlflow.log_metrics(metrics, step=epoch)
-            val_auc = metrics.get("val/auc", float("nan"))
-            if val_auc > best_auc:  # the only model choice, made on validation alone
-                best_auc, best_epoch = val_auc, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
-        if best_state is None:
-            raise DataError("validation AUC was undefined at every epoch (single-class val split?)")
-        model.load_state_dict(best_state)
+        best_epoch, best_auc = _fit(model, cfg, train, val, tasks, cache=cache, device=device, epochs=epochs,
+                                    progress=progress)
 
         test_scores = predict(model, test, cfg, cache, device)
         y_test = label_matrix(test, tasks)
@@ -229,6 +205,49 @@ def finetune(
         mt.log_parquet(predictions, "predictions/test.parquet")
         run_id = run.info.run_id
     return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+
+
+def _fit(model: Classifier, cfg: FinetuneConfig, train: pd.DataFrame, val: pd.DataFrame, tasks: list[str], *,
+         cache, device: torch.device, epochs: int, progress: bool) -> tuple[int, float]:
+    """Train for ``epochs``, log each epoch's metrics, and leave ``model`` at the best epoch by val AUC.
+
+    Returns (best epoch, its val AUC). The validation split is the only thing that chooses.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_set = CXRDataset(train, build_transform(cfg.preset, cfg.image_size), tasks=tasks, cache=cache)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+    y_val = label_matrix(val, tasks)
+    best_auc, best_epoch, best_state = -math.inf, 0, None
+    bar = tqdm(range(1, epochs + 1), desc=f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}",
+               disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        t0, loss_sum, n = time.perf_counter(), 0.0, 0
+        for images, target in loader:
+            images, target = images.to(device), target.to(device)
+            loss = masked_bce(model(images), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(images)
+            n += len(images)
+        val_scores = predict(model, val, cfg, cache, device)
+        metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0,
+                   "val/loss": _masked_bce_np(y_val, val_scores),
+                   **task_metrics(y_val, val_scores, tasks, "val")}
+        mlflow.log_metrics(metrics, step=epoch)
+        val_auc = metrics.get("val/auc", float("nan"))
+        if val_auc > best_auc:  # the only model choice, made on validation alone
+            best_auc, best_epoch = val_auc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
+    if best_state is None:
+        raise DataError("validation AUC was undefined at every epoch (single-class val split?)")
+    model.load_state_dict(best_state)
+    return best_epoch, best_auc
 
 
 def prediction_table(records: pd.DataFrame, tasks: list[str], y: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

@@ -1,15 +1,16 @@
 """Fast linear evaluation: frozen features once, a logistic regression per task, validation AUC.
 
-This is the sweep objective and the per-epoch pretraining monitor. It replaces "train a linear head
-through the frozen backbone with augmentation for many epochs" by one no-grad pass over the images
-(eval transform) and scikit-learn's L-BFGS logistic regression, with the inverse regularisation C chosen
-on the validation split. The test split is never touched.
+This is the sweep objective, the per-epoch pretraining monitor and ``mococxr linear-eval``
+(:func:`evaluate`). It replaces "train a linear head through the frozen backbone with augmentation for
+many epochs" by one no-grad pass over the images (eval transform) and scikit-learn's L-BFGS logistic
+regression, with the inverse regularisation C chosen on the validation split. The test split is never
+touched.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +21,17 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
+from mococxr.config import FinetuneConfig
 from mococxr.data.cache import ImageCache
 from mococxr.data.dataset import CXRDataset
 from mococxr.data.labels import label_matrix
+from mococxr.data.prepare import Prepared, open_cache, prepare
+from mococxr.data.splits import draw_fraction
 from mococxr.data.transforms import build_transform
 from mococxr.errors import DataError
+from mococxr.models.backbones import build_encoder
+from mococxr.tracking import mlflow as mt
+from mococxr.tracking.registry import resolve_init
 
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -122,25 +129,34 @@ def linear_eval(
     )
 
 
-def make_monitor(data_cfg, image_size: int, *, max_train: int = 2000, seed: int = 0):
-    """A pretraining epoch callback logging ``val/linear_auc`` on the labeled splits of ``data_cfg``.
+def make_monitor(
+    data: Prepared, image_size: int, *, max_train: int = 2000, seed: int = 0
+) -> Callable[[int, torch.nn.Module, dict[str, float]], dict[str, float]]:
+    """A pretraining epoch callback logging ``val/linear_auc`` on the labeled splits of ``data``.
 
     The train side is a patient-level stratified subsample of at most ``max_train`` images so the
-    monitor costs seconds per epoch even on CheXpert. With ``data_cfg.cache`` the images come from the
-    pre-resized cache (the one pretraining built covers them: both are train and val patients).
+    monitor costs seconds per epoch even on CheXpert. With ``data.config.cache`` the images come from
+    the pre-resized cache (the one pretraining built covers them: both are train and val patients).
     """
-    from mococxr.data.labels import resolve_tasks
-    from mococxr.data.splits import draw_fraction
-    from mococxr.train.data import load_cache, split_records
-
-    splits = split_records(data_cfg)
-    tasks = resolve_tasks(data_cfg.task, splits["train"])
-    train, val = splits["train"], splits["val"]
+    train, val = data.splits["train"], data.splits["val"]
     if len(train) > max_train:
-        train = draw_fraction(train, max_train / len(train), draw=0, seed=seed, task=tasks[0])
-    cache = load_cache(data_cfg, pd.concat([train, val], ignore_index=True), image_size)
+        train = draw_fraction(train, max_train / len(train), draw=0, seed=seed, task=data.tasks[0])
+    cache = open_cache(data.config, pd.concat([train, val], ignore_index=True), image_size)
 
     def monitor(epoch: int, encoder: torch.nn.Module, metrics: dict[str, float]) -> dict[str, float]:
-        return linear_eval(encoder, train, val, tasks, image_size=image_size, cache=cache).metrics()
+        return linear_eval(encoder, train, val, data.tasks, image_size=image_size, cache=cache).metrics()
 
     return monitor
+
+
+def evaluate(cfg: FinetuneConfig, *, data: Prepared | None = None, store: mt.Store | None = None) -> LinearEvalResult:
+    """Fast linear evaluation of ``cfg.init`` (random, imagenet, a file or a models:/ or runs:/ URI) on the
+    train and val splits of ``cfg.data``; ``data`` is prepared from ``cfg.data`` when not given."""
+    data = prepare(cfg.data) if data is None else data
+    if cfg.init.startswith(("models:/", "runs:/")):
+        mt.current_store(store)  # only a registry or run URI needs the store
+    kind, state, _ = resolve_init(cfg.init, cfg.backbone)
+    encoder = build_encoder(cfg.backbone, init=kind, state_dict=state)
+    cache = open_cache(cfg.data, data.labeled, cfg.image_size)
+    return linear_eval(encoder, data.splits["train"], data.splits["val"], data.tasks, image_size=cfg.image_size,
+                       cache=cache)

@@ -12,6 +12,7 @@ only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,10 +20,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlflow
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,14 +32,15 @@ from tqdm import tqdm
 
 from mococxr.config import PretrainConfig, build, config_hash, flat_params, to_dict
 from mococxr.data.dataset import CXRDataset, seed_worker
-from mococxr.data.splits import make_manifest
+from mococxr.data.prepare import Prepared, open_cache, prepare
+from mococxr.data.splits import Manifest
 from mococxr.data.transforms import TwoCrops, build_transform
 from mococxr.errors import ConfigError
-from mococxr.models.backbones import available_imagenet_weights, build_encoder
+from mococxr.models.backbones import build_encoder
 from mococxr.models.moco import MoCo
 from mococxr.tracking import mlflow as mt
+from mococxr.tracking.registry import resolve_init
 from mococxr.train import checkpoints
-from mococxr.train.data import load_cache, pretrain_records
 from mococxr.train.schedules import build_optimizer, build_scheduler
 
 EpochCallback = Callable[[int, torch.nn.Module, dict[str, float]], dict[str, float] | None]
@@ -105,21 +107,10 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 
 
 # -- the model ----------------------------------------------------------------------------------------
-def resolve_init(init: str, backbone: str) -> tuple[str, dict | None, dict[str, Any]]:
-    """(init kind, state dict or None, origin info). ``auto`` picks imagenet when its file is present."""
-    if init == "auto":
-        init = "imagenet" if available_imagenet_weights(backbone) is not None else "random"
-    if init in ("random", "imagenet"):
-        return init, None, {}
-    from mococxr.tracking.registry import resolve
-
-    state, info = resolve(init)
-    return "checkpoint", state, info
-
-
 def build_moco(cfg: PretrainConfig, world: int) -> tuple[MoCo, str, dict[str, Any]]:
+    """MoCo around a ``cfg.backbone`` encoder initialised per ``cfg.init``; returns (model, init kind, origin)."""
     init, state, origin = resolve_init(cfg.init, cfg.backbone)
-    encoder = build_encoder(cfg.backbone, init=init if init != "checkpoint" else "checkpoint", state_dict=state)
+    encoder = build_encoder(cfg.backbone, init=init, state_dict=state)
     shuffle = cfg.shuffle
     if shuffle == "auto":
         shuffle = "ddp" if world > 1 else "split_bn"
@@ -130,70 +121,113 @@ def build_moco(cfg: PretrainConfig, world: int) -> tuple[MoCo, str, dict[str, An
     return model, init, origin
 
 
+@dataclass
+class Training:
+    """What every step of the loop needs; built once by :func:`_setup`, passed to the helpers."""
+
+    cfg: PretrainConfig
+    model: MoCo  # the bare model: what is checkpointed and handed to callbacks
+    net: torch.nn.Module  # what trains: ``model``, or ``model`` wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dataset: CXRDataset
+    rank: int
+    world: int
+    device: torch.device
+    init: str  # the resolved init kind (random, imagenet, checkpoint)
+    origin: dict[str, Any]  # where a checkpoint init came from (run id, epoch, registry version)
+    start_epoch: int = 1
+    progress: bool = True
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 def pretrain(
     cfg: PretrainConfig,
     *,
+    data: Prepared | None = None,
+    store: mt.Store | None = None,
     resume: str | None = None,
     resume_epochs: int | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     on_epoch_end: EpochCallback | None = None,
-    records: pd.DataFrame | None = None,
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain MoCo v2 per ``cfg``; with ``resume=RUN_ID`` continue that run where it stopped.
 
     A resumed run takes its config from the run itself (``cfg`` is ignored); ``resume_epochs`` extends it.
-
+    ``data``: prepared from ``cfg.data`` when not given (images, and the monitor's labeled splits).
+    ``store``: the tracking store (the one in force when not given); only rank 0 talks to it.
     ``on_epoch_end(epoch, encoder, metrics)`` runs on rank 0 after each epoch and may return extra
     metrics to log (a monitor AUC) or raise :class:`StopTraining`.
     """
     rank, world, device, owned_group = _dist_setup()
     try:
-        return _pretrain(cfg, rank=rank, world=world, device=device, resume=resume, resume_epochs=resume_epochs,
-                         parent_run_id=parent_run_id, extra_tags=extra_tags, on_epoch_end=on_epoch_end,
-                         records=records, progress=progress)
+        # rank 0 opens the store (once per URI, with I/O); the others only point MLflow at it, for a
+        # models:/ or runs:/ init that every rank resolves
+        store = _from_rank0(lambda: mt.current_store(store), rank)
+        mt.current_store(store)
+        state = None
+        if resume is not None:
+            # rank 0 reads the run; every rank then trains from the same config and state
+            cfg, state = _from_rank0(
+                lambda: (_config_of_run(resume, resume_epochs), checkpoints.load_resume_state(resume)), rank
+            )
+        if cfg.batch_size % world:  # the config checked the rest; only here is the world size known
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+        data = prepare(cfg.data) if data is None else data
+        t = _setup(cfg, data, state, rank=rank, world=world, device=device, progress=progress and rank == 0)
+        callbacks = _callbacks(cfg, data, rank, on_epoch_end)
+
+        result = PretrainResult(run_id="")
+        with contextlib.ExitStack() as run_scope:  # rank 0 enters the MLflow run into it; it ends the run
+            if resume is None:
+                open_run = partial(_start_run, run_scope, t, data.manifests["pretrain"], parent_run_id, extra_tags)
+            else:
+                open_run = partial(_reopen_run, run_scope, t, resume, state, result)
+            result.run_id = _from_rank0(open_run, rank)  # every rank knows the run it trains for
+            for epoch in range(t.start_epoch, cfg.epochs + 1):
+                metrics = _train_one_epoch(t, epoch)
+                if _from_rank0(partial(_end_epoch, t, result, epoch, metrics, callbacks), rank):
+                    result.stopped_early = True
+                    break
+            if dist.is_initialized():
+                dist.barrier()  # no rank leaves (and tears down the group) while another still logs
+        return result
     finally:
         if owned_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _check_config(cfg: PretrainConfig, world: int) -> None:
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    if cfg.moco_k % cfg.batch_size:
-        raise ConfigError(
-            f"moco_k={cfg.moco_k} is not a multiple of batch_size={cfg.batch_size}: the queue must hold whole "
-            f"batches; try moco_k={cfg.moco_k // cfg.batch_size * cfg.batch_size or cfg.batch_size}"
-        )
+def _callbacks(cfg: PretrainConfig, data: Prepared, rank: int,
+               on_epoch_end: EpochCallback | None) -> list[EpochCallback]:
+    """Rank 0's epoch-end callbacks: the monitor (with ``cfg.monitor``), then the caller's."""
+    callbacks: list[EpochCallback] = []
+    if cfg.monitor and rank == 0:
+        from mococxr.train.linear_eval import make_monitor  # scikit-learn loads only when monitoring
+
+        callbacks.append(make_monitor(data, cfg.image_size, seed=cfg.seed))
+    if on_epoch_end is not None:
+        callbacks.append(on_epoch_end)
+    return callbacks
 
 
-def _pretrain(cfg, *, rank, world, device, resume, resume_epochs, parent_run_id, extra_tags, on_epoch_end,
-              records, progress) -> PretrainResult:
-    state = None
-    if resume is not None:
-        mt.configure()
-        # rank 0 reads the run; every rank then trains from the same config and state
-        cfg, state = _from_rank0(
-            lambda: (_config_of_run(resume, resume_epochs), checkpoints.load_resume_state(resume)), rank
-        )
-    _check_config(cfg, world)
-
+def _setup(cfg: PretrainConfig, data: Prepared, state: dict[str, Any] | None, *, rank: int, world: int,
+           device: torch.device, progress: bool) -> Training:
+    """Model, optimizer, schedule and dataset for ``cfg``, at the resume point ``state`` when given."""
     torch.manual_seed(cfg.seed)
-    records = pretrain_records(cfg.data) if records is None else records
+    records = data.pretrain
     if len(records) < cfg.batch_size:
         raise ConfigError(f"only {len(records)} images for batch_size {cfg.batch_size}; lower --batch-size")
-    manifest = make_manifest("pretrain", records, seed=cfg.data.split_seed)
-    model, init_kind, origin = build_moco(cfg, world)
+    model, init, origin = build_moco(cfg, world)
     # channels_last is faster for convolutions on CUDA (tensor cores) and on CPU (oneDNN: 6-20 % here)
     model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(
         [p for p in model.parameters() if p.requires_grad], name=cfg.optimizer, lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    per_rank = cfg.batch_size // world
-    cache = load_cache(cfg.data, records, cfg.image_size)
+    cache = open_cache(cfg.data, records, cfg.image_size)
     dataset = CXRDataset(records, TwoCrops(build_transform(cfg.preset, cfg.image_size)), cache=cache)
     steps_per_epoch = len(dataset) // cfg.batch_size
     scheduler = build_scheduler(
@@ -209,119 +243,76 @@ def _pretrain(cfg, *, rank, world, device, resume, resume_epochs, parent_run_id,
         scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    callbacks: list[EpochCallback] = []
-    if cfg.monitor and rank == 0:
-        from mococxr.train.linear_eval import make_monitor
-
-        callbacks.append(make_monitor(cfg.data, cfg.image_size, seed=cfg.seed))
-    if on_epoch_end is not None:
-        callbacks.append(on_epoch_end)
-
-    result = PretrainResult(run_id="")
-    opened: dict[str, Any] = {}
-
-    def open_run() -> str:
-        opened["ctx"] = _open_run(cfg, result, resume=resume, state=state, init_kind=init_kind, origin=origin,
-                                  manifest=manifest, world=world, parent_run_id=parent_run_id,
-                                  extra_tags=extra_tags)
-        return result.run_id
-
-    result.run_id = _from_rank0(open_run, rank)  # every rank knows the run it trains for
-    run_ctx = opened.get("ctx")
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            metrics = _train_one_epoch(net, model, dataset, optimizer, scheduler, scaler, cfg, epoch,
-                                       rank=rank, world=world, device=device, per_rank=per_rank,
-                                       progress=progress and rank == 0)
-            stop = _from_rank0(
-                lambda epoch=epoch, metrics=metrics: _end_epoch(result, cfg, model, optimizer, scheduler,
-                                                                scaler, epoch, metrics, callbacks),
-                rank,
-            )
-            if stop:
-                result.stopped_early = True
-                break
-        if dist.is_initialized():
-            dist.barrier()  # no rank leaves (and tears down the group) while another still logs
-    except BaseException as exc:
-        if run_ctx is not None:
-            run_ctx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if run_ctx is not None:
-        run_ctx.__exit__(None, None, None)
-    return result
+    return Training(cfg, model, net, optimizer, scheduler, scaler, dataset, rank, world, device, init, origin,
+                    start_epoch, progress)
 
 
-def _open_run(cfg, result, *, resume, state, init_kind, origin, manifest, world, parent_run_id, extra_tags):
-    """Rank 0: start (or reopen) the MLflow run and log what defines it; returns the entered context."""
-    mt.configure()
-    if resume is not None:
-        run_ctx = mt.start_run(cfg.experiment, run_id=resume)
-    else:
-        run_tags = mt.tags(
-            kind="pretrain", backbone=cfg.backbone, init=init_kind, dataset=cfg.data.dataset,
-            manifest_sha256=manifest.sha256, config_hash=config_hash(cfg), preset=cfg.preset,
-            image_size=cfg.image_size, pretrain_run_id=origin.get("run_id"),
-        )
-        run_ctx = mt.start_run(
-            cfg.experiment, run_name=cfg.run_name, run_tags={**run_tags, **(extra_tags or {})},
-            parent_run_id=parent_run_id,
-        )
-    run = run_ctx.__enter__()
-    result.run_id = run.info.run_id
-    try:
-        if resume is None:
-            mlflow.log_params({**flat_params(cfg), "init_resolved": init_kind, "world_size": world})
-            mt.log_json(to_dict(cfg), "config.json")
-            mt.log_json(manifest.to_dict(), "manifests/pretrain.json")
-        else:
-            last = int(state["epoch"]) if state else 0
-            checkpoints.reconcile(result.run_id, last, state.get("metrics") if state else None)
-            result.history = {int(k): v for k, v in json.loads(state["history"]).items()} if state else {}
-    except BaseException as exc:
-        run_ctx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    return run_ctx
+def _start_run(run_scope: contextlib.ExitStack, t: Training, manifest: Manifest, parent_run_id: str | None,
+               extra_tags: dict[str, str] | None) -> str:
+    """Rank 0: start a new MLflow run inside ``run_scope`` and log what defines it; returns its id."""
+    cfg = t.cfg
+    run_tags = mt.tags(
+        kind="pretrain", backbone=cfg.backbone, init=t.init, dataset=cfg.data.dataset,
+        manifest_sha256=manifest.sha256, config_hash=config_hash(cfg), preset=cfg.preset,
+        image_size=cfg.image_size, pretrain_run_id=t.origin.get("run_id"),
+    )
+    run = run_scope.enter_context(mt.start_run(
+        cfg.experiment, run_name=cfg.run_name, run_tags={**run_tags, **(extra_tags or {})},
+        parent_run_id=parent_run_id,
+    ))
+    mlflow.log_params({**flat_params(cfg), "init_resolved": t.init, "world_size": t.world})
+    mt.log_json(to_dict(cfg), "config.json")
+    mt.log_json(manifest.to_dict(), "manifests/pretrain.json")
+    return run.info.run_id
 
 
-def _train_one_epoch(net, model, dataset, optimizer, scheduler, scaler, cfg, epoch, *, rank, world,
-                     device, per_rank, progress) -> dict[str, float]:
-    generator = _seed_epoch(cfg.seed, epoch, rank)
+def _reopen_run(run_scope: contextlib.ExitStack, t: Training, run_id: str, state: dict[str, Any] | None,
+                result: PretrainResult) -> str:
+    """Rank 0: reopen run ``run_id`` inside ``run_scope`` and repair what a crash left behind."""
+    run = run_scope.enter_context(mt.start_run(t.cfg.experiment, run_id=run_id))
+    last = int(state["epoch"]) if state else 0
+    checkpoints.reconcile(run_id, last, state.get("metrics") if state else None)
+    result.history = {int(k): v for k, v in json.loads(state["history"]).items()} if state else {}
+    return run.info.run_id
+def _train_one_epoch(t: Training, epoch: int) -> dict[str, float]:
+    """One pass over the data on this rank; returns the epoch's metrics summed over every rank."""
+    cfg, device = t.cfg, t.device
+    generator = _seed_epoch(cfg.seed, epoch, t.rank)
     # the generator seeds shuffling (one process) and the workers' RNGs; seed_worker extends that to
     # random/numpy, so an epoch's augmentations depend only on (seed, epoch, rank)
-    kwargs = {"batch_size": per_rank, "drop_last": True, "num_workers": cfg.workers, "generator": generator,
-              "worker_init_fn": seed_worker}
-    if world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+    kwargs = {"batch_size": cfg.batch_size // t.world, "drop_last": True, "num_workers": cfg.workers,
+              "generator": generator, "worker_init_fn": seed_worker}
+    if t.world > 1:
+        sampler = DistributedSampler(t.dataset, num_replicas=t.world, rank=t.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
         sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, sampler=sampler, **kwargs)
+        loader = DataLoader(t.dataset, sampler=sampler, **kwargs)
     else:
-        loader = DataLoader(dataset, shuffle=True, **kwargs)
-    net.train()
+        loader = DataLoader(t.dataset, shuffle=True, **kwargs)
+    t.net.train()
     t0 = time.perf_counter()
     loss_sum = acc_sum = 0.0
     n_seen = 0
-    bar = tqdm(loader, desc=f"pretrain epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+    bar = tqdm(loader, desc=f"pretrain epoch {epoch}/{cfg.epochs}", disable=not t.progress, leave=False)
     for (im_q, im_k), _ in bar:
         im_q = im_q.to(device, non_blocking=True, memory_format=torch.channels_last)
         im_k = im_k.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=device.type == "cuda"):
-            logits, labels = net(im_q, im_k)
+            logits, labels = t.net(im_q, im_k)
             loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
         b = im_q.shape[0]
         loss_sum += loss.item() * b
-        acc_sum += (logits.argmax(dim=1) == labels).float().sum().item()
+        acc_sum += (logits.argmax(dim=1) == labels).float().sum().item()  # pretext top-1: the positive key wins
         n_seen += b
         bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", acc1=f"{100 * acc_sum / n_seen:.1f}")
     seconds = time.perf_counter() - t0
     totals = torch.tensor([loss_sum, acc_sum, float(n_seen)], dtype=torch.float64)
-    if world > 1:
+    if t.world > 1:
         dist.all_reduce(totals)
     loss_sum, acc_sum, n_all = totals.tolist()
     if n_all == 0:
@@ -329,19 +320,22 @@ def _train_one_epoch(net, model, dataset, optimizer, scheduler, scaler, cfg, epo
     return {
         "train/loss": loss_sum / n_all,
         "train/acc1": 100.0 * acc_sum / n_all,
-        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/lr": t.optimizer.param_groups[0]["lr"],
         "train/images": n_all,
         "train/images_per_s": n_all / seconds,
         "train/epoch_seconds": seconds,
     }
 
 
-def _end_epoch(result, cfg, model, optimizer, scheduler, scaler, epoch, metrics, on_epoch_end) -> bool:
-    """Rank 0: checkpoint -> resume state -> metrics, in that order (see checkpoints.reconcile)."""
+def _end_epoch(t: Training, result: PretrainResult, epoch: int, metrics: dict[str, float],
+               callbacks: list[EpochCallback]) -> bool:
+    """Rank 0: callbacks, then checkpoint -> resume state -> metrics, in that order (see
+    checkpoints.reconcile). Returns whether a callback asked to stop."""
+    cfg, model = t.cfg, t.model
     if not math.isfinite(metrics["train/loss"]):
         raise FloatingPointError(f"loss became {metrics['train/loss']} at epoch {epoch}; lower the learning rate")
     stop = False
-    for callback in on_epoch_end:
+    for callback in callbacks:
         try:
             metrics.update(callback(epoch, model.encoder_q, metrics) or {})
         except StopTraining:
@@ -357,19 +351,16 @@ def _end_epoch(result, cfg, model, optimizer, scheduler, scaler, epoch, metrics,
     )
     result.history[epoch] = dict(metrics)
     result.model_ids[epoch] = model_id
-    checkpoints.save_resume_state(
-        run.info.run_id, epoch,
-        {
-            "epoch": epoch,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "metrics": dict(metrics),
-            "history": json.dumps(result.history),
-        },
-    )
+    checkpoints.save_resume_state(run.info.run_id, epoch, {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "metrics": dict(metrics),
+        "history": json.dumps(result.history),
+    })
     mlflow.log_metrics(metrics, step=epoch, model_id=model_id)
     checkpoints.apply_retention(run.info.run_id, cfg.keep, result.history)
     tqdm.write(

@@ -12,26 +12,23 @@ from collections.abc import Sequence
 
 import torch
 
-from mococxr.errors import ConfigError
-
-SCHEDULERS = ("cosine", "milestone", "constant")
+from mococxr.config import Optimizer, Scheduler
 
 
 def lr_factor(
     step: int,
     total_steps: int,
     *,
-    name: str = "cosine",
+    name: Scheduler = "cosine",
     warmup_steps: int = 0,
     milestones: Sequence[float] = (0.6, 0.8),
     gamma: float = 0.1,
 ) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
 
-    ``milestones`` are fractions of training (0.6 = 60 % of the steps).
+    ``milestones`` are fractions of training (0.6 = 60 % of the steps). ``name`` is one of
+    ``config.SCHEDULERS``, which the config has already checked.
     """
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if name == "constant":
@@ -39,30 +36,26 @@ def lr_factor(
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if name == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return gamma ** sum(progress >= m for m in milestones)
+    return gamma ** sum(progress >= m for m in milestones)  # milestone
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
-    name: str,
+    name: Scheduler,
     total_steps: int,
     warmup_steps: int = 0,
     milestones: Sequence[float] = (0.6, 0.8),
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    lr_factor(0, total_steps, name=name)  # validates the name before training starts
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(s, total_steps, name=name, warmup_steps=warmup_steps, milestones=milestones),
     )
 
 
-def build_optimizer(params, *, name: str, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9):
-    """SGD (momentum 0.9, wd 1e-4, as MoCo v2) or Adam (what the MoCo-CXR code ran)."""
-    if not (lr > 0):
-        raise ConfigError(f"learning rate must be positive, got {lr}")
+def build_optimizer(params, *, name: Optimizer, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9):
+    """SGD (momentum 0.9, wd 1e-4, as MoCo v2) or Adam (what the MoCo-CXR code ran); ``name`` and ``lr``
+    were checked by the config."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}; use sgd or adam")
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,106 @@
+"""One config system: the same object from flags, YAML, a study's base and a grid's base; bad values
+fail when the config is built, naming the key, before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from mococxr import config
+from mococxr.cli import build_parser, main
+from mococxr.config import FinetuneConfig, PretrainConfig, build, from_flags, override
+from mococxr.errors import ConfigError
+
+PRETRAIN = {"data": {"dataset": "chexpert", "root": "/tmp/ph", "policy": "ones", "val": 0.15},
+            "backbone": "resnet18", "lr": 1e-3, "scheduler": "milestone", "milestones": [0.5, 0.75],
+            "image_size": 64, "batch_size": 8, "moco_k": 64, "epochs": 3, "monitor": True,
+            "keep": "best:1:val/linear_auc", "mlp": False}
+FLAGS = ["--dataset", "chexpert", "--root", "/tmp/ph", "--policy", "ones", "--val", "0.15",
+         "--backbone", "resnet18", "--lr", "1e-3", "--scheduler", "milestone", "--milestones", "0.5,0.75",
+         "--image-size", "64", "--batch-size", "8", "--moco-k", "64", "--epochs", "3", "--monitor",
+         "--keep", "best:1:val/linear_auc", "--no-mlp"]
+
+
+def test_flags_yaml_and_study_base_build_equal_configs(tmp_path):
+    from_yaml_file = tmp_path / "pretrain.yaml"
+    from_yaml_file.write_text(yaml.safe_dump(PRETRAIN))
+    args = build_parser().parse_args(["pretrain", *FLAGS])
+    by_flags = from_flags(PretrainConfig, args)
+    by_yaml = from_flags(PretrainConfig, build_parser().parse_args(["pretrain", "--config", str(from_yaml_file)]),
+                         yaml_path=str(from_yaml_file))
+    by_dict = build(PretrainConfig, PRETRAIN)
+
+    from mococxr.sweep.study import parse_spec
+
+    base = {k: v for k, v in PRETRAIN.items() if k not in ("epochs", "monitor")}
+    spec = parse_spec({"name": "s", "budget": {"n_trials": 2, "epochs": 3}, "base": base,
+                       "search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    assert by_flags == by_yaml == by_dict == spec.base
+    assert by_flags.milestones == (0.5, 0.75) and by_flags.mlp is False and by_flags.data.policy == "ones"
+
+
+def test_grid_base_and_flags_build_equal_configs(tmp_path):
+    from mococxr.sweep.grid import load_grid
+
+    base = {"data": {"root": "/tmp/ph", "task": "competition5"}, "lr": 1e-4, "image_size": 32}
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"experiment": "e", "base": base, "inits": ["random"], "protocols": ["linear"],
+                                    "fractions": [1.0]}))
+    args = build_parser().parse_args(["finetune", "--root", "/tmp/ph", "--task", "competition5", "--lr", "1e-4",
+                                      "--image-size", "32"])
+    assert load_grid(spec).base == from_flags(FinetuneConfig, args) == build(FinetuneConfig, base)
+
+
+def test_configs_are_frozen_and_replace_validates():
+    cfg = PretrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="keep='best:2'"):
+        dataclasses.replace(cfg, keep="best:2")
+    with pytest.raises(ConfigError, match="moco_k=40 is not a multiple of batch_size=16"):
+        dataclasses.replace(cfg, moco_k=40)
+    assert override(cfg, {"lr": "1e-3", "data.root": "x"}) == dataclasses.replace(
+        cfg, lr=1e-3, data=dataclasses.replace(cfg.data, root="x"))
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"data": {"policy": "ignroe"}}, "base.data.policy='ignroe': expected one of ignore, ones, zeros"),
+    ({"optimizer": "adamw"}, "base.optimizer='adamw': expected one of sgd, adam"),
+    ({"batch_size": 0}, "base.batch_size=0: expected a positive number"),
+    ({"lr": "fast"}, "base.lr='fast': expected a number"),
+    ({"data": {"val": 1.5}}, r"base.data.val=1.5: expected a fraction in \[0, 1\)"),
+    ({"keep": "best:2"}, "base.keep='best:2'"),
+    ({"lrr": 1}, "base: unknown key.*lrr"),
+])
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError, match=key):
+        build(PretrainConfig, data, where="base")
+
+
+def test_bad_enum_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--policy", "ignroe"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --policy: invalid choice: 'ignroe'" in err[-1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {policy: ignroe}\n")
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mococxr: error: {bad}.data.policy='ignroe': expected one of ignore, ones, zeros"]
+    assert not (tmp_path / "mlruns").exists()  # nothing was opened or written
+
+
+def test_every_field_has_a_documented_flag():
+    """Flags are generated from the fields, so each field has exactly one flag with its help text."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command, cls in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
+        actions = {a.dest: a for a in sub.choices[command]._actions}
+        for key, _, _ in config.flag_fields(cls):
+            assert key in actions and actions[key].help, f"{command}: {key} has no documented flag"
+    assert config.PROTOCOLS == ("linear", "e2e") and "chexpert" in config.DATASETS

@@ -5,11 +5,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml
+# pip's own output is left on (one line per package, a progress bar per download): creating .venv takes
+# minutes and should never look stuck.
+$(STAMP): pyproject.toml Makefile  # a changed install line (e.g. a new extra) reinstalls
+	@echo "== [1/3] $(VENV): creating a virtual environment with $(PY)"
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet --quiet -e '.[dev,postgres,auth]'
+	@echo "== [2/3] $(VENV): upgrading pip"
+	$(VENV)/bin/pip install --progress-bar on --upgrade pip
+	@echo "== [3/3] $(VENV): installing mococxr and its dependencies (torch, torchvision, mlflow, optuna," \
+	      "optuna-dashboard, ...): the longest step, a few minutes"
+	$(VENV)/bin/pip install --progress-bar on -e '.[dev,postgres,auth,dashboard]'
 	touch $(STAMP)
+	@echo "== $(VENV) ready"
 
 demo: $(STAMP)
 	$(VENV)/bin/mococxr demo

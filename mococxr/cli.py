@@ -1,15 +1,21 @@
 """The ``mococxr`` command: parses arguments and calls the modules below; no logic of its own.
 
-User errors (``MococxrError``) print one line without a traceback and exit 2.
+User errors print one line without a traceback and exit 2 (see :func:`main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
-from mococxr.errors import MococxrError
+from mococxr.config import STAGES
+from mococxr.console import mococxr
+from mococxr.errors import ConfigError, InterruptedBySignal, user_message
+
+REGISTRY_STAGES = (*STAGES, "archived")
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -23,7 +29,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     print(f"wrote {args.n} phantom images ({args.layout} layout, {args.size} px) under {root} "
           f"in {time.perf_counter() - t0:.1f} s")
     dataset = "chexpert" if args.layout == "chexpert" else "shenzhen"
-    print(f"check it: mococxr data check --dataset {dataset} --root {root}")
+    print(f"check it: {mococxr('data', 'check', '--dataset', dataset, '--root', str(root))}")
     return 0
 
 
@@ -62,10 +68,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = from_flags(PretrainConfig, args, yaml_path=args.config)
     result = pretrain(cfg, resume=args.resume, resume_epochs=args.epochs if args.resume else None,
+                      resume_from=args.resume_from,
                       store=_store(args))
     if result.run_id:
         print(f"pretraining run {result.run_id}: {len(result.history)} epoch(s) logged")
-        print(f"register a checkpoint: mococxr registry register --name mococxr-{cfg.backbone} "
+        print(f"register a checkpoint: {mococxr('registry', 'register')} --name mococxr-{cfg.backbone} "
               f"--run-id {result.run_id} --epoch {max(result.history) if result.history else 1}")
     return 0
 
@@ -121,8 +128,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key, _, _ in flag_fields(FinetuneConfig, GRID_FIELDS)}
     spec = load_grid(args.spec, overrides)
     result = run_grid(spec, dry_run=args.dry_run, store=_store(args))
+    if args.dry_run:
+        return 0  # run_grid printed what would run
     print(f"grid {spec.name}: {result.started} run(s) started, {result.skipped} skipped as finished, "
-          f"{len(result.failed)} failed (parent run {result.parent_run_id})")
+          f"{result.elsewhere} left to other processes, {len(result.failed)} failed (parent run {result.parent_run_id})")
     for line in result.failed:
         print(f"  failed: {line}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -141,13 +150,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"best trial {result.best_trial}: {result.best_value:.4f} at epoch {result.best_epoch} "
               f"(run {result.best_run_id}) {result.best_params}")
     if result.promoted_uri:
-        print(f"promoted: {result.promoted_uri}  ->  mococxr finetune --init {result.promoted_uri}")
+        print(f"promoted: {result.promoted_uri}  ->  {mococxr('finetune', '--init', result.promoted_uri)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from mococxr.report.tables import build_report, format_report
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"report --out {args.out} is a file, not a folder; name a folder (it is created)")
     report = build_report(
         args.experiment, out=args.out, dataset=args.dataset, task=args.task, backbone=args.backbone,
         n_replicates=args.replicates, seed=args.seed, groups="patient" if args.by_patient else "image",
@@ -180,13 +193,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- the parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mococxr",
         description="MoCo-CXR pretraining, fine-tuning and paired-bootstrap reports for chest X-ray encoders, "
         "tracked in MLflow and searched with Optuna. Start with `mococxr demo`.",
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
     _data_parsers(sub)
     _training_parsers(sub)
@@ -228,6 +242,8 @@ def _training_parsers(sub) -> None:
     p.add_argument("--config", help="YAML file with the job's config (flags override it)")
     add_flags(p, PretrainConfig)
     p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted run (its logged config is used)")
+    p.add_argument("--resume-from", type=int, metavar="EPOCH", help="with --resume: continue from this epoch's "
+                   "resume point (default: the newest), e.g. when the newest is damaged")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="linear or end-to-end fine-tuning at a label fraction, logged to MLflow")
@@ -290,23 +306,70 @@ def _study_and_report_parsers(sub) -> None:
     p.add_argument("--epoch", type=int, help="the epoch of that run's checkpoint")
     p.add_argument("--model-id", help="a LoggedModel id (m-...) instead of --run-id/--epoch")
     p.add_argument("--version", help="registered version to promote")
-    p.add_argument("--stage", help="staging | production | archived")
+    p.add_argument("--stage", type=str.lower, choices=REGISTRY_STAGES, help=" | ".join(REGISTRY_STAGES))
     p.set_defaults(func=cmd_registry)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line ``mococxr: error: ...`` and exit 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"mococxr: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. The one boundary for errors: a user's error (bad flag, file, URI, id, corrupt
+    store, unreachable server, full or read-only disk) is one line and exit 2; anything else is a bug:
+    one line, exit 1, the traceback with ``--debug``. Ctrl-C exits 130 and SIGTERM 143, after the
+    runs in flight are marked KILLED."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "registry" and args.action != "list" and not args.name:
-        parser.error("registry register/promote need --name")
+    if args.command == "registry":
+        _check_registry_args(parser, args)
+    previous = _on_sigterm()
     try:
         return int(args.func(args) or 0)
-    except MococxrError as exc:
-        print(f"mococxr: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mococxr: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        sigterm = isinstance(exc, InterruptedBySignal)
+        print(f"mococxr: {'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}; an MLflow run in flight "
+              "is marked KILLED", file=sys.stderr)
+        return 143 if sigterm else 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        store = getattr(args, "store", None)
+        message = user_message(exc, store.tracking_uri if store is not None else args.tracking_uri)
+        if message is not None:
+            print(f"mococxr: error: {message}", file=sys.stderr)
+            return 2
+        first = " ".join(str(exc).split())[:300]
+        print(f"mococxr: internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """Make SIGTERM behave like Ctrl-C (the tracking code marks the run KILLED); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise InterruptedBySignal(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _check_registry_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Argument combinations argparse cannot express, refused before any work is done."""
+    if args.action != "list" and not args.name:
+        parser.error(f"registry {args.action} needs --name")
+    if args.action == "promote" and (not args.version or not args.stage):
+        parser.error("registry promote needs --version and --stage (" + " | ".join(REGISTRY_STAGES) + ")")
+    if args.action == "register" and not (args.model_id or (args.run_id and args.epoch is not None)):
+        parser.error("registry register needs --model-id, or --run-id and --epoch")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ Shuffle = Literal["auto", "split_bn", "ddp", "none"]
 Preset = Literal["cxr", "mocov2"]
 Protocol = Literal["linear", "e2e"]
 Stage = Literal["staging", "production"]
+ResumeState = Literal["until_done", "keep"]
 
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
@@ -153,6 +154,9 @@ class PretrainConfig(Validated):
     workers: int = opt(1, "DataLoader workers (0-1 recommended on CPU)", check="nonnegative")
     seed: int = opt(0, "seed of initialisation, augmentation and shuffling")
     keep: str = opt("all", "checkpoint retention: all | every:K | best:K:metric", check="keep")
+    resume_state: ResumeState = opt("until_done", "resume state (~4x the encoder's size): until_done deletes it "
+                                    "when the run finishes or is pruned (it can then not be extended with "
+                                    "--resume); keep keeps it. Epoch checkpoints are kept either way")
     experiment: str = opt("mococxr-pretrain", "MLflow experiment name")
     run_name: str | None = opt(None, "MLflow run name")
     monitor: bool = opt(False, "log val/linear_auc (fast linear evaluation on --task) after every epoch")

@@ -1,8 +1,10 @@
-"""Real servers for tests, run natively: a throwaway PostgreSQL and an ``mlflow server``.
+"""Real servers for tests, run natively: a throwaway PostgreSQL, an S3 object store (moto), an
+``mlflow server`` and any other HTTP service (optuna-dashboard).
 
-Both listen on 127.0.0.1 only, on free ports, keep their files in a fresh temporary folder, and are
+All listen on 127.0.0.1 only, on free ports, keep their files in a fresh temporary folder, and are
 stopped and deleted when the ``with`` block ends, whether the test passed or not. A missing
-PostgreSQL installation skips the test with the apt line that provides it.
+PostgreSQL installation skips the test with the apt line that provides it; a missing moto skips
+with the pip line.
 
 ``compose_service`` reads ``docker/compose.yaml`` with compose's ``${VAR}`` interpolation, so the
 native tests start the stack's own commands and environments rather than a copy of them.
@@ -19,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 PG_APT = "apt-get install -y --no-install-recommends postgresql-15 (or postgresql: any version with initdb)"
+MOTO_PIP = "pip install 'moto[server]' boto3 (both in the dev extra: pip install -e '.[dev]')"
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?$", re.S)
@@ -317,3 +321,56 @@ def mlflow_server(argv: Sequence[str], env: Mapping[str, str], *, port: int, use
         yield server
     finally:
         server.stop()
+
+
+# -- any HTTP service ---------------------------------------------------------------------------------
+@contextmanager
+def http_service(argv: Sequence[str], env: Mapping[str, str], *, health: str, log: Path,
+                 timeout: float = 120) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` as a process group until ``health`` answers 200; stop the group at the end."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(list(argv), env=dict(env), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=log.parent)
+    try:
+        wait_healthy(health, proc, log, timeout)
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+# -- S3 object store ----------------------------------------------------------------------------------
+@dataclass
+class S3:
+    """An S3 endpoint on 127.0.0.1 and the keys it was given (moto accepts any keys)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in ``bucket`` under ``prefix``, listed through the S3 API."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@contextmanager
+def s3_server(log: Path, *, access_key: str, secret_key: str) -> Iterator[S3]:
+    """moto's S3 server (``python -m moto.server``) on 127.0.0.1; skip the test if moto is missing.
+
+    A process of its own rather than moto's in-process thread: the stored checkpoints stay out of
+    the test's memory, and the server ends with its process group like the others.
+    """
+    for module in ("moto.server", "boto3", "flask_cors"):  # flask_cors: moto's [server] extra
+        pytest.importorskip(module, reason=f"the S3 test server: {MOTO_PIP}")
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    with http_service(argv, env, health=f"http://127.0.0.1:{port}/moto-api/", log=log):
+        yield S3(endpoint=f"http://127.0.0.1:{port}", access_key=access_key, secret_key=secret_key)

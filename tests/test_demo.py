@@ -1,17 +1,62 @@
-"""`mococxr demo --quick`: the whole flow on a tiny phantom leaves every expected object in MLflow."""
+"""`mococxr demo`: the whole flow on a tiny phantom leaves every expected object in MLflow, its variants
+never share a name, and every command it prints runs as printed."""
 
 from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mococxr.demo import REGISTERED_MODEL, run_demo
+from mococxr.cli import build_parser
+from mococxr.demo import REGISTERED_MODEL, DemoSize, demo_names, run_demo
+
+# A size smaller than --quick's: the test of "quick -> full -> quick" runs both variants' names at it.
+TINY = DemoSize(n_images=120, n_test=40, store_px=48, image_px=32, n_trials=2, pretrain_epochs=1,
+                fractions=(0.5, 1.0), draws=(1, 1), epochs=(1, 1), replicates=50)
 
 
 def _runs(experiment: str, kind: str) -> list:
     return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`mococxr.kind` = '{kind}'",
                               output_format="list")
+
+
+def _sqlite_file(uri: str) -> Path:
+    assert uri.startswith("sqlite:///"), uri
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def check_printed_commands(made: dict, out: str) -> None:
+    """The closing hints are printed as built, parse with their tool's own parser, and name files that exist."""
+    import click
+    from mlflow.cli import cli
+
+    commands = made["commands"]
+    for argv in commands.values():
+        assert shlex.join(argv) in out
+        assert Path(argv[0]).is_file() or shutil.which(argv[0]), f"{argv[0]} is not runnable from {Path.cwd()}"
+
+    ui = commands["mlflow_ui"]
+    assert ui[1] == "ui"
+    params = cli.get_command(click.Context(cli), "ui").make_context("ui", ui[2:]).params
+    assert _sqlite_file(params["backend_store_uri"]).is_file() and params["port"] == 5000
+
+    dashboard = commands["optuna_dashboard"]
+    assert _sqlite_file(dashboard[1]).is_file() and dashboard[2:] == ["--port", "8080"]
+
+    finetune = commands["finetune"]
+    start = 3 if finetune[1] == "-m" else 1  # `python -m mococxr` when the console script is missing
+    args = build_parser().parse_args(finetune[start:])
+    assert args.command == "finetune" and args.init == f"models:/{made['names'].registered_model}@production"
+    root, test_csv = vars(args)["data.root"], vars(args)["data.test_csv"]
+    assert Path(root).is_dir() and (Path(root) / test_csv).is_file()
+    assert args.experiment not in (made["spec"].experiment, made["grid_spec"].experiment)  # cells stay one run
+    if args.tracking_uri:
+        assert _sqlite_file(args.tracking_uri).is_file()
 
 
 @pytest.mark.slow
@@ -20,6 +65,8 @@ def test_quick_demo_logs_every_stage_and_reruns_idempotently(tmp_path, tracking_
     out = capsys.readouterr().out
     client = MlflowClient()
     sweep_exp, finetune_exp = made["spec"].experiment, made["grid_spec"].experiment
+    registered = made["names"].registered_model
+    assert registered == "mococxr-resnet18-demo-quick"
 
     # the study: one parent run, one pretraining run per trial, one LoggedModel per epoch of each
     assert len(_runs(sweep_exp, "sweep")) == 1
@@ -33,7 +80,7 @@ def test_quick_demo_logs_every_stage_and_reruns_idempotently(tmp_path, tracking_
         assert all(m.metrics for m in models)  # metrics linked to each epoch's model
 
     # the promoted checkpoint
-    version = client.get_model_version_by_alias(REGISTERED_MODEL, "production")
+    version = client.get_model_version_by_alias(registered, "production")
     assert version.tags["mococxr.run_id"] in {r.info.run_id for r in pretrain_runs}
 
     # the grid: 2 inits x 2 protocols x (2 + 1 + 1) draws, all finished, under one parent
@@ -50,12 +97,62 @@ def test_quick_demo_logs_every_stage_and_reruns_idempotently(tmp_path, tracking_
     files = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
     nested = {a.path for d in files for a in client.list_artifacts(reports[0].info.run_id, d)}
     assert "report.md" in files and any(p.endswith(".png") for p in nested) and any(p.endswith(".tex") for p in nested)
-    assert "AUC difference, paired" in out and "mlflow ui --backend-store-uri" in out and "optuna-dashboard" in out
+    assert "AUC difference, paired" in out
+    check_printed_commands(made, out)
 
-    # a second run reuses everything: no new pretraining or fine-tune run, one more report
+    # a second run reuses everything: no new pretraining or fine-tune run, the report rebuilt
     again = run_demo(quick=True, workdir=tmp_path)
     assert (again["grid"].started, again["grid"].skipped) == (0, 16)
     assert again["study"].trials_run == []
     assert len(_runs(sweep_exp, "pretrain")) == made["spec"].n_trials
     assert len(_runs(finetune_exp, "finetune")) == 16
-    assert len(_runs(finetune_exp, "report")) == 2
+    # the rebuilt report updates its run (a second revision) instead of piling up another one
+    rebuilt = _runs(finetune_exp, "report")
+    assert [r.info.run_id for r in rebuilt] == [reports[0].info.run_id]
+    assert rebuilt[0].data.metrics["report/revision"] == 2
+
+
+def test_demo_variants_own_disjoint_names():
+    variants = [demo_names(quick=q, dataset=d) for q in (False, True) for d in ("phantom", "nih", "chexpert")]
+    assert variants[0].registered_model == REGISTERED_MODEL  # the full demo keeps the name the README uses
+    for field in ("study", "registered_model", "grid"):
+        values = [getattr(names, field) for names in variants]
+        assert len(set(values)) == len(values), f"two demo variants share a {field}: {values}"
+    experiments = [e for names in variants for e in (names.sweep_experiment, names.finetune_experiment)]
+    assert len(set(experiments)) == len(experiments), experiments
+
+
+@pytest.mark.slow
+def test_quick_full_quick_in_the_default_store_leave_every_report_green(tmp_path, monkeypatch, capsys):
+    """`demo --quick`, then the full demo (at a tiny size, with its own names), then `--quick` again, in a
+    fresh folder's default store: no variant moves another's alias or adds runs to its report cells."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MOCOCXR_ARTIFACT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+
+    quick = run_demo(quick=True, size=TINY, workdir=tmp_path)
+    full = run_demo(size=TINY, workdir=tmp_path)
+    again = run_demo(quick=True, size=TINY, workdir=tmp_path)
+    out = capsys.readouterr().out
+    assert all(made["report"].run_id for made in (quick, full, again))
+    assert (again["grid"].started, again["study"].trials_run) == (0, [])
+    assert quick["names"] == again["names"]
+    q, f = dataclasses.asdict(quick["names"]), dataclasses.asdict(full["names"])
+    assert not set(q.values()) & set(f.values()), (q, f)
+    assert f["registered_model"] == REGISTERED_MODEL
+
+    client = MlflowClient()
+    for made in (quick, full):
+        versions = client.search_model_versions(f"name = '{made['names'].registered_model}'")
+        assert len(versions) == 1  # promoted once; the other variant never registered into it
+    assert (client.get_model_version_by_alias(REGISTERED_MODEL, "production").tags["mococxr.run_id"]
+            == full["study"].best_run_id)
+    assert len(_runs(full["names"].finetune_experiment, "finetune")) == 2 * 2 * 2  # inits x protocols x draws
+    assert not (tmp_path / "mlflow.db").exists()
+    # run from this folder, the hints spell the default store as typed in the README
+    assert again["commands"]["mlflow_ui"][3] == "sqlite:///mlruns/mlflow.db"
+    assert again["commands"]["optuna_dashboard"][1] == "sqlite:///mlruns/optuna.db"
+    assert "--tracking-uri" not in again["commands"]["finetune"]
+    check_printed_commands(again, out)

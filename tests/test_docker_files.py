@@ -16,8 +16,8 @@ from servers import COMPOSE, DOCKER, REPO, compose_service, interpolate, load_co
 
 from mococxr.cli import build_parser
 
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "optuna-dashboard", "worker"}
-ONE_SHOT = {"minio-init"}  # run once and exit; the others must report health
+SERVICES = {"postgres", "storage", "storage-init", "mlflow", "optuna-dashboard", "worker"}
+ONE_SHOT = {"storage-init"}  # run once and exit; the others must report health
 PUBLISHED = {"mlflow", "optuna-dashboard"}
 SECRET = re.compile(r"PASSWORD|SECRET|ACCESS_KEY")
 
@@ -41,13 +41,13 @@ def compose() -> dict:
 def test_compose_parses_and_has_the_services(compose):
     assert SERVICES <= set(compose["services"]), sorted(compose["services"])
     raw = yaml.safe_load(COMPOSE.read_text())
-    assert set(raw["volumes"]) == {"postgres-data", "minio-data"}
+    assert set(raw["volumes"]) == {"postgres-data", "storage-data"}
 
 
 def test_env_example_defines_every_required_variable():
     env = env_example()
     load_compose(env)  # raises KeyError naming a ${VAR:?} that .env.example lacks
-    for name in re.findall(r"\$\{([A-Za-z_]+):\?", COMPOSE.read_text()):
+    for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", COMPOSE.read_text()):
         without = {k: v for k, v in env.items() if k != name}
         with pytest.raises(KeyError, match=name):
             load_compose(without)
@@ -99,7 +99,7 @@ def test_worker_logs_to_the_server_with_credentials(compose):
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["MLFLOW_TRACKING_USERNAME"] and env["MLFLOW_TRACKING_PASSWORD"]
     assert int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 10  # MLflow refuses more
-    assert "AWS_SECRET_ACCESS_KEY" not in env  # artifacts go through the server, not to MinIO
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # artifacts go through the server, not to S3
 
 
 def test_mlflow_server_is_authenticated_and_proxies_artifacts(compose):
@@ -114,7 +114,34 @@ def test_mlflow_server_is_authenticated_and_proxies_artifacts(compose):
     ini_mount = {v.split(":")[1] for v in service["volumes"] if "basic_auth.ini" in v}
     assert env["MLFLOW_AUTH_CONFIG_PATH"] in ini_mount
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
-    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://storage:9000"
+    assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_object_store_is_rustfs_and_the_bucket_is_the_artifact_destination(compose):
+    """RustFS, as MLflow's own docker-compose/ uses now (MinIO publishes no community images)."""
+    env = env_example()
+    storage, init = compose_service("storage", env), compose_service("storage-init", env)
+    mlflow = compose_service("mlflow", env)
+    assert storage["image"].startswith("rustfs/rustfs:")
+    assert storage["environment"]["RUSTFS_ACCESS_KEY"] == mlflow["environment"]["AWS_ACCESS_KEY_ID"]
+    assert storage["environment"]["RUSTFS_SECRET_KEY"] == mlflow["environment"]["AWS_SECRET_ACCESS_KEY"]
+    assert storage["environment"]["RUSTFS_ADDRESS"] == ":9000"
+    assert init["environment"]["AWS_ENDPOINT_URL_S3"] == mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"]
+    destination = next(a for a in mlflow["command"] if a.startswith("--artifacts-destination="))
+    assert destination.split("=", 1)[1].startswith(f"s3://{init['environment']['MLFLOW_BUCKET']}/")
+    [script] = init["command"]
+    assert "create-bucket" in script and subprocess.run(["sh", "-n", "-c", script]).returncode == 0
+    assert "/backup" in {v.split(":")[1] for v in init["volumes"]}  # docker/README.md's backup uses it
+
+
+def test_every_pulled_image_is_pinned(compose):
+    for name, service in compose["services"].items():
+        image = service["image"]
+        if "build" in service:  # the mococxr image, built here from docker/Dockerfile
+            continue
+        assert ":" in image and not image.endswith(":latest"), f"service {name}: pin {image!r} to a tag"
+        assert "minio" not in image, f"service {name}: MinIO publishes no community images any more"
 
 
 def test_published_ports_bind_loopback_only(compose):
@@ -137,7 +164,7 @@ def test_health_checks_and_start_order(compose):
         for dep, condition in (service.get("depends_on") or {}).items():
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert condition == {"condition": expected}, f"{name} -> {dep}: {condition}"
-    assert set(services["mlflow"]["depends_on"]) == {"postgres", "minio", "minio-init"}
+    assert set(services["mlflow"]["depends_on"]) == {"postgres", "storage", "storage-init"}
     assert set(services["worker"]["depends_on"]) == {"postgres", "mlflow"}
 
 
@@ -149,7 +176,7 @@ def test_no_secret_values_are_committed():
     for name, service in raw["services"].items():
         for key, value in (service.get("environment") or {}).items():
             if SECRET.search(key):
-                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), f"{name}.{key} is not a required ${{VAR}}"
+                assert re.fullmatch(r"\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}", str(value)), f"{name}.{key} is not a required ${{VAR}}"
     ini = (DOCKER / "mlflow" / "basic_auth.ini").read_text()
     assert not re.search(r"^\s*admin_password\s*=", ini, re.M)
     assert not re.search(r"://[^/@\s]+:[^/@\s]+@", ini + COMPOSE.read_text()), "a password inside a URL"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -138,7 +140,12 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     uri, pretrain_run, state = registered_checkpoint()
     cfg = make_cfg(phantom, task=TWO_TASKS, protocol="linear", init=uri, epochs=2)
     splits = prepare(cfg.data).splits
-    res = ft.finetune(cfg, progress=False)
+    marker = Path(phantom) / ft.PHANTOM_MARKER
+    marker.write_text("test phantom\n")  # as mococxr/demo.py marks the phantom it synthesized
+    try:
+        res = ft.finetune(cfg, progress=False)
+    finally:
+        marker.unlink()
 
     client = MlflowClient()
     run = client.get_run(res.run_id)
@@ -186,9 +193,43 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
         assert sorted(manifest["image_ids"]) == sorted(part["image_id"])
     assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifests/test.json")["sha256"] == test_manifest.sha256
 
+    assert_explains_itself(client, run, res, splits, pretrain_run)
+
     # frozen: weights and BatchNorm running statistics are exactly the checkpoint's after training
     assert_same_state(captured["encoder"].state_dict(), state)
     assert_same_state(captured["encoder"].state_dict(), captured["initial"])
+
+
+def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run: str) -> None:
+    """What a user sees of a run and its checkpoint's version in the MLflow UI."""
+    note = run.data.tags["mlflow.note.content"]
+    for text in ("protocol linear", "init **moco**", "registered model mococxr-test version 1",
+                 f"pretraining run {pretrain_run}, epoch 3", "Label fraction **100%**", "draw 0",
+                 "Dataset chexpert (synthetic phantom)", f"task {TWO_TASKS}", "Epochs: 2 (set by --epochs)",
+                 "best validation AUC", f"best epoch {res.best_epoch} of 2"):
+        assert text in note, text
+    assert run.data.params["phantom"] == "True" and run.data.params["init_registered_model"] == "mococxr-test"
+    metrics = run.data.metrics
+    assert metrics["best/epoch"] == metrics["best_epoch"] == res.best_epoch
+    assert metrics["best/val_auc"] == metrics["val/best_auc"] == pytest.approx(res.val_auc)
+
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    for context, name in (("train", "train"), ("validation", "val"), ("test", "test")):
+        manifest = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifests/{name}.json")
+        assert inputs[context].digest == manifest["sha256"][:16]
+        assert json.loads(inputs[context].profile)["num_rows"] == len(splits[name])
+    assert inputs["train"].name == "chexpert-phantom train 100% draw 0"
+    version = client.get_model_version("mococxr-test", "1")
+    assert [m.model_id for m in run.inputs.model_inputs] == [version.tags["mococxr.model_id"]]
+    csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="predictions/test.csv"))
+    pd.testing.assert_frame_equal(csv, download_predictions(res.run_id), check_dtype=False)
+
+    # the version names the runs that used it: a recount, the same however often it is recorded
+    assert version.tags["mococxr.finetune_runs"] == "1"
+    assert "tags.`mococxr.registry_version` = '1'" in version.description
+    assert registry.record_finetune_use("mococxr-test", "1") == 1
+    assert client.get_model_version("mococxr-test", "1").description == version.description
 
 
 def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, captured):
@@ -207,6 +248,8 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     tags = run.data.tags
     assert tags[mt.tag("init")] == "random" and tags[mt.tag("protocol")] == "e2e"
     assert tags[mt.tag("label_fraction")] == "0.5" and tags[mt.tag("draw")] == "1"
+    assert "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "False"
+    assert not run.inputs.model_inputs and "init_registered_model" not in run.data.params
     assert mt.tag("pretrain_run_id") not in tags and mt.tag("registry_version") not in tags
     n_train = int(run.data.params["n_train"])
     assert 0 < n_train < len(splits["train"])

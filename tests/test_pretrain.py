@@ -7,6 +7,7 @@ and the kill-and-resume test must reach its weights bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -28,13 +29,14 @@ from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
 from mococxr.train import checkpoints
 from mococxr.train.pretrain import pretrain
+from mococxr.train.progress import PlainProgress, progress
 
 EPOCHS = 4
 # Settings under which the phantom's loss falls within a few epochs: the queue (K = 2 batches) fills
 # with real keys after two steps, a fast-moving key encoder (m = 0.99) and a constant lr of 1e-3.
 FLAGS = {
     "init": "random", "image_size": 64, "batch_size": 16, "epochs": EPOCHS, "moco_k": 32, "moco_m": 0.99,
-    "lr": 1e-3, "scheduler": "constant", "workers": 0, "seed": 3,
+    "lr": 1e-3, "scheduler": "constant", "workers": 0, "seed": 3, "resume_state": "keep",
 }
 
 
@@ -112,6 +114,7 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
     for model in found:
         epoch = checkpoints.model_epoch(model)
         assert model.model_id == reference.model_ids[epoch]
+        assert model.name == f"resnet18-{reference.run_id[:8]}-epoch{epoch:03d}"  # no run name: backbone and id
         linked = {m.key: m for m in model.metrics}
         assert linked["train/loss"].step == epoch
         assert linked["train/loss"].value == pytest.approx(loss[epoch])
@@ -143,11 +146,12 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
         "mococxr.dataset": "chexpert", "mococxr.image_size": "64", "mococxr.preset": "cxr"}
     assert len(tags["mococxr.config_hash"]) == 64
 
-    # the resume point is a plain state dict too, and only the newest one is kept
+    # the resume point is a plain state dict too; the newest two are kept (resume_state=keep), each with
+    # its sidecar
     state = checkpoints.load_resume_state(reference.run_id)
     assert state["epoch"] == EPOCHS and "queue" in state["model"]
-    names = [i.path for i in client.list_artifacts(reference.run_id, checkpoints.RESUME_DIR)]
-    assert names == [f"{checkpoints.RESUME_DIR}/epoch_{EPOCHS:04d}.pt"]
+    names = sorted(i.path for i in client.list_artifacts(reference.run_id, checkpoints.RESUME_DIR))
+    assert names == [f"{checkpoints.RESUME_DIR}/epoch_{e:04d}.{x}" for e in (EPOCHS - 1, EPOCHS) for x in ("json", "pt")]
 
 
 def test_bad_queue_length_is_a_config_error(store):
@@ -156,7 +160,7 @@ def test_bad_queue_length_is_a_config_error(store):
                  progress=False)
 
 
-def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch):
+def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch, capsys):
     """Pretraining, its monitor and the run's manifest share one prepared dataset: one CSV parse per run."""
     reads: Counter = Counter()
     read_records = prepare_module.read_records
@@ -167,11 +171,59 @@ def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch):
 
     monkeypatch.setattr(prepare_module, "read_records", counting)
     cfg = build(PretrainConfig, {**FLAGS, "epochs": 2, "monitor": True, "experiment": "read-once",
-                                 "data": {"root": str(store / "phantom"), "val": 0.25, "test": 0.2}})
-    result = pretrain(cfg, progress=False)
+                                 "data": {"root": str(store / "phantom"), "val": 0.25, "test": 0.2},
+                                 "run_name": "study-trial002", "resume_state": "until_done"})
+    result = pretrain(cfg, progress=False, extra_tags=mt.tags(optuna_study="study", optuna_trial=2))
     assert sorted(result.history) == [1, 2]
     assert all("val/linear_auc" in h for h in result.history.values())  # the monitor ran every epoch
     assert reads == {(str(store / "phantom"), None): 1}
+    _check_what_the_ui_shows(result, cfg, capsys.readouterr().out)
+
+
+def _check_what_the_ui_shows(result, cfg, out: str) -> None:
+    """Names, summary metrics, description, dataset input and progress lines of a sweep-like trial."""
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    names = {checkpoints.model_epoch(m): m.name for m in checkpoints.run_models(result.run_id)}
+    assert names == {1: "study-trial002-epoch001", 2: "study-trial002-epoch002"}
+    auc = {e: h["val/linear_auc"] for e, h in result.history.items()}
+    best = max(sorted(auc), key=lambda e: auc[e])
+    assert run.data.metrics["best/val_linear_auc"] == pytest.approx(auc[best])
+    assert run.data.metrics["best/epoch"] == best
+    assert [m.step for m in client.get_metric_history(result.run_id, "best/epoch")] == [0, 0]  # no step
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("MoCo v2 pretraining of resnet18 (random init) on chexpert/pleural_effusion: 2 epochs")
+    assert "Trial 2 of the Optuna study 'study'" in note and "adam lr 0.001" in note
+    (dataset_input,) = run.inputs.dataset_inputs
+    manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="manifests/pretrain.json")).read_text())
+    assert dataset_input.dataset.name == "pretrain" and dataset_input.dataset.digest == manifest["sha256"][:32]
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(manifest["image_ids"])
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "pretrain"
+    assert "[study-trial002] epoch 2/2  loss" in out
+    # finished with resume_state=until_done: no resume point left, every checkpoint kept
+    assert client.list_artifacts(result.run_id, checkpoints.RESUME_DIR) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_plain_line_unless_on_a_terminal():
+    out = io.StringIO()
+    bar = progress(range(3), "[demo-trial002] pretrain epoch 1/4", every_s=0, file=out)
+    assert isinstance(bar, PlainProgress)
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.1f}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in out.getvalue()
+    assert lines[-1].startswith("[demo-trial002] pretrain epoch 1/4: 3/3 (") and lines[-1].endswith("loss 2.0")
+    quiet = io.StringIO()
+    assert list(progress(range(500), "fast", file=quiet)) == list(range(500))
+    assert quiet.getvalue() == ""  # at most one line per 10 s
+    assert not isinstance(progress(range(3), "tty", file=_Terminal()), PlainProgress)  # a tqdm bar
+    assert list(progress(range(3), "off", enabled=False, file=out)) == [0, 1, 2]
 
 
 def _wait_for_epoch_1(proc: subprocess.Popen, artifacts: Path, experiment_dir: str, timeout: float = 240):

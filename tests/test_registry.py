@@ -130,7 +130,7 @@ def test_resolve_a_run_artifact_and_a_local_file(run, tmp_path):
     assert registry.resolve_init("random", "resnet18") == ("random", None, {})
     pickled = tmp_path / "object.pt"
     torch.save({"w": torch.nn.Linear(1, 1)}, pickled)  # a pickled module, not a plain state dict
-    with pytest.raises(DataError, match="plain state dict"):
+    with pytest.raises(DataError, match="plain state dict|pickled Python objects"):
         registry.resolve(str(pickled))
 
 
@@ -157,3 +157,35 @@ def test_cli_registry(name, run, capsys):
         captured = capsys.readouterr()
         assert captured.err.startswith("mococxr: error: ") and captured.err.count("\n") == 1, captured.err
         assert "Traceback" not in captured.err + captured.out
+
+
+def _fake_finetune(experiment: str, name: str, version: str, status: str = "FINISHED") -> str:
+    """A fine-tune run's tags and params as finetune logs them for a models:/ init (no training)."""
+    with mt.start_run(experiment, run_tags=mt.tags(kind="finetune", registry_version=version)) as active:
+        mlflow.log_params({"init_registered_model": name, "init_registry_version": version})
+        run_id = active.info.run_id
+    if status != "FINISHED":
+        mlflow.tracking.MlflowClient().set_terminated(run_id, status)
+    return run_id
+
+
+def test_a_version_counts_the_finetune_runs_that_used_it(name, run):
+    client = mlflow.tracking.MlflowClient()
+    version = registry.register(name, run_id=run[0], epoch=2)
+    described = client.get_model_version(name, version).description
+    assert f"pretraining run {run[0]} at epoch 2" in described and "train/loss 2" in described
+    assert client.get_registered_model(name).description.startswith("MoCo v2 pretrained")
+
+    _fake_finetune("ft-a", name, version)
+    _fake_finetune("ft-b", name, version)  # another experiment counts too
+    _fake_finetune("ft-a", name, version, status="FAILED")  # did not finish: not a consumer
+    _fake_finetune("ft-a", f"{name}-other", version)  # the same version number of another model
+    # two workers recording at once (or one twice) both write the recount, never count + 1
+    assert [registry.record_finetune_use(name, version) for _ in range(2)] == [2, 2]
+    mv = client.get_model_version(name, version)
+    assert mv.tags[registry.FINETUNE_RUNS_TAG] == "2"
+    assert mv.description.startswith(described) and mv.description.count(registry.USES_HEADING) == 1
+    exp_ids = [client.get_experiment_by_name(e).experiment_id for e in ("ft-a", "ft-b")]
+    assert len(client.search_runs(exp_ids, registry.consumers_filter(name, version))) == 2  # the filter shown works
+    with pytest.warns(UserWarning, match="could not record"):
+        assert registry.record_finetune_use(name, "99") is None

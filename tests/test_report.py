@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,11 +48,17 @@ def _predictions(y, scores, *, image_ids=None, patients=None, task="Effusion") -
 
 
 def _log_run(preds: pd.DataFrame, *, init, protocol="linear", fraction=1.0, draw=0, backbone="resnet18",
-             sha="sha-test", task="pleural_effusion", dataset="nih", experiment=EXP) -> str:
+             sha="sha-test", task="pleural_effusion", dataset="nih", experiment=EXP, params=None) -> str:
+    """A fake fine-tune run: tags and params as finetune logs them, and the predictions artifact."""
+    moco = init.startswith("moco")
     run_tags = mt.tags(kind="finetune", backbone=backbone, init=init, protocol=protocol, dataset=dataset,
                        task=task, label_fraction=str(float(fraction)), draw=str(draw), test_manifest_sha256=sha,
-                       config_hash="cfg", pretrain_run_id="pre" if init == "moco" else None)
+                       config_hash="cfg", pretrain_run_id="pre" if moco else None,
+                       registry_version="3" if moco else None, checkpoint_epoch="5" if moco else None)
+    default = {"phantom": "False", "data.test_csv": "valid.csv", "data.root": "/data/nih"}
     with mt.start_run(experiment, run_name=f"{init}-{protocol}-{fraction:g}-d{draw}", run_tags=run_tags) as run:
+        logged = {**default, **({"init_registered_model": "mococxr-x"} if moco else {}), **(params or {})}
+        mlflow.log_params({k: v for k, v in logged.items() if v is not None})  # None: a param left out
         mt.log_parquet(preds, "predictions/test.parquet")
         return run.info.run_id
 
@@ -125,10 +132,30 @@ def test_toy_table_by_hand(store, tmp_path):
     assert r"10\% & 100\% \\" in tex and tex.strip().endswith(r"\end{tabular}")
     assert [fraction_label(f) for f in (0.001, 0.01, 0.07, 1.0)] == ["0.1%", "1%", "7%", "100%"]
 
+    # the terminal text says what the table is: task, dataset, label fractions, draws, test set, checkpoint
     text = format_report(report)
-    improvement_md = to_markdown(wide_table(report.improvement, "auc"))
-    assert text == f"\nAUC (95% CI)\n\n{md}\n\nAUC difference, paired (95% CI)\n\n{improvement_md}"
+    where = ", task pleural_effusion, dataset nih"
+    labelled = to_markdown(wide_table(report.absolute, "auc", header="label fraction "))
+    improvement_md = to_markdown(wide_table(report.improvement, "auc", header="label fraction "))
+    tables = f"\nAUC (95% CI){where}\n\n{labelled}\n\nAUC difference, paired (95% CI){where}\n\n{improvement_md}"
+    assert text == "\n".join(report.context.lines()) + "\n" + tables
+    assert text.splitlines()[:6] == [
+        "Task pleural_effusion on dataset nih (MLflow experiment report-test).",
+        "Columns are label fractions: the share of the training split's labelled images each fine-tune used.",
+        "Each cell is the mean over 2 draws (random label-fraction samples).",
+        "Test set: 8 images of 4 patients, from the images of valid.csv; the same images score every cell.",
+        "8 fine-tune runs in 4 cells.",
+        "Init moco = registered model mococxr-x version 3 (pretraining run pre, epoch 5).",
+    ]
+    assert "| Architecture | Init | Protocol | label fraction 10% | label fraction 100% |" in text
     assert "| resnet18 | moco linear - random linear | +0.219 (" in text
+    md_file = (tmp_path / "out" / "report.md").read_text()
+    assert md_file.startswith("# mococxr report: task pleural_effusion, dataset nih\n\n- Task pleural_effusion")
+    assert "label fraction 10%" in md_file and "AUC difference, moco - baseline" in md_file
+    assert "8 images of 4 patients" in report.context.plot_title()
+    csv = pd.read_csv(tmp_path / "out" / "tables" / "absolute.csv")  # the tidy CSV keeps its columns
+    assert list(csv.columns) == ["task", "backbone", "init", "protocol", "fraction", "metric", "point", "lo", "hi",
+                                 "n_draws", "n_replicates", "n_single_class", "run_ids"]
 
 
 def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
@@ -161,6 +188,93 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
     # a second report finds only the fine-tune runs, not the first report run
     again = build_report(EXP, out=tmp_path / "out2", n_replicates=50, seed=1, log_to_mlflow=False)
     assert len(again.runs) == len(ids)
+
+    # what the UI shows: a telling name, a description, summary metrics
+    assert run.info.run_name == "report-pleural_effusion-nih"
+    note = run.data.tags["mlflow.note.content"]
+    assert "Task pleural_effusion on dataset nih" in note and "mean over 2 draws" in note
+    metrics = run.data.metrics
+    assert metrics["report/n_runs"] == 8 and metrics["report/n_cells"] == 4 and metrics["report/revision"] == 1
+    assert metrics["report/n_test_images"] == 8 and metrics["report/n_test_patients"] == 4
+    assert metrics["improvement/linear_vs_random/auc_frac0.1"] == pytest.approx(0.96875 - 0.75)
+    assert metrics["absolute/moco_linear/auc_frac1"] == pytest.approx(1.0)
+
+
+def test_rerunning_a_report_updates_its_run(store, tmp_path):
+    """The same report again: the same run, new files and metrics at step 2; other settings: another run."""
+    _toy_runs()
+    first = build_report(EXP, out=tmp_path / "a", n_replicates=30, seed=1, progress=False)
+    client = MlflowClient()
+    client.log_text(first.run_id, "left over", "stale.txt")  # a file the next revision does not write
+    y, rng = _synthetic(n=8)
+    for init in ("random", "moco"):  # a new fraction joins the experiment
+        for d in (0, 1):
+            _log_run(_predictions(Y8, S8[1.0 if init == "moco" else 0.875]), init=init, fraction=0.01, draw=d)
+    second = build_report(EXP, out=tmp_path / "b", n_replicates=30, seed=1, progress=False)
+    assert second.run_id == first.run_id
+    reports = client.search_runs([client.get_experiment_by_name(EXP).experiment_id], "tags.`mococxr.kind` = 'report'")
+    assert len(reports) == 1
+    run = reports[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["report/n_runs"] == 12
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "report/n_runs")] == [(1, 8), (2, 12)]
+    assert run.data.metrics["improvement/linear_vs_random/auc_frac0.01"] == pytest.approx(0.125)
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert "stale.txt" not in files and "report.md" in files
+    used = json.loads(open(client.download_artifacts(run.info.run_id, "runs.json", str(tmp_path / "dl"))).read())
+    assert len(used["runs"]) == 12
+
+    other = build_report(EXP, out=tmp_path / "c", n_replicates=30, seed=2, progress=False)  # another seed
+    assert other.run_id != first.run_id
+
+
+def test_phantom_is_named_as_such(store, tmp_path):
+    """The phantom param names it; a run without the param is recognised by the demo's marker file."""
+    marked = tmp_path / "phantom-root"
+    marked.mkdir()
+    (marked / ".mococxr-phantom").write_text("demo\n")
+    y, rng = _synthetic(n=40)
+    _log_run(_predictions(y, rng.random(y.size)), init="random", dataset="chexpert", params={"phantom": "True"})
+    legacy = {"phantom": None, "data.root": str(marked), "data.test_csv": "None", "data.test": "0.2", "data.split_seed": "0"}
+    _log_run(_predictions(y, rng.random(y.size)), init="random", dataset="chexpert", experiment="report-legacy",
+             params=legacy)
+    for experiment in (EXP, "report-legacy"):
+        report = build_report(experiment, out=tmp_path / experiment, n_replicates=20, log_to_mlflow=False)
+        assert report.context.phantom and "dataset chexpert (synthetic phantom" in format_report(report)
+    assert "a patient-level split (0.2 of patients, split seed 0)" in report.context.test_text()
+
+
+def test_a_corrupt_predictions_file_is_named_and_never_cached(store, tmp_path, capsys):
+    y, rng = _synthetic(n=40)
+    good = _log_run(_predictions(y, rng.random(y.size)), init="random")
+    bad = _log_run(_predictions(y, rng.random(y.size)), init="moco")
+    client = MlflowClient()
+    broken = tmp_path / "broken" / "test.parquet"
+    broken.parent.mkdir()
+    broken.write_bytes(b"PAR1 this is not parquet")
+    client.log_artifact(bad, str(broken), "predictions")
+    cache = tmp_path / "cache"
+    kw = {"n_replicates": 20, "log_to_mlflow": False, "cache_dir": cache, "progress": False}
+    with pytest.raises(DataError, match=f"run {bad}: artifact predictions/test.parquet is not a readable parquet"):
+        build_report(EXP, out=tmp_path / "out", **kw)
+    assert not (cache / f"{bad}.parquet").exists() and (cache / f"{good}.parquet").is_file()
+    from mococxr import cli
+    assert cli.main(["report", "--experiment", EXP, "--out", str(tmp_path / "cli"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.split("\r")[-1]  # after the progress bar: one line
+    assert err.startswith("mococxr: error: ") and bad in err and err.count("\n") == 1 and "Traceback" not in err
+
+    # fixed in MLflow: the next report reads it (the failure was not cached)
+    mt.log_parquet(_predictions(y, rng.random(y.size)), "predictions/test.parquet", run_id=bad)
+    assert len(build_report(EXP, out=tmp_path / "out", **kw).runs) == 2
+    (cache / f"{bad}.parquet").write_bytes(b"damaged on disk")  # a damaged cache entry is fetched again
+    assert len(build_report(EXP, out=tmp_path / "out", **kw).runs) == 2
+
+
+def test_out_naming_a_file_is_a_config_error(store, tmp_path):
+    _log_run(_predictions(*_synthetic(n=20)[:1], np.linspace(0, 1, 20)), init="random")
+    existing = tmp_path / "report.txt"
+    existing.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is an existing file, not a folder"):
+        build_report(EXP, out=existing, log_to_mlflow=False)
 
 
 def test_seed_reproduces_numbers_and_a_new_seed_moves_only_the_intervals(store, tmp_path):

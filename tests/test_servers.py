@@ -1,19 +1,24 @@
-"""The docker/compose.yaml topology, run natively: PostgreSQL + an authenticated MLflow server + workers.
+"""The docker/compose.yaml topology, run natively: PostgreSQL + S3 + an authenticated MLflow server + workers.
 
 No Docker daemon is needed. The test starts a real PostgreSQL, runs ``docker/postgres/init-databases.sh``
-against it, starts the compose file's own ``mlflow server`` command and environment (basic auth, the
-PostgreSQL backend, artifacts proxied by the server; only hosts, ports and the artifact destination
-are rewritten for 127.0.0.1 and a temporary folder) and runs the compose ``worker`` command as
-processes. Everything listens on 127.0.0.1, on free ports, and is stopped at the end.
+against it, starts an S3 object store (moto's server standing in for the ``storage`` service, RustFS)
+and creates the bucket as ``storage-init`` does, starts the compose file's own ``mlflow server`` command
+and environment (basic auth, the PostgreSQL backend, artifacts proxied by the server to
+``s3://BUCKET/artifacts``; only hosts and ports are rewritten for 127.0.0.1), runs the compose ``worker``
+command as processes and the ``optuna-dashboard`` command against the study. Everything listens on
+127.0.0.1, on free ports, and is stopped at the end. Without moto the artifact destination is a local
+folder and only the bucket test skips.
 
 What it shows: anonymous requests are refused and users can be added as docker/README.md says; two
 workers finish one study while a third replaces one killed with SIGKILL mid-trial (its trial is
 failed and retried); runs, LoggedModels, resume states and predictions reach the server through
-``mlflow-artifacts:``; a restarted server is waited for, not failed on.
+``mlflow-artifacts:`` and land in the bucket; optuna-dashboard serves the study; a restarted server is
+waited for, not failed on.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import signal
@@ -21,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +42,16 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from servers import (
     DOCKER,
+    S3,
     MlflowServer,
     Postgres,
     auth_ini,
     compose_service,
     free_port,
+    http_service,
     mlflow_server,
     postgres,
+    s3_server,
     stop_group,
     tail,
 )
@@ -60,6 +70,8 @@ class Stack:
     env: dict[str, str]  # the docker/.env this run used
     work: Path
     phantom: Path
+    s3: S3 | None  # None: moto is missing and artifacts went to a local folder
+    s3_missing: str = ""  # why s3 is None
 
 
 def _clean_environ() -> dict[str, str]:
@@ -67,10 +79,11 @@ def _clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MOCOCXR_", "PG", "AWS_"))}
 
 
-def _server_command(compose_env: dict[str, str], pg: Postgres, port: int, artifacts: Path) -> list[str]:
-    """The compose mlflow command, moved to 127.0.0.1:PORT with artifacts in a local folder."""
-    rewrites = {"--host=": "--host=127.0.0.1", "--port=": f"--port={port}", "--workers=": "--workers=1",
-                "--artifacts-destination=": f"--artifacts-destination={artifacts}"}
+def _server_command(compose_env: dict[str, str], pg: Postgres, port: int, artifacts: Path | None) -> list[str]:
+    """The compose mlflow command, moved to 127.0.0.1:PORT; ``artifacts``: a local folder in place of S3."""
+    rewrites = {"--host=": "--host=127.0.0.1", "--port=": f"--port={port}", "--workers=": "--workers=1"}
+    if artifacts is not None:
+        rewrites["--artifacts-destination="] = f"--artifacts-destination={artifacts}"
     command = compose_service("mlflow", compose_env)["command"]
     argv = []
     for arg in command:
@@ -82,27 +95,48 @@ def _server_command(compose_env: dict[str, str], pg: Postgres, port: int, artifa
     return [str(Path(sys.executable).parent / "mlflow"), *argv[1:]]
 
 
+@contextmanager
+def object_store(work: Path, env: dict[str, str]) -> Iterator[S3 | str]:
+    """The compose ``storage`` service (moto in RustFS's place) with the ``storage-init`` bucket made,
+    or, where moto cannot be installed or started, the reason why (the stack then stores locally)."""
+    keys = compose_service("storage", env)["environment"]
+    bucket = compose_service("storage-init", env)["environment"]["MLFLOW_BUCKET"]
+    with ExitStack() as stop:
+        try:  # only the start may skip; what the tests raise later passes through untouched
+            s3 = stop.enter_context(s3_server(work / "s3.log", access_key=keys["RUSTFS_ACCESS_KEY"],
+                                              secret_key=keys["RUSTFS_SECRET_KEY"]))
+        except pytest.skip.Exception as skipped:
+            print(f"test_servers: no S3 object store, artifacts go to a local folder: {skipped}")
+            yield str(skipped)
+            return
+        s3.client().create_bucket(Bucket=bucket)
+        yield s3
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
+def stack(tmp_path_factory) -> Iterator[Stack]:
     from mococxr.data.phantom import synthesize
 
     pytest.importorskip("flask_wtf", reason="`mlflow server --app-name basic-auth` needs mlflow[auth] (Flask-WTF)")
     work = tmp_path_factory.mktemp("stack")
     token = lambda: secrets.token_urlsafe(18)  # noqa: E731
-    env = {name: token() for name in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD",
-                                       "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")}
-    env.update(MINIO_ROOT_USER="mococxr", MLFLOW_WORKER_PASSWORD=env["MLFLOW_ADMIN_PASSWORD"],
-               SWEEP_SPEC=str(work / "study.yaml"), STUDY_NAME=STUDY)
-    with postgres() as pg:
+    env = {name: token() for name in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD", "S3_ACCESS_KEY",
+                                       "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")}
+    env.update(MLFLOW_WORKER_PASSWORD=env["MLFLOW_ADMIN_PASSWORD"], SWEEP_SPEC=str(work / "study.yaml"),
+               STUDY_NAME=STUDY)
+    with postgres() as pg, object_store(work, env) as s3:
         init_env = {k: compose_service("postgres", env)["environment"][k]
                     for k in ("MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD")}
         pg.run("sh", str(DOCKER / "postgres" / "init-databases.sh"),
                env={**init_env, "POSTGRES_USER": pg.superuser, "POSTGRES_DB": "postgres"})
         port = free_port()
-        argv = _server_command(env, pg, port, work / "artifacts")
+        argv = _server_command(env, pg, port, None if isinstance(s3, S3) else work / "artifacts")
         server_env = {**_clean_environ(), **compose_service("mlflow", env)["environment"],
                       "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(work / "basic_auth.ini",
                                                               {"postgres:5432": f"127.0.0.1:{pg.port}"}))}
+        if isinstance(s3, S3):
+            assert server_env["MLFLOW_S3_ENDPOINT_URL"] == "http://storage:9000"
+            server_env["MLFLOW_S3_ENDPOINT_URL"] = s3.endpoint
         username = server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
         with mlflow_server(argv, server_env, port=port, username=username, password=env["MLFLOW_ADMIN_PASSWORD"],
                            log=work / "mlflow-server.log") as server, pytest.MonkeyPatch.context() as mp:
@@ -111,7 +145,8 @@ def stack(tmp_path_factory) -> Stack:
             for key, value in server.client_env().items():  # in-process clients authenticate too
                 mp.setenv(key, value)
             phantom = synthesize(work / "phantom", 64, size=64)
-            yield Stack(pg=pg, server=server, env=env, work=work, phantom=phantom)
+            yield Stack(pg=pg, server=server, env=env, work=work, phantom=phantom,
+                        s3=s3 if isinstance(s3, S3) else None, s3_missing="" if isinstance(s3, S3) else s3)
 
 
 def client(stack: Stack) -> MlflowClient:
@@ -132,8 +167,10 @@ def start_worker(stack: Stack, log: Path) -> subprocess.Popen:
                for a in compose_service("worker", stack.env)["command"]]
     assert command[:2] == ["mococxr", "sweep"]
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", *command], stdout=fh, stderr=subprocess.STDOUT,
-                                env=worker_env(stack), cwd=stack.work, start_new_session=True)
+        # --debug: a failing trial leaves its traceback in the log this test prints.
+        return subprocess.Popen([sys.executable, "-m", "mococxr", "--debug", *command[1:]], stdout=fh,
+                                stderr=subprocess.STDOUT, env=worker_env(stack), cwd=stack.work,
+                                start_new_session=True)
 
 
 def load_study(stack: Stack) -> optuna.Study:
@@ -242,8 +279,8 @@ def test_workers_finish_the_study_and_everything_reaches_the_server(stack, sweep
         assert run.data.tags["mococxr.optuna_trial"] == str(trial.number)
         assert run.data.tags["mococxr.optuna_study"] == STUDY
         assert [m.step for m in mc.get_metric_history(run.info.run_id, "val/linear_auc")] == [1, 2]
-        # The resume point of the last epoch, the older one deleted through the server.
-        assert [a.path for a in mc.list_artifacts(run.info.run_id, "resume")] == ["resume/epoch_0002.pt"]
+        # A finished trial keeps no resume state (resume_state=until_done): deleted through the server.
+        assert mc.list_artifacts(run.info.run_id, "resume") == []
         models = mc.search_logged_models(experiment_ids=[experiment.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
         assert trial.user_attrs["best_model_id"] in {m.model_id for m in models}
@@ -261,9 +298,13 @@ def test_workers_finish_the_study_and_everything_reaches_the_server(stack, sweep
         mlflow.set_tracking_uri(previous)
     state = torch.load(Path(local) / "state_dict.pt", map_location="cpu", weights_only=True)
     assert any(k.endswith("weight") for k in state)
-    # Bytes live in the server's artifact destination; the workers kept nothing locally.
-    assert list((stack.work / "artifacts").rglob("state_dict.pt"))
+    # Bytes live in the server's artifact destination (the bucket: see the bucket test); the workers
+    # kept nothing locally.
     assert not (stack.work / "mlruns").exists()
+    if stack.s3 is None:
+        assert list((stack.work / "artifacts").rglob("state_dict.pt"))
+    else:
+        assert not (stack.work / "artifacts").exists()
     parent = mc.get_run(load_study(stack).user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["mococxr.pretrain_run_id"] == best.user_attrs["mlflow_run_id"]
@@ -282,7 +323,9 @@ def test_killed_worker_trial_is_failed_and_retried(stack, sweep):
 
 
 # -- (d) fine-tuning against the server -----------------------------------------------------------------
-def test_finetune_from_a_sweep_checkpoint_logs_predictions(stack, sweep):
+@pytest.fixture(scope="module")
+def finetune(stack, sweep):
+    """``mococxr finetune`` from the best trial's LoggedModel, logging to the server; its MLflow run."""
     best = max(load_study(stack).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     init = f"models:/{best.user_attrs['best_model_id']}"
     argv = [sys.executable, "-m", "mococxr", "finetune", "--dataset", "chexpert", "--root", str(stack.phantom),
@@ -291,16 +334,72 @@ def test_finetune_from_a_sweep_checkpoint_logs_predictions(stack, sweep):
             "--experiment", "servers-finetune"]
     proc = subprocess.run(argv, env=worker_env(stack), cwd=stack.work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
     mc = client(stack)
     [run] = mc.search_runs([mc.get_experiment_by_name("servers-finetune").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert run.data.tags["mococxr.pretrain_run_id"] == best.user_attrs["mlflow_run_id"]
+    return run
+
+
+def test_finetune_from_a_sweep_checkpoint_logs_predictions(stack, finetune):
+    run = finetune
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions/test.parquet",
                                                 tracking_uri=stack.server.url, dst_path=str(stack.work / "pred"))
     predictions = pd.read_parquet(local)
     assert len(predictions) == int(run.data.params["n_test"]) > 0
     assert {"image_id", "patient_id", "label:Pleural Effusion", "score:Pleural Effusion"} <= set(predictions)
+
+
+def test_checkpoints_and_predictions_land_in_the_bucket(stack, sweep, finetune):
+    """The S3 path: the server writes what workers log to s3://BUCKET/artifacts, read back with boto3."""
+    if stack.s3 is None:
+        pytest.skip(f"no S3 object store: {stack.s3_missing}")
+    bucket = compose_service("storage-init", stack.env)["environment"]["MLFLOW_BUCKET"]
+    keys = stack.s3.keys(bucket)
+    assert keys and all(k.startswith("artifacts/") for k in keys), keys[:20]
+    mc = client(stack)
+    sweep_id = mc.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id
+    for trial in load_study(stack).get_trials(states=(TrialState.COMPLETE,)):
+        model = f"artifacts/{sweep_id}/models/{trial.user_attrs['best_model_id']}/artifacts/state_dict.pt"
+        assert model in keys, [k for k in keys if k.endswith("state_dict.pt")]
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert f"artifacts/{sweep_id}/{run_id}/artifacts/config.json" in keys
+        assert not [k for k in keys if f"/{run_id}/artifacts/resume/" in k]  # deleted from the bucket too
+    # ... after they were written there. moto logs each request; MLflow deletes with DeleteObjects.
+    requests_seen = (stack.work / "s3.log").read_text(errors="replace").splitlines()
+    assert [line for line in requests_seen if '"PUT ' in line and "/artifacts/resume/epoch_" in line]
+    assert [line for line in requests_seen if '"POST ' in line and "?delete" in line]
+    run = finetune
+    prediction = f"artifacts/{run.info.experiment_id}/{run.info.run_id}/artifacts/predictions/test.parquet"
+    assert prediction in keys, [k for k in keys if run.info.run_id in k]
+    # The bytes in the bucket are the checkpoint itself: a plain state dict.
+    best = max(load_study(stack).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    blob = stack.s3.client().get_object(
+        Bucket=bucket, Key=f"artifacts/{sweep_id}/models/{best.user_attrs['best_model_id']}/artifacts/state_dict.pt")
+    state = torch.load(io.BytesIO(blob["Body"].read()), map_location="cpu", weights_only=True)
+    assert any(k.endswith("weight") for k in state)
+
+
+# -- (e) optuna-dashboard ---------------------------------------------------------------------------------
+def test_optuna_dashboard_serves_the_study(stack, sweep):
+    """The compose optuna-dashboard command, on 127.0.0.1, lists the workers' study through its API."""
+    pytest.importorskip("optuna_dashboard", reason="pip install 'optuna-dashboard>=0.17' (the dashboard extra)")
+    service = compose_service("optuna-dashboard", stack.env)
+    argv = [a.replace("postgres:5432", f"127.0.0.1:{stack.pg.port}") for a in service["command"]]
+    port = free_port()
+    argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)
+    assert argv[0] == "optuna-dashboard"
+    argv[0] = str(Path(sys.executable).parent / "optuna-dashboard")
+    url = f"http://127.0.0.1:{port}"
+    env = {**_clean_environ(), **service["environment"]}
+    with http_service(argv, env, health=f"{url}/api/meta", log=stack.work / "optuna-dashboard.log"):
+        studies = requests.get(f"{url}/api/studies", timeout=60).json()["study_summaries"]
+        [study] = [s for s in studies if s["study_name"] == STUDY]
+        detail = requests.get(f"{url}/api/studies/{study['study_id']}", timeout=60)
+        assert detail.status_code == 200, detail.text[:500]
+        states = [t["state"] for t in detail.json()["trials"]]
+        assert states.count("Complete") == N_TRIALS and "Fail" in states, states
+        assert requests.get(f"{url}/dashboard", timeout=60).status_code == 200  # the UI page itself
 
 
 # -- transient server errors ------------------------------------------------------------------------------

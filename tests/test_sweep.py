@@ -166,6 +166,24 @@ def test_parent_run_is_shared_by_study_name(tmp_path, tracking_uri):
     assert run.data.params["search.lr"] == "float[0.001, 0.05] log"
 
 
+def test_interrupted_sweep_ends_its_parent_killed_with_a_description(tmp_path, tracking_uri, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) with no other worker alive: the parent is KILLED."""
+    from mococxr.sweep import study as study_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "_work", interrupted)
+    spec = parse_spec(spec_dict(tmp_path, f"sqlite:///{tmp_path / 'o.db'}"), source="s.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, log=lambda line: None)
+    [parent] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert parent.info.status == "KILLED"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Optuna study **t**" in note and "0 complete" in note and "mococxr sweep s.yaml" in note
+    assert parent.data.metrics["sweep/n_complete"] == 0
+
+
 # -- studies -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
@@ -195,7 +213,7 @@ def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
     assert parent.data.tags["mococxr.optuna_trial"] == str(best.number)
     assert parent.data.metrics["val/linear_auc"] == pytest.approx(best.value)
 
-    assert result.promoted_uri == "models:/mococxr-resnet18/Staging"
+    assert result.promoted_uri == "models:/mococxr-resnet18@staging"
     promoted, info = registry.resolve(result.promoted_uri)
     logged, _ = registry.resolve(f"models:/{best.user_attrs['best_model_id']}")
     assert info["run_id"] == best.user_attrs["mlflow_run_id"]

@@ -62,12 +62,15 @@ class DatasetError(DataError):
 def format_problems(problems: Sequence[Problem], limit: int = MAX_LISTED) -> str:
     """One line per problem, the first ``limit`` of them and a count of the rest."""
     n = len(problems)
+    if n == 1 and not problems[0].message.startswith("image not found"):
+        return str(problems[0])  # one line, as the CLI prints an error
     head = "1 problem in the dataset:" if n == 1 else f"{n} problems in the dataset:"
     lines = [head, *(f"  {p}" for p in problems[:limit])]
     if n > limit:
         lines.append(f"  ... and {n - limit} more (`mococxr data check` lists them all)")
     if any(p.message.startswith("image not found") for p in problems):
-        lines.append("  (images missing on purpose? read the labels alone with require_images=False)")
+        lines.append("  (images elsewhere? point --root at the folder the image paths are relative to; labels "
+                     "without images: from Python, read_records(..., require_images=False))")
     return "\n".join(lines)
 
 
@@ -315,6 +318,14 @@ def duplicate_problems(parsed: Parsed) -> list[Problem]:
     return problems
 
 
+def empty_problems(parsed: Parsed) -> list[Problem]:
+    """A table without rows (a header-only CSV, an empty folder) is a problem, not an empty dataset."""
+    if len(parsed.records) or parsed.problems:
+        return []
+    return [Problem(parsed.file, None, "", "no images listed: the label file has no data rows (or the "
+                    "folder no images)")]
+
+
 def image_problems(parsed: Parsed, *, verify: bool) -> list[Problem]:
     paths = parsed.records["path"].to_numpy(str)
     exists = _exists(paths)
@@ -327,8 +338,9 @@ def image_problems(parsed: Parsed, *, verify: bool) -> list[Problem]:
     if len(paths) > 1 and not exists.any():
         # One line rather than one per row: the images are elsewhere, or this is a labels-only table.
         return [Problem(parsed.file, None, parsed.image_field,
-                        f"none of the {len(paths)} listed images exists (first: {paths[0]}); check the "
-                        "root, or read the labels alone with require_images=False")]
+                        f"none of the {len(paths)} listed images exists (first: {paths[0]}); point --root "
+                        "at the folder the image paths are relative to (from Python, labels alone: "
+                        "require_images=False)")]
     problems = [Problem(*where(i), parsed.image_field, f"image not found: {paths[i]}")
                 for i in np.flatnonzero(~exists)]
     if verify:
@@ -342,7 +354,7 @@ def image_problems(parsed: Parsed, *, verify: bool) -> list[Problem]:
 def finish(parsed: Parsed, *, require_images: bool, verify_images: bool) -> pd.DataFrame:
     if verify_images and not require_images:
         raise ValueError("verify_images=True needs require_images=True")
-    problems = parsed.problems + duplicate_problems(parsed)
+    problems = parsed.problems + duplicate_problems(parsed) + empty_problems(parsed)
     if require_images:
         problems += image_problems(parsed, verify=verify_images)
     if problems:

@@ -78,6 +78,8 @@ def synthesize(
     if not isinstance(size, int | np.integer) or size < 32:
         raise DataError(f"phantom size={size!r} is invalid; expected an image side of at least 32 pixels")
     out = Path(out)
+    if out.exists() and not out.is_dir():  # checked before any image is written
+        raise DataError(f"phantom --out {out} is a file, not a folder; name a folder (it is created)")
     if layout == "chexpert":
         train = _plan_chexpert(int(n), seed, _TRAIN, first_patient=1)
         first_valid = int(train[-1]["patient"]) + 1

@@ -36,6 +36,7 @@ from mococxr.data.parsing import (
     Problem,
     decode_error,
     duplicate_problems,
+    empty_problems,
     finish,
     format_problems,
     image_problems,
@@ -123,7 +124,8 @@ def check_dataset(dataset: str, root, csv=None, *, verify_images: bool = True, *
         parsed = _parse(dataset, root, csv, **kw)
     except DatasetError as e:
         return e.problems
-    problems = parsed.problems + duplicate_problems(parsed) + image_problems(parsed, verify=verify_images)
+    problems = (parsed.problems + duplicate_problems(parsed) + empty_problems(parsed)
+                + image_problems(parsed, verify=verify_images))
     return ordered(problems)
 
 

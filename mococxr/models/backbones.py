@@ -126,10 +126,9 @@ def load_state_dict_file(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or pickled objects: refuse rather than unpickle
-        raise DataError(
-            f"cannot read {what} {path} as a plain state dict ({type(e).__name__}: {e}). "
-            "Expected a file written by torch.save(model.state_dict())"
-        ) from e
+        where = what if str(path) in what else f"{what} ({path})"
+        raise DataError(f"{where} is not a usable checkpoint: {_load_problem(path, e)}; expected a file "
+                        "written by torch.save(model.state_dict())") from None
     if not isinstance(obj, Mapping):
         raise DataError(f"{what} {path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
     if not nested or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
@@ -141,6 +140,22 @@ def load_state_dict_file(
         f"{what} {path} is neither a state dict nor a training-state file with one of the keys "
         f"{', '.join(NESTED_STATE_KEYS)}; its top-level keys are {sorted(map(str, obj))[:10]}"
     )
+
+
+def _load_problem(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` refused a file, in one line (not PyTorch's advice to unpickle it anyway)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        kind = next((k for magic, k in _OTHER_FORMATS if head.startswith(magic)), "")
+        return f"it is not a PyTorch file{f' (it is {kind})' if kind else ''}"
+    if "Weights only load failed" in str(error) or "WeightsUnpickler" in str(error):
+        return "it holds pickled Python objects, which are never unpickled from a file (only tensors are read)"
+    return f"it is corrupt or truncated ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+
+
+_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF"),
+                  (b"\x89HDF", "an HDF5 file, e.g. Keras weights"))
 
 
 def _strip_wrappers(key: str) -> str:

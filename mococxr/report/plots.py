@@ -19,11 +19,13 @@ NAMES = {"auc": "AUC", "auprc": "AUPRC"}
 PROTOCOL_NAMES = {"linear": "linear (frozen backbone)", "e2e": "end-to-end"}
 
 
-def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str = "auc") -> Path:
+def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str = "auc",
+                title: str | None = None) -> Path:
     """Draw ``metric`` against label fraction (log axis) with CI bands and save a PNG at ``path``.
 
     ``absolute`` is the tidy absolute table of one task (columns backbone, init, protocol, fraction,
-    metric, point, lo, hi). One panel per architecture (rows) and protocol (columns).
+    metric, point, lo, hi). One panel per architecture (rows) and protocol (columns); ``title`` (the
+    task, dataset, test set and draws: see ``ReportContext.plot_title``) heads the figure.
     """
     data = absolute[absolute["metric"] == metric]
     if data.empty:
@@ -57,6 +59,8 @@ def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str 
                 ax.set_ylabel(f"test {NAMES.get(metric, metric)} (95% CI)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

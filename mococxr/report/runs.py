@@ -30,6 +30,7 @@ from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.tracking import mlflow as mt
 
 PREDICTIONS_ARTIFACT = "predictions/test.parquet"
+PHANTOM_MARKER = ".mococxr-phantom"  # the file mococxr/demo.py writes into the phantom's data root
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # A table cell: every draw of one architecture x initialization x protocol x label fraction.
 CELL = ["backbone", "init", "protocol", "fraction"]
@@ -102,9 +103,32 @@ def _run_row(run) -> dict:
     for key in ("backbone", "init", "protocol", "dataset", "task"):
         row[key] = t.get(mt.tag(key), "")
     row.update(fraction=fraction, draw=draw)
-    for key in ("test_manifest_sha256", "config_hash", "pretrain_run_id"):
+    for key in ("test_manifest_sha256", "config_hash", "pretrain_run_id", "registry_version", "checkpoint_epoch"):
         row[key] = t.get(mt.tag(key), "")
+    p = run.data.params
+    row.update(registered_model=p.get("init_registered_model", ""), phantom=_is_phantom(p),
+               test_source=_test_source(p))
     return row
+
+
+def _is_phantom(params: Mapping[str, str]) -> bool:
+    """Whether a run trained on the demo's phantom: its ``phantom`` param (finetune checks the marker file
+    mococxr/demo.py writes into the data root), else, for runs older than that param, the marker itself
+    when the run's data root is on this machine."""
+    if "phantom" in params:
+        return params["phantom"] == "True"
+    root = params.get("data.root")
+    return bool(root) and (Path(root) / PHANTOM_MARKER).is_file()
+
+
+def _test_source(params: Mapping[str, str]) -> str:
+    """Where a run's test images came from, in words, from its data params."""
+    if params.get("data.test_csv", "None") not in ("None", ""):
+        return f"the images of {params['data.test_csv']}"
+    if "data.test" in params:
+        return (f"a patient-level split ({params['data.test']} of patients, split seed "
+                f"{params.get('data.split_seed', '?')})")
+    return "unknown (the runs log no data params)"
 
 
 def cell_name(backbone: str, init: str, protocol: str, fraction: float) -> str:
@@ -189,29 +213,46 @@ def load_predictions(
     """Each run's ``predictions/test.parquet`` as a DataFrame, downloaded in parallel and cached.
 
     The cache key is the run id alone: the report only reads FINISHED runs, whose artifacts do not
-    change, so a cached file is reused as is. Files are written to a temporary name and renamed,
-    so an interrupted download never leaves a truncated cache entry.
+    change. Only a file that parsed enters the cache: it is downloaded into a temporary folder, read,
+    then renamed in, so neither an interrupted download nor a corrupt artifact is ever cached (a fixed
+    artifact is read afresh). A cached file that no longer parses is dropped and downloaded again.
+    A corrupt artifact is a ``DataError`` naming the run and the artifact.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     client = MlflowClient()
 
-    def fetch(run_id: str) -> Path:
+    def fetch(run_id: str) -> pd.DataFrame:
         path = cache / f"{run_id}.parquet"
         if path.is_file():
-            return path
+            try:
+                return pd.read_parquet(path)
+            except Exception:  # damaged on disk since (or cached by an older, unverifying version)
+                path.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             try:
                 local = client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp)
             except Exception as exc:  # MlflowException, OSError: the message names the run either way
                 raise TrackingError(f"run {run_id}: cannot download {PREDICTIONS_ARTIFACT}: {exc}") from exc
+            frame = read_predictions(local, run_id)
             os.replace(local, path)
-        return path
+        return frame
 
     with _quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
         jobs = pool.map(fetch, run_ids)
-        paths = list(tqdm(jobs, total=len(run_ids), desc="predictions", disable=not progress, leave=False))
-    return {rid: pd.read_parquet(p) for rid, p in zip(run_ids, paths, strict=True)}
+        frames = list(tqdm(jobs, total=len(run_ids), desc="predictions", disable=not progress, leave=False))
+    return dict(zip(run_ids, frames, strict=True))
+
+
+def read_predictions(path: str | os.PathLike, run_id: str) -> pd.DataFrame:
+    """A downloaded predictions file, or a ``DataError`` that names the run and says how to fix it."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ValueError depending on the damage
+        raise DataError(
+            f"run {run_id}: artifact {PREDICTIONS_ARTIFACT} is not a readable parquet file ({exc}); log it "
+            "again (or delete or filter out the run) and re-run the report; nothing was cached"
+        ) from exc
 
 
 @contextmanager

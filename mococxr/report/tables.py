@@ -10,7 +10,8 @@ are averaged across draws before the percentiles, as MoCo-CXR does.
 The improvement table compares one treatment init (``moco`` by default) with baseline inits
 (``random`` and ``imagenet``); the labels are the ones the fine-tune grid gave its inits.
 
-The report is itself an MLflow run (``mococxr.kind=report``, same experiment) holding the tables
+The report is itself an MLflow run (``mococxr.kind=report``, same experiment, updated in place when the
+same report is re-run: see :mod:`mococxr.report.record`) holding the tables
 (Markdown, CSV, LaTeX), the plots and the exact list of runs it used.
 """
 
@@ -18,19 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
 from mococxr.config import PROTOCOLS
 from mococxr.errors import ConfigError, DataError
 from mococxr.report.bootstrap import METRICS, BootstrapResult, bootstrap_counts, paired_bootstrap
+from mococxr.report.describe import ReportContext, percent, report_context, summary_metrics
+from mococxr.report.record import log_report, report_key
 from mococxr.report.runs import (
     CELL,
     PREDICTIONS_ARTIFACT,
@@ -71,6 +71,7 @@ class Report:
     paths: list[Path] = field(default_factory=list)
     run_id: str | None = None
     skipped_tasks: list[str] = field(default_factory=list)
+    context: ReportContext | None = None  # task, dataset, test set, draws, checkpoints: the words around it
 
 
 # --------------------------------------------------------------------------- bootstrap and tables
@@ -173,17 +174,22 @@ def improvement_table(
 # --------------------------------------------------------------------------- rendering
 
 
+FRACTION_HEADER = "label fraction "  # what rendered tables put before each percentage column heading
+
+
 def fraction_label(fraction: float) -> str:
     """0.001 -> '0.1%', 0.01 -> '1%', 1.0 -> '100%' (the paper's column headings)."""
-    return f"{round(100 * fraction, 6):g}%"
+    return percent(fraction)
 
 
-def wide_table(tidy: pd.DataFrame, metric: str = "auc", *, task: str | None = None, digits: int = 3) -> pd.DataFrame:
+def wide_table(tidy: pd.DataFrame, metric: str = "auc", *, task: str | None = None, digits: int = 3,
+               header: str = "") -> pd.DataFrame:
     """A paper-style table of strings: rows = cells (or comparisons), columns = label fractions.
 
     Works on either tidy table: rows are (Architecture, Init, Protocol) for the absolute table, a
     cell reading ``0.812 (0.790, 0.833)``, and (Architecture, Comparison) for the improvement table,
-    a cell reading ``+0.034 (0.012, 0.055)``.
+    a cell reading ``+0.034 (0.012, 0.055)``. Fraction columns are headed ``header + '10%'``: the
+    rendered report passes :data:`FRACTION_HEADER` so that a heading says what the percentage is.
     """
     sub = tidy[tidy["metric"] == metric]
     if task is not None:
@@ -200,11 +206,11 @@ def wide_table(tidy: pd.DataFrame, metric: str = "auc", *, task: str | None = No
         for f in fractions:
             if f in by_f.index:
                 r = by_f.loc[f]
-                row[fraction_label(f)] = f"{fmt.format(r.point)} ({r.lo:.{digits}f}, {r.hi:.{digits}f})"
+                row[header + fraction_label(f)] = f"{fmt.format(r.point)} ({r.lo:.{digits}f}, {r.hi:.{digits}f})"
             else:
-                row[fraction_label(f)] = ""
+                row[header + fraction_label(f)] = ""
         rows.append(row)
-    return pd.DataFrame(rows, columns=[heads[k] for k in keys] + [fraction_label(f) for f in fractions])
+    return pd.DataFrame(rows, columns=[heads[k] for k in keys] + [header + fraction_label(f) for f in fractions])
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -244,25 +250,29 @@ def _slug(text: str) -> str:
 
 
 def write_tables(out: Path, absolute: pd.DataFrame, improvement: pd.DataFrame, main_task: str,
-                 tasks: Sequence[str], title: str) -> list[Path]:
-    """Write the CSVs (tidy, numeric), one LaTeX file per table and one Markdown file with them all."""
+                 tasks: Sequence[str], title: str, *, preamble: Sequence[str] = ()) -> list[Path]:
+    """Write the CSVs (tidy, numeric), one LaTeX file per table and one Markdown file with them all.
+
+    ``preamble`` lines (what the report is about: see :class:`ReportContext`) open ``report.md``.
+    """
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     paths = [tables / "absolute.csv", tables / "improvement.csv"]
     absolute.to_csv(paths[0], index=False)
     improvement.to_csv(paths[1], index=False)
     names = {"auc": "AUC", "auprc": "AUPRC"}
-    sections = [f"# {title}\n"]
+    sections = [f"# {title}\n", *(f"- {line}" for line in preamble), ""] if preamble else [f"# {title}\n"]
     blocks = [("absolute", absolute, main_task, False), ("improvement", improvement, main_task, True)]
     blocks += [("absolute", absolute, t, False) for t in tasks if t != main_task and len(tasks) > 1]
     for kind, tidy, task, signed in blocks:
         if tidy.empty:
             continue
         for metric in METRICS:
-            table = wide_table(tidy, metric, task=task)
+            table = wide_table(tidy, metric, task=task, header=FRACTION_HEADER)
             if table.empty:
                 continue
-            what = f"{names[metric]} difference, MoCo - baseline" if signed else names[metric]
+            treatment = str(tidy["comparison"].iloc[0]).split(" ")[0] if signed else ""
+            what = f"{names[metric]} difference, {treatment} - baseline" if signed else names[metric]
             heading = f"{kind.capitalize()} {what}, task {task} (95% paired bootstrap CI)"
             sections.append(f"## {heading}\n\n{to_markdown(table)}")
             suffix = "" if task == main_task else f"_{_slug(task)}"
@@ -278,10 +288,17 @@ def format_report(report: Report) -> str:
     """The report's AUC tables as terminal text: absolute, then the paired improvement when there is one.
 
     Each table is a blank line, its title, a blank line and its Markdown; ``print(format_report(r))``
-    shows what ``mococxr report`` prints.
+    shows what ``mococxr report`` prints. With the report's context (any report ``build_report``
+    made), its lines come first, the titles name the task and dataset, and the fraction columns are
+    headed ``label fraction 10%``.
     """
-    tables = (("AUC (95% CI)", report.absolute), ("AUC difference, paired (95% CI)", report.improvement))
-    return "\n".join(f"\n{title}\n\n{to_markdown(wide_table(tidy, 'auc'))}" for title, tidy in tables if len(tidy))
+    ctx = report.context
+    where = f", {ctx.title}" if ctx else ""
+    header = FRACTION_HEADER if ctx else ""
+    tables = ((f"AUC (95% CI){where}", report.absolute), (f"AUC difference, paired (95% CI){where}", report.improvement))
+    text = "\n".join(f"\n{title}\n\n{to_markdown(wide_table(tidy, 'auc', header=header))}"
+                     for title, tidy in tables if len(tidy))
+    return ("\n".join(ctx.lines()) + "\n" + text) if ctx else text
 
 
 # --------------------------------------------------------------------------- the report
@@ -317,7 +334,7 @@ def build_report(
     """
     store = _check_arguments(n_replicates, groups, store, tracking_uri)
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
-    (out := Path(out)).mkdir(parents=True, exist_ok=True)
+    out = _out_folder(out)
 
     runs = _order(find_runs(experiment, dataset=dataset, task=task, backbone=backbone))
     check_runs(runs)
@@ -330,23 +347,35 @@ def build_report(
     improvement = improvement_table(runs, results, present, treatment=treatment)
     main_task = MEAN_TASK if MEAN_TASK in results else next(iter(results))
     per_task = {t: absolute[absolute["task"] == t].reset_index(drop=True) for t in results if t != MEAN_TASK}
+    context = report_context(experiment, runs, aligned.image_id, aligned.patient_id)
 
+    settings = {"filters": {"dataset": dataset, "task": task, "backbone": backbone}, "n_replicates": n_replicates,
+                "seed": seed, "groups": groups, "treatment": treatment, "baselines": baselines}
     used = runs[["run_id", "backbone", "init", "protocol", "fraction", "draw", "test_manifest_sha256"]]
-    manifest = {"experiment": experiment, "filters": {"dataset": dataset, "task": task, "backbone": backbone},
-                "n_replicates": n_replicates, "seed": seed, "groups": groups, "n_test_images": int(aligned.image_id.size),
+    manifest = {"experiment": experiment, **settings, "n_test_images": context.n_test_images,
+                "n_test_patients": context.n_test_patients, "test_source": context.test_source,
                 "skipped_tasks": skipped, "runs": used.to_dict(orient="records")}
-    paths = _write_report(out, runs, absolute, improvement, main_task, list(results), manifest)
+    paths = _write_report(out, absolute, improvement, main_task, list(results), manifest, context)
     report = Report(
         absolute=absolute[absolute["task"] == main_task].reset_index(drop=True),
         improvement=improvement[improvement["task"] == main_task].reset_index(drop=True),
-        per_task=per_task, runs=runs, paths=paths, skipped_tasks=skipped,
+        per_task=per_task, runs=runs, paths=paths, skipped_tasks=skipped, context=context,
     )
     if log_to_mlflow:
-        backbones = runs["backbone"].unique()
-        run_tags = mt.tags(kind="report", dataset=runs["dataset"].iloc[0], task=runs["task"].iloc[0],
-                           backbone=backbones[0] if len(backbones) == 1 else None)
-        report.run_id = _log_report(experiment, out, paths, manifest, run_tags, baselines)
+        report.run_id = _log_report(experiment, out, report, settings, context)
     return report
+
+
+def _out_folder(out: str | os.PathLike) -> Path:
+    """The report folder, created; a path naming an existing file is a ConfigError, before any work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"report out {str(path)!r} is an existing file, not a folder; name a folder (it is created)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission, a full disk
+        raise ConfigError(f"cannot create the report folder {str(path)!r}: {exc}") from exc
+    return path
 
 
 def _check_arguments(n_replicates: int, groups: str, store: mt.Store | None, tracking_uri: str | None) -> mt.Store:
@@ -362,34 +391,36 @@ def _check_arguments(n_replicates: int, groups: str, store: mt.Store | None, tra
     return mt.current_store(store)
 
 
-def _write_report(out: Path, runs: pd.DataFrame, absolute: pd.DataFrame, improvement: pd.DataFrame,
-                  main_task: str, tasks: list[str], manifest: dict) -> list[Path]:
+def _write_report(out: Path, absolute: pd.DataFrame, improvement: pd.DataFrame, main_task: str, tasks: list[str],
+                  manifest: dict, context: ReportContext) -> list[Path]:
     """The tables, the plots of the main task and ``runs.json`` under ``out``; returns the paths."""
     from mococxr.report.plots import plot_curves  # matplotlib only when a report is built
 
-    title = (f"mococxr report: experiment {manifest['experiment']}, task {runs['task'].iloc[0]}, "
-             f"dataset {runs['dataset'].iloc[0]}")
-    paths = write_tables(out, absolute, improvement, main_task, tasks, title)
+    paths = write_tables(out, absolute, improvement, main_task, tasks, f"mococxr report: {context.title}",
+                         preamble=context.lines())
     main = absolute[absolute["task"] == main_task]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     for metric in METRICS:
-        paths.append(plot_curves(main, plots / f"{metric}.png", metric=metric))
+        paths.append(plot_curves(main, plots / f"{metric}.png", metric=metric, title=context.plot_title()))
     runs_json = out / "runs.json"
     runs_json.write_text(json.dumps(manifest, indent=1))
     paths.append(runs_json)
     return paths
 
 
-def _log_report(experiment, out: Path, paths, manifest, run_tags, baselines) -> str:
-    with mt.start_run(experiment, run_name="report", run_tags=run_tags) as run:
-        mlflow.log_params({"replicates": manifest["n_replicates"], "seed": manifest["seed"],
-                           "groups": manifest["groups"], "baseline": ",".join(baselines),
-                           "n_runs": len(manifest["runs"]), "n_test_images": manifest["n_test_images"]})
-        with tempfile.TemporaryDirectory() as tmp:  # one upload of the whole tree, without the cache
-            for path in paths:
-                dest = Path(tmp) / path.relative_to(out)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-            mlflow.log_artifacts(tmp)
-        return run.info.run_id
+def _log_report(experiment: str, out: Path, report: Report, settings: dict, context: ReportContext) -> str:
+    """Create, or update in place, the report's MLflow run (see :mod:`mococxr.report.record`)."""
+    runs = report.runs
+    backbones = runs["backbone"].unique()
+    run_tags = mt.tags(kind="report", dataset=context.dataset, task=context.task,
+                       backbone=backbones[0] if len(backbones) == 1 else None)
+    params = {"replicates": settings["n_replicates"], "seed": settings["seed"], "groups": settings["groups"],
+              "treatment": settings["treatment"], "baseline": ",".join(settings["baselines"]),
+              **{f"filter.{k}": v for k, v in settings["filters"].items()}}
+    note = "\n\n".join([f"**Report**: {context.title}.", *context.lines(),
+                         "Tables in `report.md` and `tables/`, plots in `plots/`, the runs used in `runs.json`."])
+    name = f"report-{_slug(context.task)}-{context.dataset}" + ("-phantom" if context.phantom else "")
+    return log_report(experiment, out, report.paths, key=report_key(experiment, settings), run_name=name,
+                      run_tags=run_tags, params=params, note=note,
+                      metrics=summary_metrics(context, report.absolute, report.improvement))

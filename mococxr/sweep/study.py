@@ -34,9 +34,11 @@ import mlflow
 import optuna
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from optuna.trial import FrozenTrial, TrialState
 
 from mococxr.config import STAGES, PretrainConfig, flat_params, override
+from mococxr.console import mococxr
 from mococxr.data.prepare import Prepared, prepare
 from mococxr.errors import ConfigError
 from mococxr.sweep.spec import Param, StudySpec, load_spec, mask_password, parse_spec, valid_study_name
@@ -64,16 +66,18 @@ def parent_run(spec: StudySpec, study_name: str) -> str:
     return runs.parent_run(
         spec.experiment, key=mt.tags(kind="sweep", optuna_study=study_name), run_name=study_name,
         tags={**mt.tags(backbone=base.backbone, dataset=base.data.dataset, task=base.data.task),
-              "mlflow.note.content": f"Optuna study {study_name} over MoCo v2 pretraining ({spec.source})"},
+              MLFLOW_RUN_NOTE: describe_study(spec, study_name)},
         describe=describe,
     )
 
 
-def record_study(study: optuna.Study, parent_run_id: str, metric: str) -> FrozenTrial | None:
+def record_study(study: optuna.Study, parent_run_id: str, metric: str,
+                 spec: StudySpec | None = None) -> FrozenTrial | None:
     """Write the study's counts and best trial (run, epoch, score) on the parent run; returns the best.
 
     The best checkpoint is named with the same tags a fine-tune run uses for its init:
     ``mococxr.pretrain_run_id`` and ``mococxr.checkpoint_epoch``; ``mococxr.optuna_trial`` is its number.
+    With ``spec``, the parent's description (``mlflow.note.content``) is rewritten with the same summary.
     """
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state == s for t in trials) for s in (*FINISHED, TrialState.FAIL)}
@@ -88,8 +92,26 @@ def record_study(study: optuna.Study, parent_run_id: str, metric: str) -> Frozen
         tags = [RunTag(mt.tag("pretrain_run_id"), str(best.user_attrs.get("mlflow_run_id", ""))),
                 RunTag(mt.tag("checkpoint_epoch"), str(best.user_attrs.get("best_epoch", ""))),
                 RunTag(mt.tag("optuna_trial"), str(best.number))]
+    if spec is not None:
+        tags.append(RunTag(MLFLOW_RUN_NOTE, describe_study(spec, study.study_name, counts, best)))
     MlflowClient().log_batch(parent_run_id, metrics=metrics, tags=tags)
     return best
+
+
+def describe_study(spec: StudySpec, study_name: str, counts: Mapping[TrialState, int] | None = None,
+                   best: FrozenTrial | None = None) -> str:
+    """The study parent's description: what is searched, for what, how far it got, how to re-run or join it."""
+    space = ", ".join(f"{k} {p.describe()}" for k, p in spec.search_space.items())
+    text = (f"Optuna study **{study_name}** over MoCo v2 pretraining ({spec.source}): {spec.sampler.name} "
+            f"sampler, {spec.pruner.name} pruner, budget {study_budget(spec)} trials of {spec.epochs} epochs, "
+            f"{spec.direction} {spec.metric}; search space: {space}.")
+    if counts is not None:
+        text += (f" So far {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+                 f"{counts[TrialState.FAIL]} failed trials.")
+    if best is not None:
+        text += f" Best: trial {best.number}, {spec.metric} {best.value:.4f} at epoch {best.user_attrs.get('best_epoch')}."
+    return text + (f"\n\nRe-run or join it (another worker, same storage): `mococxr sweep {spec.source}`; "
+                   "finished trials are never repeated.")
 
 
 def _best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -283,8 +305,12 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
     study, parent_id = _open_study(spec)
     log(f"study {spec.name} ({mask_password(spec.storage)}): budget {study_budget(spec)} trials of {spec.epochs} "
         f"epochs, objective {spec.direction} {spec.metric}; MLflow parent run {parent_id}")
-    ran = _work(study, spec, parent_id, log, store, data)
-    best = record_study(study, parent_id, spec.metric)
+    try:
+        ran = _work(study, spec, parent_id, log, store, data)
+    except BaseException as exc:
+        _close_parent(study, spec, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    best = record_study(study, parent_id, spec.metric, spec)
     trials = study.get_trials(deepcopy=False)
     result = SweepResult(
         study_name=spec.name, storage=mask_password(spec.storage), parent_run_id=parent_id,
@@ -294,6 +320,8 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
     )
     if result.n_complete + result.n_pruned >= study_budget(spec):
         MlflowClient().set_terminated(parent_id, "FINISHED")
+    else:  # this worker gave up (failures in a row): the parent ends too unless others still work
+        _close_parent(study, spec, parent_id, "FAILED")
     if best is not None:
         result.best_trial, result.best_value, result.best_params = best.number, best.value, dict(best.params)
         result.best_run_id = best.user_attrs.get("mlflow_run_id")
@@ -304,6 +332,21 @@ def run_study(spec: StudySpec, *, promote: str | None = None, log: Callable[[str
     if promote is not None:
         _promote(result, spec, best, promote, log)
     return result
+
+
+def _close_parent(study: optuna.Study, spec: StudySpec, parent_id: str, status: str) -> None:
+    """End the parent run with ``status`` (KILLED on Ctrl-C/SIGTERM) unless another worker is still running
+    a trial; never raises, so the error that stopped this worker is the one reported."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # dead workers' trials no longer count as running
+        if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            return
+        record_study(study, parent_id, spec.metric, spec)
+        MlflowClient().set_terminated(parent_id, status)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def _open_study(spec: StudySpec) -> tuple[optuna.Study, str]:
@@ -357,7 +400,7 @@ def _work(study: optuna.Study, spec: StudySpec, parent_id: str, log: Callable[[s
             mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran[n_before:]]
             for t in mine:
                 log(_trial_line(t, spec, time.perf_counter() - t0))
-            record_study(study, parent_id, spec.metric)
+            record_study(study, parent_id, spec.metric, spec)
         if any(t.user_attrs.get("fail_reason", "").startswith("over budget") for t in mine):
             continue
         failures = failures + 1 if any(t.state == TrialState.FAIL for t in mine) else 0
@@ -374,9 +417,9 @@ def _promote(result: SweepResult, spec: StudySpec, best: FrozenTrial | None, sta
     result.registered_model = name
     result.registered_version = promote_best(name, result.best_run_id, int(result.best_epoch), stage,
                                              study_name=spec.name, trial=best.number)
-    result.promoted_uri = f"models:/{name}/{stage.capitalize()}"
+    result.promoted_uri = f"models:/{name}@{stage}"
     log(f"promoted trial {best.number} epoch {result.best_epoch} as {name} version "
-        f"{result.registered_version} to {stage}: mococxr finetune --init {result.promoted_uri}")
+        f"{result.registered_version} to {stage}: {mococxr('finetune', '--init', result.promoted_uri)}")
 
 
 def _fmt_params(params: Mapping[str, Any]) -> str:

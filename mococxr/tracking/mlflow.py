@@ -12,9 +12,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import MococxrError, TrackingError
+from mococxr.tracking.probe import probe_server, probe_sqlite
 
 TAG_PREFIX = "mococxr."
 DEFAULT_STORE_DIR = "mlruns"
 STATE_DICT_FILE = "state_dict.pt"
+# Database schemes (with an optional +driver) and tracking servers; MLflow's file store is refused.
+SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens "custom_model_development" in Model training mode
+NOTE_TAG = "mlflow.note.content"
 MODEL_INFO_FILE = "mococxr_model.json"
 
 # Tag keys (without the prefix) that DESIGN.md fixes; anything else is a bug in the caller.
@@ -39,6 +48,7 @@ TAG_KEYS = frozenset(
         "kind", "backbone", "init", "protocol", "dataset", "task", "label_fraction", "draw",
         "pretrain_run_id", "checkpoint_epoch", "optuna_study", "optuna_trial", "optuna_state",
         "manifest_sha256", "test_manifest_sha256", "config_hash", "registry_version", "grid", "preset", "image_size",
+        "owner", "heartbeat", "claim", "end_reason",  # run ownership: see start_run and tracking/runs.py
     }
 )
 
@@ -71,6 +81,9 @@ def resolve_tracking_uri(override: str | None = None) -> str:
             f"database store such as sqlite:///{Path(uri.removeprefix('file:')).resolve()}/mlflow.db "
             "or an http(s):// tracking server"
         )
+    if scheme.split("+", 1)[0] not in SUPPORTED_SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r}: unsupported scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
+                            "postgresql://..., mysql://..., mssql://... or an http(s):// tracking server")
     return uri
 
 
@@ -123,9 +136,12 @@ def open_store(tracking_uri: str | None = None) -> Store:
     store = _OPENED.get(uri)
     if store is None:
         db = _sqlite_path(uri)
+        if uri.startswith(("http://", "https://")):
+            probe_server(uri)
         mlflow.set_tracking_uri(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+            probe_sqlite(db)
             # Several processes starting on a new sqlite store race to create its tables (alembic fails
             # with "0 found"); the first one creates them under a lock, the others then find them.
             with open(db.with_name(db.name + ".lock"), "w") as lock:
@@ -149,7 +165,10 @@ def current_store(store: Store | None = None) -> Store:
 
 
 def ensure_experiment(name: str) -> str:
-    """The id of experiment ``name``, created with the project's artifact location if it is new."""
+    """The id of experiment ``name``, created with the project's artifact location if it is new.
+
+    Experiments are tagged as model training (``mlflow.experimentKind``), so the MLflow UI opens them on
+    their runs rather than in GenAI mode, and carry a description; an older experiment gains the kind."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -157,18 +176,97 @@ def ensure_experiment(name: str) -> str:
             raise TrackingError(
                 f"experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or pick another name"
             )
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         return exp.experiment_id
     root = artifact_root(mlflow.get_tracking_uri())
     location = None
     if root is not None:
         location = (root / name.replace("/", "_")).as_uri()
+    exp_tags = {EXPERIMENT_KIND_TAG: "custom_model_development",
+                NOTE_TAG: f"mococxr experiment {name!r}: runs logged by the `mococxr` command (see README.md)"}
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=exp_tags)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+HEARTBEAT_ENV = "MOCOCXR_HEARTBEAT_S"  # seconds between a running run's heartbeats (default 30)
+_CLAIMED: ContextVar[list[str] | None] = ContextVar("mococxr_claimed_run", default=None)
+
+
+def owner_id() -> str:
+    """``host:pid`` of this process: the ``mococxr.owner`` tag of the runs it starts."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def heartbeat_interval() -> float:
+    raw = os.environ.get(HEARTBEAT_ENV, "30")
+    try:
+        return max(0.05, float(raw))
+    except ValueError:
+        raise TrackingError(f"{HEARTBEAT_ENV}={raw!r}: expected a number of seconds") from None
+
+
+class Heartbeat:
+    """Sets ``mococxr.heartbeat`` (unix seconds) on a run from a daemon thread every interval, so another
+    process can tell a run whose owner died from one still working (see tracking/runs.py). One tag
+    write per interval (~8 ms on sqlite); a failed write is skipped, it only makes the run look older."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.interval = run_id, heartbeat_interval()
+        self._client = MlflowClient(mlflow.get_tracking_uri())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"mococxr-heartbeat-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._client.set_tag(self.run_id, tag("heartbeat"), str(int(time.time())))
+            except Exception:  # noqa: BLE001 - best effort, see the class docstring
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@contextmanager
+def claimed_run(run_id: str) -> Iterator[None]:
+    """The next :func:`start_run` in this context that names no ``run_id`` resumes ``run_id`` instead of
+    creating a run: the caller created and claimed it (a grid cell, see :mod:`mococxr.tracking.runs`).
+    The claimed run's heartbeat beats for the whole context, from the claim to the end of its work."""
+    token = _CLAIMED.set([run_id])
+    beat = Heartbeat(run_id)
+    try:
+        yield
+    finally:
+        beat.stop()
+        _CLAIMED.reset(token)
+
+
+def _end_after(exc: BaseException, where: str, run_id: str) -> None:
+    """Mark the active run KILLED (Ctrl-C, SIGTERM) or FAILED with the reason; raise what the caller should."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    try:
+        mlflow.set_tag(tag("end_reason"), "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED"
+                       else f"{type(exc).__name__}: {exc}"[:500])
+    except Exception:  # noqa: BLE001 - the reason is a courtesy; the status below is what matters
+        pass
+    try:
+        mlflow.end_run(status)
+    except Exception as end_exc:
+        raise TrackingError(
+            f"{where} stopped with {type(exc).__name__}: {exc}; marking it {status} failed too ({end_exc}), "
+            f"so it still shows RUNNING although it is incomplete: once the server is back, run "
+            f"MlflowClient().set_terminated({run_id!r}, {status!r})"
+        ) from exc
+    if isinstance(exc, (MlflowException, requests.RequestException)) and not isinstance(exc, MococxrError):
+        raise TrackingError(f"{where} is incomplete and marked {status}: logging failed: {exc}") from exc
 
 
 @contextmanager
@@ -186,32 +284,36 @@ def start_run(
     A logging call that fails for good (MLflow has already retried transient server errors) is raised
     as a ``TrackingError`` naming the run, the store and the request that failed, so a half-logged run
     never looks complete; if the run cannot even be marked, the error says it is left RUNNING.
+    The run carries its owner (``mococxr.owner`` = host:pid) and a ``mococxr.heartbeat`` refreshed every
+    ``MOCOCXR_HEARTBEAT_S`` seconds while the body runs, so a run whose process died can be told apart
+    and taken over (:func:`mococxr.tracking.runs.is_stale`). Inside :func:`claimed_run` it resumes the
+    claimed run instead of creating one.
     """
     exp_id = ensure_experiment(experiment)
     nested = mlflow.active_run() is not None
-    if run_id is not None:
-        run = mlflow.start_run(run_id=run_id, nested=nested)
+    claimed = _CLAIMED.get()
+    took_claim = run_id is None and bool(claimed)
+    if took_claim:
+        run_id = claimed.pop()  # the caller created this run for us; only the first start_run takes it
+    owner = tags(owner=owner_id(), heartbeat=int(time.time()))
+    if run_id is not None:  # resumed runs change owner; a claimed run also gets the body's name and tags
+        run = mlflow.start_run(run_id=run_id, nested=nested, run_name=run_name, tags={**(run_tags or {}), **owner})
     else:
         run = mlflow.start_run(
-            experiment_id=exp_id, run_name=run_name, tags=dict(run_tags or {}),
+            experiment_id=exp_id, run_name=run_name, tags={**(run_tags or {}), **owner},
             parent_run_id=parent_run_id, nested=nested,
         )
     where = f"run {run.info.run_id} (experiment {experiment!r}) in {mlflow.get_tracking_uri()}"
+    beat = None if took_claim else Heartbeat(run.info.run_id)  # claimed_run beats for a claimed run
     try:
         yield run
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        try:
-            mlflow.end_run(status)
-        except Exception as end_exc:
-            raise TrackingError(
-                f"{where} stopped with {type(exc).__name__}: {exc}; marking it {status} failed too ({end_exc}), "
-                f"so it still shows RUNNING although it is incomplete: once the server is back, run "
-                f"MlflowClient().set_terminated({run.info.run_id!r}, {status!r})"
-            ) from exc
-        if isinstance(exc, (MlflowException, requests.RequestException)) and not isinstance(exc, MococxrError):
-            raise TrackingError(f"{where} is incomplete and marked {status}: logging failed: {exc}") from exc
+        if beat is not None:
+            beat.stop()
+        _end_after(exc, where, run.info.run_id)
         raise
+    if beat is not None:
+        beat.stop()
     try:
         mlflow.end_run("FINISHED")
     except Exception as exc:
@@ -221,7 +323,23 @@ def start_run(
 
 def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
     """Log a JSON-serialisable object as ``artifact_file`` of the run."""
-    MlflowClient().log_dict(run_id or _active_run_id(), obj, artifact_file)
+    run_id = run_id or _active_run_id()
+    with _no_partial_file(run_id, artifact_file):
+        MlflowClient().log_dict(run_id, obj, artifact_file)
+
+
+@contextmanager
+def _no_partial_file(run_id: str, artifact_file: str) -> Iterator[None]:
+    """A copy into a local artifact folder that fails (full disk) leaves a truncated file: remove it."""
+    try:
+        yield
+    except OSError:
+        uri = MlflowClient().get_run(run_id).info.artifact_uri
+        if uri and uri.startswith("file:"):
+            from urllib.parse import unquote, urlparse
+
+            Path(unquote(urlparse(uri).path), artifact_file).unlink(missing_ok=True)
+        raise
 
 
 def log_parquet(df: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
@@ -231,7 +349,9 @@ def log_parquet(df: pd.DataFrame, artifact_file: str, run_id: str | None = None)
         local = Path(tmp) / path.name
         df.to_parquet(local, index=False)
         parent = str(path.parent) if str(path.parent) != "." else None
-        MlflowClient().log_artifact(run_id or _active_run_id(), str(local), parent)
+        run_id = run_id or _active_run_id()
+        with _no_partial_file(run_id, artifact_file):
+            MlflowClient().log_artifact(run_id, str(local), parent)
 
 
 def _active_run_id() -> str:
@@ -239,6 +359,14 @@ def _active_run_id() -> str:
     if run is None:
         raise TrackingError("no active MLflow run to log to")
     return run.info.run_id
+
+
+def _remove_local(artifact_uri: str | None) -> None:
+    """Delete a local artifact folder's contents (file: URIs only; a server's artifacts are its own)."""
+    if artifact_uri and artifact_uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        shutil.rmtree(unquote(urlparse(artifact_uri).path), ignore_errors=True)
 
 
 def log_state_dict_model(
@@ -273,6 +401,9 @@ def log_state_dict_model(
             (Path(tmp) / MODEL_INFO_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
             client.log_model_artifacts(model.model_id, tmp)
     except BaseException:
+        # A copy that failed halfway (full disk) leaves a truncated state_dict.pt: remove it, so that
+        # nothing reads it by its models:/ URI, and mark the model FAILED (resolvers use READY ones).
+        _remove_local(model.artifact_location)
         client.finalize_logged_model(model.model_id, "FAILED")
         raise
     client.finalize_logged_model(model.model_id, "READY")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -29,6 +31,8 @@ from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX
 
 STAGES = ("staging", "production", "archived")
 STAGE_TAG = TAG_PREFIX + "stage"
+FINETUNE_RUNS_TAG = TAG_PREFIX + "finetune_runs"  # how many FINISHED fine-tune runs used the version
+USES_HEADING = "Fine-tune runs that used this version"
 _STAGE_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)/?$")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 
@@ -93,7 +97,21 @@ def register(
         version_tags[f"metric.{metric.key}"] = f"{metric.value:.6g}"
     version_tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     mv = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
+    _describe_version(client, name, str(mv.version), run_id, version_tags)
     return str(mv.version)
+
+
+def _describe_version(client: MlflowClient, name: str, version: str, run_id: str | None, tags: dict) -> None:
+    """Descriptions for the MLflow UI: the model's (when it has none) and the new version's origin."""
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=(
+            "MoCo v2 pretrained chest X-ray encoders (mococxr). Each version is one pretraining run's "
+            "checkpoint at one epoch; the aliases `staging` and `production` mark the chosen ones. "
+            f"Use one with `mococxr finetune --init models:/{name}@production`."))
+    metrics = ", ".join(f"{k.removeprefix('metric.')} {v}" for k, v in tags.items() if k.startswith("metric."))
+    text = (f"Checkpoint of pretraining run {run_id} at epoch {tags.get(tag('checkpoint_epoch')) or '?'} "
+            f"(LoggedModel {tags[TAG_PREFIX + 'model_id']})" + (f"; {metrics}" if metrics else "") + ".")
+    client.update_model_version(name, version, description=text)
 
 
 def promote(name: str, version: str | int, stage: str) -> None:
@@ -210,7 +228,8 @@ def version_info(uri: str) -> dict[str, Any]:
     if mv is None:
         if uri.startswith("models:/m-"):
             model = client.get_logged_model(uri.removeprefix("models:/").strip("/"))
-            return {"run_id": model.source_run_id, "epoch": _epoch(model.tags.get(tag("checkpoint_epoch")))}
+            return {"run_id": model.source_run_id, "epoch": _epoch(model.tags.get(tag("checkpoint_epoch"))),
+                    "model_id": model.model_id}
         if uri.startswith("runs:/"):
             return {"run_id": uri.removeprefix("runs:/").split("/", 1)[0]}
         return {}
@@ -219,9 +238,77 @@ def version_info(uri: str) -> dict[str, Any]:
         "registry_version": str(mv.version),
         "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id),
         "epoch": _epoch(mv.tags.get(tag("checkpoint_epoch"))),
+        "model_id": mv.tags.get(TAG_PREFIX + "model_id") or getattr(mv, "model_id", None),
     }
 
 
 def _epoch(value: str | None) -> int | None:
     """Epoch tags are strings; ``info["epoch"]`` is an int whichever source filled it."""
     return int(value) if value not in (None, "") else None
+
+
+# --------------------------------------------------------------------------- who used a version
+
+
+def log_model_input(run_id: str, origin: dict[str, Any]) -> None:
+    """Log the checkpoint behind ``origin`` as the run's input model: the run page links to it.
+
+    Done through the client, not ``mlflow.log_inputs``, whose ``models=`` is refused outside Databricks
+    although the sqlite store and the tracking server both store model inputs.
+    """
+    if origin.get("model_id"):
+        MlflowClient().log_inputs(run_id, models=[LoggedModelInput(origin["model_id"])])
+
+
+def consumers_filter(name: str, version: str | int) -> str:
+    """The MLflow search filter that finds the finished fine-tune runs initialised from ``name`` ``version``."""
+    return (f"tags.`{tag('kind')}` = 'finetune' and tags.`{tag('registry_version')}` = '{version}' and "
+            f"params.init_registered_model = '{name}' and attributes.status = 'FINISHED'")
+
+
+def count_consumers(name: str, version: str | int) -> int:
+    """How many FINISHED fine-tune runs, in any active experiment, were initialised from the version."""
+    client = MlflowClient()
+    exp_ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        exp_ids += [e.experiment_id for e in page]
+        if not (token := page.token):
+            break
+    count, filt = 0, consumers_filter(name, version)
+    for i in range(0, len(exp_ids), 100):
+        token = None
+        while True:
+            page = client.search_runs(exp_ids[i:i + 100], filt, max_results=1000, page_token=token)
+            count += len(page)
+            if not (token := page.token):
+                break
+    return count
+
+
+def record_finetune_use(name: str, version: str | int) -> int | None:
+    """Tag the version with its fine-tune run count and say in its description how to find the runs.
+
+    The count is recounted by search, never incremented, so two runs finishing together both write a
+    true count (and re-check once: whoever writes last wrote what the store then held). The registry
+    is bookkeeping here: a failure warns and returns None, and the fine-tune run stays as logged.
+    """
+    client = MlflowClient()
+    try:
+        count = None
+        for _ in range(2):
+            fresh = count_consumers(name, version)
+            if fresh == count:
+                break
+            count = fresh
+            client.set_model_version_tag(name, str(version), FINETUNE_RUNS_TAG, str(count))
+        mv = client.get_model_version(name, str(version))
+        if USES_HEADING not in (mv.description or ""):
+            text = (f"{USES_HEADING} (count in tag `{FINETUNE_RUNS_TAG}`): in their experiment's run list, "
+                    f"search `{consumers_filter(name, version)}`. Each such run also shows this checkpoint "
+                    "under its logged models (inputs).")
+            client.update_model_version(name, str(version), description=f"{mv.description or ''}\n\n{text}".strip())
+        return count
+    except MlflowException as exc:
+        warnings.warn(f"could not record the fine-tune use of {name} version {version}: {exc}", stacklevel=2)
+        return None

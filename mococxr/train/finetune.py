@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
+import mlflow.data
 import numpy as np
 import pandas as pd
 import torch
@@ -34,11 +38,17 @@ from mococxr.data.transforms import build_transform
 from mococxr.errors import ConfigError, DataError
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
+from mococxr.tracking import registry
 from mococxr.tracking.registry import resolve_init
 
 # MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
 # log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
 FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
+PREDICTIONS_PARQUET = "predictions/test.parquet"
+PREDICTIONS_CSV = "predictions/test.csv"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+PHANTOM_MARKER = ".mococxr-phantom"  # written by mococxr/demo.py into the phantom's data root
+MANIFEST_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 
 
 def epochs_for_fraction(fraction: float) -> int:
@@ -179,6 +189,7 @@ def finetune(
     model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear").to(device)
     cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
 
+    phantom = is_phantom(cfg.data.root)
     run_tags = mt.tags(
         kind="finetune", backbone=cfg.backbone, init=_init_label(init_kind), protocol=cfg.protocol,
         dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
@@ -187,24 +198,39 @@ def finetune(
         test_manifest_sha256=manifests["test"].sha256, config_hash=config_hash(cfg), preset=cfg.preset,
         image_size=cfg.image_size,
     )
+    sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
+    note = describe_run(cfg, init_kind, origin, epochs=epochs, phantom=phantom, sizes=sizes)
     with mt.start_run(cfg.experiment, run_name=cfg.run_name or _run_name(cfg, init_kind),
-                      run_tags={**run_tags, **(extra_tags or {})}, parent_run_id=parent_run_id) as run:
+                      run_tags={**run_tags, NOTE_TAG: note, **(extra_tags or {})},
+                      parent_run_id=parent_run_id) as run:
+        run_id = run.info.run_id
         mlflow.log_params({**flat_params(cfg), "epochs_resolved": epochs, "init_resolved": init_kind,
-                           "n_train": len(train), "n_val": len(val), "n_test": len(test)})
+                           "phantom": phantom, **_origin_params(origin), **sizes})
         mt.log_json(to_dict(cfg), "config.json")
-        for name, manifest in manifests.items():
-            mt.log_json(manifest.to_dict(), f"manifests/{name}.json")
+        _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
+        registry.log_model_input(run_id, origin)
         best_epoch, best_auc = _fit(model, cfg, train, val, tasks, cache=cache, device=device, epochs=epochs,
                                     progress=progress)
 
         test_scores = predict(model, test, cfg, cache, device)
         y_test = label_matrix(test, tasks)
         test_metrics = task_metrics(y_test, test_scores, tasks, "test")
-        mlflow.log_metrics({"best_epoch": best_epoch, "val/best_auc": best_auc, **test_metrics})
         predictions = prediction_table(test, tasks, y_test, test_scores)
-        mt.log_parquet(predictions, "predictions/test.parquet")
-        run_id = run.info.run_id
+        _log_outcome(best_epoch, best_auc, test_metrics, predictions)
+        mlflow.set_tag(NOTE_TAG, note + _result_line(best_epoch, epochs, best_auc, test_metrics))
+    if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
+        registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
     return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+
+
+def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float], predictions: pd.DataFrame) -> None:
+    """Summary metrics and the per-image test predictions of the chosen epoch."""
+    # best/* are the summary a user reads in the runs table; best_epoch and val/best_auc are kept
+    # under their old names for code and saved searches that read them.
+    mlflow.log_metrics({"best/epoch": best_epoch, "best/val_auc": best_auc, "best_epoch": best_epoch,
+                        "val/best_auc": best_auc, **test_metrics})
+    mt.log_parquet(predictions, PREDICTIONS_PARQUET)  # what the report reads
+    _log_csv(predictions, PREDICTIONS_CSV)  # what the MLflow UI previews as a table
 
 
 def _fit(model: Classifier, cfg: FinetuneConfig, train: pd.DataFrame, val: pd.DataFrame, tasks: list[str], *,
@@ -267,3 +293,86 @@ def _init_label(kind: str) -> str:
 
 def _run_name(cfg: FinetuneConfig, kind: str) -> str:
     return f"{_init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
+
+
+def is_phantom(root: str | Path) -> bool:
+    """Whether ``root`` is the demo's synthetic phantom (its marker file), logged as param ``phantom``."""
+    return (Path(root) / PHANTOM_MARKER).is_file()
+
+
+def percent(fraction: float) -> str:
+    """0.1 -> '10%', 0.001 -> '0.1%'."""
+    return f"{round(100 * fraction, 6):g}%"
+
+
+def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, epochs: int, phantom: bool,
+                 sizes: dict[str, int]) -> str:
+    """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen."""
+    protocol = {"linear": "linear (frozen backbone, new linear head)", "e2e": "end-to-end (all layers trained)"}
+    lines = [f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
+             f"init **{_init_label(init_kind)}**{_checkpoint_text(cfg.init, origin)}.",
+             f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
+             f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
+             f"test {sizes['n_test']} images.",
+             f"Dataset {cfg.data.dataset}{' (synthetic phantom)' if phantom else ''} at `{cfg.data.root}`, "
+             f"task {cfg.data.task}.",
+             f"Epochs: {epochs} ({'set by --epochs' if cfg.epochs else _epoch_rule(cfg)}). The reported epoch "
+             "is the one with the best validation AUC (metrics `best/epoch`, `best/val_auc`); the test set is "
+             "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`)."]
+    return "\n\n".join(lines)
+
+
+def _checkpoint_text(init: str, origin: dict) -> str:
+    if not origin:
+        return ""
+    where = f" from `{init}`"
+    if origin.get("registry_version"):
+        where += f": registered model {origin['registered_model']} version {origin['registry_version']}"
+    if origin.get("run_id"):
+        epoch = f", epoch {origin['epoch']}" if origin.get("epoch") is not None else ""
+        where += f" (pretraining run {origin['run_id']}{epoch})"
+    return where
+
+
+def _epoch_rule(cfg: FinetuneConfig) -> str:
+    scale = f" x epochs_scale {cfg.epochs_scale:g}" if cfg.epochs_scale != 1 else ""
+    return f"MoCo-CXR's label-fraction schedule for {percent(cfg.fraction)}{scale}"
+
+
+def _result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float]) -> str:
+    text = f"\n\n**Result**: best epoch {best_epoch} of {epochs} (validation AUC {best_auc:.4f})"
+    if "test/auc" in test:
+        text += f"; test AUC {test['test/auc']:.4f}, AUPRC {test['test/auprc']:.4f}"
+    return text + "."
+
+
+def _origin_params(origin: dict) -> dict[str, str]:
+    """The checkpoint behind a ``models:/`` init as params, searchable (``params.init_registered_model``)."""
+    keys = {"registered_model": "init_registered_model", "registry_version": "init_registry_version",
+            "model_id": "init_model_id"}
+    return {param: str(origin[key]) for key, param in keys.items() if origin.get(key) is not None}
+
+
+def _log_manifests(manifests: dict, parts: dict[str, pd.DataFrame], cfg: FinetuneConfig, *, phantom: bool,
+                   run_id: str) -> None:
+    """Each manifest as a JSON artifact and, with its images' ids and patients, as an MLflow dataset
+    input (the UI's Dataset column) whose digest is the manifest's hash."""
+    dataset = f"{cfg.data.dataset}{'-phantom' if phantom else ''}"
+    names = {"train": f"{dataset} train {percent(cfg.fraction)} draw {cfg.draw}", "val": f"{dataset} val",
+             "test": f"{dataset} test"}
+    inputs = []
+    for name, manifest in manifests.items():
+        mt.log_json(manifest.to_dict(), f"manifests/{name}.json", run_id=run_id)
+        frame = parts[name][["image_id", "patient_id"]].astype(str).reset_index(drop=True)
+        with warnings.catch_warnings():  # a local path can be read as several kinds of source: any will do
+            warnings.simplefilter("ignore", UserWarning)
+            inputs.append(mlflow.data.from_pandas(frame, source=str(Path(cfg.data.root).resolve()),
+                                                  name=names[name], digest=manifest.sha256[:16]))
+    mlflow.log_inputs(inputs, contexts=[MANIFEST_CONTEXTS[n] for n in manifests], tags_list=[None] * len(inputs))
+
+
+def _log_csv(df: pd.DataFrame, artifact_file: str) -> None:
+    path = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        df.to_csv(Path(tmp) / path.name, index=False)
+        mlflow.log_artifact(str(Path(tmp) / path.name), str(path.parent))

@@ -4,7 +4,9 @@ Every epoch logs loss, pretext top-1 accuracy, learning rate, images/s and secon
 the query encoder as a LoggedModel, and the full training state as the resume point. Interrupted runs
 continue with ``--resume RUN_ID`` in the same run and reach the same weights (on CPU) as an
 uninterrupted run: each epoch reseeds every random source from (seed, epoch), so nothing depends on
-how many epochs ran in this process.
+how many epochs ran in this process. A damaged resume point stops the resume and changes nothing
+(``--resume-from EPOCH`` continues from an intact earlier one); by default the resume point is deleted
+once the run has finished or was pruned (``resume_state``), its epoch checkpoints never.
 
 Under ``torchrun`` the loop runs DDP (gloo on CPU, nccl on CUDA) with FAIR's cross-process shuffle-BN;
 only rank 0 talks to MLflow.
@@ -13,7 +15,6 @@ only rank 0 talks to MLflow.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -24,13 +25,14 @@ from functools import partial
 from typing import Any
 
 import mlflow
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from mococxr.config import PretrainConfig, build, config_hash, flat_params, to_dict
+from mococxr.config import PretrainConfig, config_hash, flat_params, to_dict
 from mococxr.data.dataset import CXRDataset, seed_worker
 from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import Manifest
@@ -41,6 +43,7 @@ from mococxr.models.moco import MoCo
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.registry import resolve_init
 from mococxr.train import checkpoints
+from mococxr.train.progress import progress as progress_bar
 from mococxr.train.schedules import build_optimizer, build_scheduler
 
 EpochCallback = Callable[[int, torch.nn.Module, dict[str, float]], dict[str, float] | None]
@@ -139,6 +142,7 @@ class Training:
     origin: dict[str, Any]  # where a checkpoint init came from (run id, epoch, registry version)
     start_epoch: int = 1
     progress: bool = True
+    label: str = ""  # names the run in progress lines: its run name, else backbone and run id
 
 
 # -- the loop -----------------------------------------------------------------------------------------
@@ -149,6 +153,7 @@ def pretrain(
     store: mt.Store | None = None,
     resume: str | None = None,
     resume_epochs: int | None = None,
+    resume_from: int | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     on_epoch_end: EpochCallback | None = None,
@@ -156,7 +161,8 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain MoCo v2 per ``cfg``; with ``resume=RUN_ID`` continue that run where it stopped.
 
-    A resumed run takes its config from the run itself (``cfg`` is ignored); ``resume_epochs`` extends it.
+    A resumed run takes its config from the run itself (``cfg`` is ignored); ``resume_epochs`` extends it,
+    and ``resume_from`` picks the epoch whose resume point to continue from (default: the newest).
     ``data``: prepared from ``cfg.data`` when not given (images, and the monitor's labeled splits).
     ``store``: the tracking store (the one in force when not given); only rank 0 talks to it.
     ``on_epoch_end(epoch, encoder, metrics)`` runs on rank 0 after each epoch and may return extra
@@ -169,11 +175,11 @@ def pretrain(
         store = _from_rank0(lambda: mt.current_store(store), rank)
         mt.current_store(store)
         state = None
+        if resume_from is not None and resume is None:
+            raise ConfigError("--resume-from needs --resume RUN_ID: the run whose epoch to continue from")
         if resume is not None:
             # rank 0 reads the run; every rank then trains from the same config and state
-            cfg, state = _from_rank0(
-                lambda: (_config_of_run(resume, resume_epochs), checkpoints.load_resume_state(resume)), rank
-            )
+            cfg, state = _from_rank0(partial(checkpoints.resume_point, resume, resume_epochs, resume_from), rank)
         if cfg.batch_size % world:  # the config checked the rest; only here is the world size known
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
         data = prepare(cfg.data) if data is None else data
@@ -183,7 +189,7 @@ def pretrain(
         result = PretrainResult(run_id="")
         with contextlib.ExitStack() as run_scope:  # rank 0 enters the MLflow run into it; it ends the run
             if resume is None:
-                open_run = partial(_start_run, run_scope, t, data.manifests["pretrain"], parent_run_id, extra_tags)
+                open_run = partial(_start_run, run_scope, t, data, parent_run_id, extra_tags)
             else:
                 open_run = partial(_reopen_run, run_scope, t, resume, state, result)
             result.run_id = _from_rank0(open_run, rank)  # every rank knows the run it trains for
@@ -192,6 +198,8 @@ def pretrain(
                 if _from_rank0(partial(_end_epoch, t, result, epoch, metrics, callbacks), rank):
                     result.stopped_early = True
                     break
+            if cfg.resume_state == "until_done":  # finished or pruned: nothing left to resume
+                _from_rank0(partial(checkpoints.delete_resume_states, result.run_id), rank)
             if dist.is_initialized():
                 dist.barrier()  # no rank leaves (and tears down the group) while another still logs
         return result
@@ -247,29 +255,74 @@ def _setup(cfg: PretrainConfig, data: Prepared, state: dict[str, Any] | None, *,
                     start_epoch, progress)
 
 
-def _start_run(run_scope: contextlib.ExitStack, t: Training, manifest: Manifest, parent_run_id: str | None,
+def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, parent_run_id: str | None,
                extra_tags: dict[str, str] | None) -> str:
     """Rank 0: start a new MLflow run inside ``run_scope`` and log what defines it; returns its id."""
-    cfg = t.cfg
+    cfg, manifest = t.cfg, data.manifests["pretrain"]
     run_tags = mt.tags(
         kind="pretrain", backbone=cfg.backbone, init=t.init, dataset=cfg.data.dataset,
         manifest_sha256=manifest.sha256, config_hash=config_hash(cfg), preset=cfg.preset,
         image_size=cfg.image_size, pretrain_run_id=t.origin.get("run_id"),
     )
+    run_tags = {**run_tags, **(extra_tags or {})}
+    run_tags[_NOTE] = describe(cfg, t.init, len(manifest.image_ids), run_tags)
     run = run_scope.enter_context(mt.start_run(
-        cfg.experiment, run_name=cfg.run_name, run_tags={**run_tags, **(extra_tags or {})},
-        parent_run_id=parent_run_id,
+        cfg.experiment, run_name=cfg.run_name, run_tags=run_tags, parent_run_id=parent_run_id,
     ))
+    t.label = run_label(cfg, run.info.run_id)
     mlflow.log_params({**flat_params(cfg), "init_resolved": t.init, "world_size": t.world})
     mt.log_json(to_dict(cfg), "config.json")
     mt.log_json(manifest.to_dict(), "manifests/pretrain.json")
+    _log_dataset(cfg, data.pretrain, manifest)
     return run.info.run_id
+
+
+_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+
+
+def run_label(cfg: PretrainConfig, run_id: str) -> str:
+    """What names a run in checkpoint names and progress lines: its run name (a sweep trial's is
+    ``<study>-trialNNN``), else backbone and run id."""
+    return cfg.run_name or f"{cfg.backbone}-{run_id[:8]}"
+
+
+def describe(cfg: PretrainConfig, init: str, n_images: int, run_tags: dict[str, str]) -> str:
+    """The run's description: what was trained on what, how, and for which study trial."""
+    origin = f"from {cfg.init}" if init == "checkpoint" else f"{init} init"
+    text = (f"MoCo v2 pretraining of {cfg.backbone} ({origin}) on {cfg.data.dataset}/{cfg.data.task}: "
+            f"{cfg.epochs} epochs over {n_images} images at {cfg.image_size} px, batch {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr:g} with a {cfg.scheduler} schedule, queue K={cfg.moco_k}, "
+            f"m={cfg.moco_m:g}, T={cfg.moco_t:g}. Each epoch's encoder is a logged model.")
+    if cfg.monitor:
+        text += (" A linear evaluation on the validation split scores every epoch (val/linear_auc); "
+                 "best/val_linear_auc and best/epoch name the best epoch so far.")
+    study, trial = run_tags.get(mt.tag("optuna_study")), run_tags.get(mt.tag("optuna_trial"))
+    if study is not None:
+        text += f" Trial {trial} of the Optuna study {study!r}; the study's parent run compares its trials."
+    return text
+
+
+def _log_dataset(cfg: PretrainConfig, records: pd.DataFrame, manifest: Manifest) -> None:
+    """The pretraining images as the run's dataset input (the UI's Dataset column)."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.pandas_dataset import from_pandas
+
+    # a source built from its JSON: resolving a bare path warns that two registered classes match it
+    source = get_dataset_source_from_json(json.dumps({"uri": cfg.data.root}), "local")
+    frame = records[["image_id", "patient_id"]].reset_index(drop=True)
+    # MLflow stores at most 36 characters of a digest; the full hash is the manifest_sha256 tag
+    dataset = from_pandas(frame, source=source, name="pretrain", digest=manifest.sha256[:32])
+    mlflow.log_input(dataset, context="pretrain")
 
 
 def _reopen_run(run_scope: contextlib.ExitStack, t: Training, run_id: str, state: dict[str, Any] | None,
                 result: PretrainResult) -> str:
     """Rank 0: reopen run ``run_id`` inside ``run_scope`` and repair what a crash left behind."""
     run = run_scope.enter_context(mt.start_run(t.cfg.experiment, run_id=run_id))
+    t.label = run_label(t.cfg, run_id)
+    if t.cfg.epochs != int(run.data.params.get("epochs", t.cfg.epochs)):  # extended: say so in the description
+        mlflow.set_tag(_NOTE, describe(t.cfg, t.init, len(t.dataset), run.data.tags)
+                       + f" Extended from {run.data.params['epochs']} epochs by a resume.")
     last = int(state["epoch"]) if state else 0
     checkpoints.reconcile(run_id, last, state.get("metrics") if state else None)
     result.history = {int(k): v for k, v in json.loads(state["history"]).items()} if state else {}
@@ -293,7 +346,7 @@ def _train_one_epoch(t: Training, epoch: int) -> dict[str, float]:
     t0 = time.perf_counter()
     loss_sum = acc_sum = 0.0
     n_seen = 0
-    bar = tqdm(loader, desc=f"pretrain epoch {epoch}/{cfg.epochs}", disable=not t.progress, leave=False)
+    bar = progress_bar(loader, f"[{t.label}] pretrain epoch {epoch}/{cfg.epochs}", enabled=t.progress)
     for (im_q, im_k), _ in bar:
         im_q = im_q.to(device, non_blocking=True, memory_format=torch.channels_last)
         im_k = im_k.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -310,6 +363,7 @@ def _train_one_epoch(t: Training, epoch: int) -> dict[str, float]:
         acc_sum += (logits.argmax(dim=1) == labels).float().sum().item()  # pretext top-1: the positive key wins
         n_seen += b
         bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", acc1=f"{100 * acc_sum / n_seen:.1f}")
+    bar.close()
     seconds = time.perf_counter() - t0
     totals = torch.tensor([loss_sum, acc_sum, float(n_seen)], dtype=torch.float64)
     if t.world > 1:
@@ -343,7 +397,7 @@ def _end_epoch(t: Training, result: PretrainResult, epoch: int, metrics: dict[st
     run = mlflow.active_run()
     encoder_state = {k: v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
     model_id = mt.log_state_dict_model(
-        encoder_state, name=f"{cfg.backbone}-epoch{epoch:03d}", run_id=run.info.run_id,
+        encoder_state, name=f"{t.label}-epoch{epoch:03d}", run_id=run.info.run_id,
         experiment_id=run.info.experiment_id, step=epoch,
         info={"backbone": cfg.backbone, "epoch": epoch, "run_id": run.info.run_id,
               "feature_dim": model.encoder_q.feature_dim, "image_size": cfg.image_size},
@@ -362,18 +416,20 @@ def _end_epoch(t: Training, result: PretrainResult, epoch: int, metrics: dict[st
         "history": json.dumps(result.history),
     })
     mlflow.log_metrics(metrics, step=epoch, model_id=model_id)
+    _log_best(result.history)
     checkpoints.apply_retention(run.info.run_id, cfg.keep, result.history)
     tqdm.write(
-        f"epoch {epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}  acc1 {metrics['train/acc1']:.1f}%  "
+        f"[{t.label}] epoch {epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}  acc1 {metrics['train/acc1']:.1f}%  "
         f"lr {metrics['train/lr']:.2e}  {metrics['train/images_per_s']:.1f} img/s"
         + "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if not k.startswith("train/"))
     )
     return stop
 
 
-def _config_of_run(run_id: str, epochs: int | None) -> PretrainConfig:
-    """The config a run was started with, so ``--resume`` needs nothing else; ``epochs`` may extend it."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json")
-    with open(path) as fh:
-        logged = build(PretrainConfig, json.load(fh), where=f"config.json of run {run_id}")
-    return logged if epochs is None else dataclasses.replace(logged, epochs=epochs)
+def _log_best(history: dict[int, dict[str, float]], metric: str = "val/linear_auc") -> None:
+    """The best epoch so far as summary metrics (no step), so the run's overview shows the selected
+    epoch rather than the last; the earliest epoch wins a tie, as in the study's selection."""
+    scored = {e: h[metric] for e, h in history.items() if metric in h and math.isfinite(h[metric])}
+    if scored:
+        best = max(scored, key=lambda e: (scored[e], -e))
+        mlflow.log_metrics({"best/" + metric.replace("/", "_"): scored[best], "best/epoch": best})

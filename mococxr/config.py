@@ -419,7 +419,11 @@ def from_flags(cls: type[T], args: Any, *, base: T | None = None, yaml_path: str
             if not isinstance(node, dict):
                 raise ConfigError(f"{yaml_path}: {p}: expected a mapping")
         node[parts[-1]] = value
-    return build(cls, data, where=yaml_path or "flags")
+    try:
+        return build(cls, data, where=yaml_path or "flags")
+    except ConfigError as exc:  # name a flag's value as the user typed it: --batch-size=0, not flags.batch_size
+        raise ConfigError(re.sub(r"^flags\.(?:\w+\.)*(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=",
+                                 str(exc))) from None
 
 
 def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

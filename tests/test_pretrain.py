@@ -23,13 +23,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mococxr.config import DataConfig, PretrainConfig, build, to_dict
+from mococxr.console import PlainProgress, progress
 from mococxr.data import prepare as prepare_module
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError
 from mococxr.tracking import mlflow as mt
 from mococxr.train import checkpoints
 from mococxr.train.pretrain import pretrain
-from mococxr.train.progress import PlainProgress, progress
 
 EPOCHS = 4
 # Settings under which the phantom's loss falls within a few epochs: the queue (K = 2 batches) fills

@@ -259,7 +259,7 @@ class ImageCache:
         try:
             # The pool first, then the bar: no progress-bar thread exists when the workers fork.
             with _decoder(workers, len(todo)) as imap, tqdm(
-                total=n, initial=start, desc=f"caching images at {size}px", unit="img", disable=not progress
+                total=n, initial=start, desc=f"caching images at {size}px", unit="img", disable=None if progress else True  # None: off when not a terminal
             ) as bar:
                 for row, array in enumerate(imap(partial(_load_row, size=size), todo), start=start):
                     images[row] = array

@@ -24,8 +24,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from tqdm import tqdm
 
+from mococxr.console import progress as progress_bar
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.tracking import mlflow as mt
 
@@ -240,7 +240,7 @@ def load_predictions(
 
     with _quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
         jobs = pool.map(fetch, run_ids)
-        frames = list(tqdm(jobs, total=len(run_ids), desc="predictions", disable=not progress, leave=False))
+        frames = list(progress_bar(jobs, "predictions", total=len(run_ids), enabled=progress))
     return dict(zip(run_ids, frames, strict=True))
 
 

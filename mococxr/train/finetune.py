@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mococxr.config import FinetuneConfig, config_hash, flat_params, to_dict
+from mococxr.console import progress as progress_bar
 from mococxr.data.dataset import CXRDataset
 from mococxr.data.labels import label_matrix
 from mococxr.data.prepare import Prepared, open_cache, prepare
@@ -247,8 +247,8 @@ def _fit(model: Classifier, cfg: FinetuneConfig, train: pd.DataFrame, val: pd.Da
                         num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
     y_val = label_matrix(val, tasks)
     best_auc, best_epoch, best_state = -math.inf, 0, None
-    bar = tqdm(range(1, epochs + 1), desc=f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}",
-               disable=not progress, leave=False)
+    # a bar on a terminal, a plain line every few seconds in a log file (never carriage-return redraws)
+    bar = progress_bar(range(1, epochs + 1), f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}", enabled=progress)
     for epoch in bar:
         model.train()
         t0, loss_sum, n = time.perf_counter(), 0.0, 0

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from mococxr.config import PretrainConfig, config_hash, flat_params, to_dict
+from mococxr.console import progress as progress_bar
 from mococxr.data.dataset import CXRDataset, seed_worker
 from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import Manifest
@@ -43,7 +44,6 @@ from mococxr.models.moco import MoCo
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.registry import resolve_init
 from mococxr.train import checkpoints
-from mococxr.train.progress import progress as progress_bar
 from mococxr.train.schedules import build_optimizer, build_scheduler
 
 EpochCallback = Callable[[int, torch.nn.Module, dict[str, float]], dict[str, float] | None]

@@ -213,7 +213,7 @@ def next_commands(store: Any, optuna_storage: str, names: DemoNames, data: Any, 
 def _print_commands(commands: dict[str, list[str]], names: DemoNames) -> None:
     print("browse everything (from this folder):")
     if "mlflow_ui" in commands:
-        print(f"  {shlex.join(commands['mlflow_ui'])}   # http://127.0.0.1:5000")
+        print(f"  {shlex.join(commands['mlflow_ui'])}   # http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
     else:
         print("  the runs are on the tracking server: open its address in a browser")
     print(f"  {shlex.join(commands['optuna_dashboard'])}   # http://127.0.0.1:8080")

@@ -28,7 +28,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -111,8 +110,8 @@ def describe_study(spec: StudySpec, study_name: str, counts: Mapping[TrialState,
                  f"{counts[TrialState.FAIL]} failed trials.")
     if best is not None:
         text += f" Best: trial {best.number}, {spec.metric} {best.value:.4f} at epoch {best.user_attrs.get('best_epoch')}."
-    # a spec read from a file can be run again as is; one made in code (the demo) by the command that made it
-    again = f"`mococxr sweep {spec.source}`" if Path(spec.source).is_file() else "the command that started it"
+    # a spec read from a YAML file can be run again as is; one made in code (the demo) by the command that made it
+    again = f"`mococxr sweep {spec.source}`" if spec.source.endswith((".yaml", ".yml")) else "the command that started it"
     return text + (f"\n\nRe-run or join it (another worker, same storage): {again}; "
                    "finished trials are never repeated.")
 

@@ -380,6 +380,11 @@ def flag_fields(cls: type, only: tuple[str, ...] | None = None) -> list[tuple[st
     return out
 
 
+def flag_name(key: str) -> str:
+    """The CLI flag of a dotted config key: ``data.split_seed`` -> ``--split-seed``."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
 def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, show_defaults: bool = True) -> None:
     """One ``--flag`` per config field (``data.root`` -> ``--root``), help and choices from the field.
 
@@ -388,7 +393,7 @@ def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, sh
 
     for key, f, hint in flag_fields(cls, only):
         base, _ = _options(hint)
-        flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+        flag = flag_name(key)
         kwargs: dict[str, Any] = {"dest": key, "default": None}
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
@@ -402,28 +407,22 @@ def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, sh
                             **kwargs)
 
 
-def from_flags(cls: type[T], args: Any, *, base: T | None = None, yaml_path: str | None = None,
+def from_flags(cls: type[T], args: Any, *, yaml_path: str | None = None,
                only: tuple[str, ...] | None = None) -> T:
     """The config the command line asks for: the YAML (if any), then every flag that was given."""
-    data = to_dict(base) if base is not None else {}
-    if yaml_path:
-        data = _merge(data, load_yaml(yaml_path))
-    given = {key: getattr(args, key, None) for key, _, _ in flag_fields(cls, only)}
-    for key, value in given.items():
-        if value is None:
-            continue
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{yaml_path}: {p}: expected a mapping")
-        node[parts[-1]] = value
+    flags: dict[str, Any] = {}
+    for key, _, _ in flag_fields(cls, only):
+        if (value := getattr(args, key, None)) is not None:
+            *path, leaf = key.split(".")
+            node = flags
+            for p in path:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    data = _merge(load_yaml(yaml_path), flags) if yaml_path else flags
     try:
         return build(cls, data, where=yaml_path or "flags")
     except ConfigError as exc:  # name a flag's value as the user typed it: --batch-size=0, not flags.batch_size
-        raise ConfigError(re.sub(r"^flags\.(?:\w+\.)*(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + "=",
-                                 str(exc))) from None
+        raise ConfigError(re.sub(r"^flags\.((?:\w+\.)*\w+)=", lambda m: flag_name(m.group(1)) + "=", str(exc))) from None
 
 
 def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def _as_path(path: str) -> str:
 def next_commands(store: Any, optuna_storage: str, names: DemoNames, data: Any, size: DemoSize) -> dict[str, list[str]]:
     """argv lists of what to run next: the MLflow UI, optuna-dashboard and one fine-tune of the promoted
     checkpoint (into its own experiment, so the demo's report cells stay one run each)."""
-    from mococxr.config import DataConfig
+    from mococxr.config import DataConfig, flag_name
     from mococxr.tracking.mlflow import default_tracking_uri
 
     uri = as_typed(store.tracking_uri)
@@ -194,7 +194,7 @@ def next_commands(store: Any, optuna_storage: str, names: DemoNames, data: Any, 
     store_flag = [] if store.tracking_uri == default_tracking_uri() else ["--tracking-uri", uri]
     data_flags: list[str] = []
     for f in fields(DataConfig):
-        value, flag = getattr(data, f.name), "--" + f.name.replace("_", "-")
+        value, flag = getattr(data, f.name), flag_name(f.name)
         if value == getattr(DataConfig(), f.name):
             continue
         if isinstance(value, bool):

@@ -16,7 +16,6 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from mococxr.tracking import mlflow as mt
 
 PREDICTIONS_ARTIFACT = "predictions/test.parquet"
 PHANTOM_MARKER = ".mococxr-phantom"  # the file mococxr/demo.py writes into the phantom's data root
-PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # A table cell: every draw of one architecture x initialization x protocol x label fraction.
 CELL = ["backbone", "init", "protocol", "fraction"]
 _REQUIRED_TAGS = ("backbone", "init", "protocol", "label_fraction", "draw")
@@ -238,7 +236,7 @@ def load_predictions(
             os.replace(local, path)
         return frame
 
-    with _quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
+    with mt.quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
         jobs = pool.map(fetch, run_ids)
         frames = list(progress_bar(jobs, "predictions", total=len(run_ids), enabled=progress))
     return dict(zip(run_ids, frames, strict=True))
@@ -253,20 +251,6 @@ def read_predictions(path: str | os.PathLike, run_id: str) -> pd.DataFrame:
             f"run {run_id}: artifact {PREDICTIONS_ARTIFACT} is not a readable parquet file ({exc}); log it "
             "again (or delete or filter out the run) and re-run the report; nothing was cached"
         ) from exc
-
-
-@contextmanager
-def _quiet_downloads():
-    """MLflow draws one progress bar per downloaded file; one bar over all runs is drawn instead."""
-    old = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = old
 
 
 def align_predictions(predictions: Mapping[str, pd.DataFrame]) -> Aligned:

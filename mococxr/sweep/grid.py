@@ -114,15 +114,15 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True,
     done = runs.finished_hashes(spec.experiment)
     try:
         for i, (label, cfg) in enumerate(jobs, 1):
-            head = f"[{i}/{len(jobs)}] {label:>8} {cfg.protocol:>6} fraction {cfg.fraction:g} draw {cfg.draw}"
-            if config_hash(cfg) in done:
+            head, h = _head(i, len(jobs), label, cfg), config_hash(cfg)
+            if h in done:
                 result.skipped += 1
-                result.run_ids.append(done[config_hash(cfg)])
-                print(f"{head}: finished before (run {done[config_hash(cfg)][:8]}), skipped", flush=True)
+                result.run_ids.append(done[h])
+                print(f"{head}: finished before (run {done[h][:8]}), skipped", flush=True)
                 continue
             if data is None:
                 data = prepare(spec.base.data)  # one split for the whole grid: one test set
-            _run_cell(spec, label, cfg, head, result, data=data, store=store, progress=progress)
+            _run_cell(spec, label, cfg, h, head, result, data=data, store=store, progress=progress)
     except BaseException as exc:
         try:
             _close(spec, jobs, result, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -133,14 +133,19 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True,
     return result
 
 
-def _run_cell(spec: GridSpec, label: str, cfg, head: str, result: GridResult, *, data: Prepared,
+def _head(i: int, n: int, label: str, cfg) -> str:
+    """The start of a cell's progress line: ``[3/32]   moco linear fraction 0.1 draw 1``."""
+    return f"[{i}/{n}] {label:>8} {cfg.protocol:>6} fraction {cfg.fraction:g} draw {cfg.draw}"
+
+
+def _run_cell(spec: GridSpec, label: str, cfg, cfg_hash: str, head: str, result: GridResult, *, data: Prepared,
               store: mt.Store, progress: bool) -> None:
     """Claim one cell and fine-tune it in the claimed run; a failed cell is recorded, not raised."""
     from mococxr.train.finetune import finetune
 
     cell = mt.tags(grid=spec.name, init=label)  # the grid's own label is what the report groups by
     run_id, holder = runs.claim_run(
-        spec.experiment, mt.tags(kind="finetune", config_hash=config_hash(cfg)), parent_run_id=result.parent_run_id,
+        spec.experiment, mt.tags(kind="finetune", config_hash=cfg_hash), parent_run_id=result.parent_run_id,
         run_name=f"{spec.name}-{label}-{cfg.protocol}-f{cfg.fraction:g}-d{cfg.draw}",
         tags={**cell, **mt.tags(protocol=cfg.protocol, label_fraction=cfg.fraction, draw=cfg.draw)},
     )
@@ -205,7 +210,7 @@ def _dry_run(spec: GridSpec, jobs: list) -> GridResult:
     """Print each cell's state (finished, held elsewhere, would run); read the store, write nothing."""
     result = GridResult(parent_run_id="", total=len(jobs))
     for i, (label, cfg) in enumerate(jobs, 1):
-        head = f"[{i}/{len(jobs)}] {label:>8} {cfg.protocol:>6} fraction {cfg.fraction:g} draw {cfg.draw}"
+        head = _head(i, len(jobs), label, cfg)
         finished, live = runs.cell_runs(spec.experiment, mt.tags(kind="finetune", config_hash=config_hash(cfg)),
                                         fix_stale=False)
         if finished:

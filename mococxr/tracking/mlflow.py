@@ -34,6 +34,7 @@ from mococxr.errors import MococxrError, TrackingError
 from mococxr.tracking.probe import probe_server, probe_sqlite
 
 TAG_PREFIX = "mococxr."
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 DEFAULT_STORE_DIR = "mlruns"
 STATE_DICT_FILE = "state_dict.pt"
 # Database schemes (with an optional +driver) and tracking servers; MLflow's file store is refused.
@@ -319,6 +320,21 @@ def start_run(
     except Exception as exc:
         raise TrackingError(f"{where}: everything was logged, but marking it FINISHED failed ({exc}); "
                             f"it shows RUNNING until MlflowClient().set_terminated({run.info.run_id!r})") from exc
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """Artifact downloads without MLflow's per-file progress bar (noise for one file, one long line in a
+    log file; a caller that downloads many files draws its own bar over all of them)."""
+    old = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = old
 
 
 def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:

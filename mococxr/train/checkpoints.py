@@ -35,13 +35,12 @@ from mlflow.tracking import MlflowClient
 from mococxr.config import PretrainConfig, build, parse_keep
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.models.backbones import load_state_dict_file
-from mococxr.tracking.mlflow import TAG_PREFIX, tag
+from mococxr.tracking.mlflow import TAG_PREFIX, quiet_downloads, tag
 
 RESUME_DIR = "resume"
 KEEP_RESUME_STATES = 2  # the newest and the one before it: an intact epoch to fall back to
 KEPT_TAG = TAG_PREFIX + "kept"  # on a checkpoint that reconcile/retention would have deleted
 _RESUME_FILE = re.compile(r"epoch_(\d+)\.(pt|json)$")
-_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
 
 
@@ -327,13 +326,6 @@ def config_of_run(run_id: str, epochs: int | None) -> PretrainConfig:
 
 
 def _download(run_id: str, path: str) -> str:
-    """Download one artifact without MLflow's progress bar (noise for one file, worse in a log file)."""
-    old = os.environ.get(_PROGRESS_ENV)
-    os.environ[_PROGRESS_ENV] = "false"
-    try:
+    """Download one artifact without MLflow's progress bar."""
+    with quiet_downloads():
         return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
-    finally:
-        if old is None:
-            os.environ.pop(_PROGRESS_ENV, None)
-        else:
-            os.environ[_PROGRESS_ENV] = old

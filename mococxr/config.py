@@ -37,6 +37,7 @@ Scheduler = Literal["cosine", "milestone", "constant"]
 Shuffle = Literal["auto", "split_bn", "ddp", "none"]
 Preset = Literal["cxr", "mocov2"]
 Protocol = Literal["linear", "e2e"]
+Head = Literal["standardized", "plain"]
 Stage = Literal["staging", "production"]
 ResumeState = Literal["until_done", "keep"]
 
@@ -47,16 +48,18 @@ OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 PRESETS: tuple[str, ...] = typing.get_args(Preset)
 PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
+HEADS: tuple[str, ...] = typing.get_args(Head)
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
 
-def opt(default: Any, help: str, *, check: str | None = None, flag: bool = True) -> Any:
+def opt(default: Any, help: str, *, check: str | None = None, flag: bool = True, hash_default: bool = True) -> Any:
     """A config field: its default, the help text its CLI flag shows, and a range ``check``.
 
     ``check`` is one of ``positive``, ``nonnegative``, ``fraction`` (0 <= x < 1), ``label_fraction``
-    (0 < x <= 1), ``keep``. ``flag=False`` keeps a field out of the CLI.
+    (0 < x <= 1), ``keep``. ``flag=False`` keeps a field out of the CLI; ``hash_default=False`` keeps it
+    out of :func:`config_hash` while it holds its default (a field added after configs were hashed).
     """
-    meta = {"help": help, "check": check, "flag": flag}
+    meta = {"help": help, "check": check, "flag": flag, "hash_default": hash_default}
     if isinstance(default, (list, dict)):
         raise TypeError("mutable defaults are not allowed in a frozen config")
     return field(default=default, metadata=meta)
@@ -133,8 +136,8 @@ class PretrainConfig(Validated):
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: Backbone = opt("resnet18", "encoder architecture")
-    init: str = opt("auto", "auto (imagenet when its weights file is present, else random) | random | imagenet "
-                    "| checkpoint path | models:/ or runs:/ URI")
+    init: str = opt("auto", "auto (imagenet when its weights file is present, else random, said on stderr and in "
+                    "tag mococxr.init_fallback) | random | imagenet | checkpoint path | models:/ or runs:/ URI")
     image_size: int = opt(224, "input size in pixels", check="positive")
     batch_size: int = opt(16, "images per step", check="positive")
     epochs: int = opt(20, "pretraining epochs", check="positive")
@@ -175,13 +178,18 @@ class FinetuneConfig(Validated):
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: Backbone = opt("resnet18", "encoder architecture")
-    init: str = opt("random", "random | imagenet | checkpoint path | models:/NAME@production | runs:/ URI")
+    init: str = opt("random", "random | imagenet | auto (imagenet if its weights file is present, else random, said on "
+                    "stderr and in tag mococxr.init_fallback) | checkpoint path | models:/NAME@production | runs:/ URI")
     protocol: Protocol = opt("linear", "linear (frozen backbone in eval mode, new head) | e2e (all layers)")
+    head: Head = opt("standardized", "linear protocol's head: standardized (parameter-free BatchNorm, then linear) | "
+                     "plain (the paper's: linear on the frozen features)", hash_default=False)
     fraction: float = opt(1.0, "label fraction of the train split (0-1]", check="label_fraction")
     draw: int = opt(0, "index of the random label-fraction draw", check="nonnegative")
     seed: int = opt(0, "seed of the draw, initialisation and shuffling")
     epochs: int | None = opt(None, "epochs (default: the label-fraction rule)", check="positive")
     epochs_scale: float = opt(1.0, "multiplies the label-fraction epoch rule", check="positive")
+    min_steps: int = opt(0, "at least this many optimizer steps: raises the epochs (--epochs or the label-fraction rule)"
+                         " to ceil(min_steps / steps per epoch)", check="nonnegative", hash_default=False)
     lr: float = opt(3e-5, "learning rate", check="positive")
     weight_decay: float = opt(0.0, "weight decay", check="nonnegative")
     batch_size: int = opt(16, "images per step", check="positive")
@@ -343,8 +351,18 @@ def flat_params(cfg: Any) -> dict[str, str]:
 
 
 def config_hash(cfg: Any) -> str:
-    """sha256 of the canonical JSON of a config (key order and formatting do not matter)."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """sha256 of the canonical JSON of a config (key order, formatting, unhashed defaults do not matter)."""
+    return hashlib.sha256(json.dumps(_hashed(cfg, to_dict(cfg)), sort_keys=True).encode()).hexdigest()
+
+
+def _hashed(cfg: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """``to_dict(cfg)`` less the ``hash_default=False`` fields at their default: hashed as before they existed."""
+    for f in fields(cfg):
+        if dataclasses.is_dataclass(value := getattr(cfg, f.name)):
+            _hashed(value, data[f.name])
+        elif not f.metadata.get("hash_default", True) and value == f.default:
+            del data[f.name]
+    return data
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -104,3 +104,31 @@ def test_every_field_has_a_documented_flag():
         for key, _, _ in config.flag_fields(cls):
             assert key in actions and actions[key].help, f"{command}: {key} has no documented flag"
     assert config.PROTOCOLS == ("linear", "e2e") and "chexpert" in config.DATASETS
+
+
+# The hash of a default FinetuneConfig before the head and min_steps fields existed: grid cells run
+# with it must stay finished (config_hash is what makes a grid idempotent).
+DEFAULT_FINETUNE_HASH = "22e6047f107da07c2ab6ff6c13a57b9b94ac053473fa359e0e19757daecaad54"
+
+
+def test_new_fields_at_their_default_leave_the_hash_unchanged():
+    cfg = FinetuneConfig()
+    assert cfg.head == "standardized" and cfg.min_steps == 0 and config.HEADS == ("standardized", "plain")
+    assert config.config_hash(cfg) == DEFAULT_FINETUNE_HASH
+    explicit = build(FinetuneConfig, {"head": "standardized", "min_steps": 0})
+    assert config.config_hash(explicit) == DEFAULT_FINETUNE_HASH
+    changed = {config.config_hash(dataclasses.replace(cfg, **kw)) for kw in
+               ({"head": "plain"}, {"min_steps": 500}, {"head": "plain", "min_steps": 500}, {"lr": 1e-3})}
+    assert len(changed) == 4 and DEFAULT_FINETUNE_HASH not in changed
+    # the fields are logged as parameters all the same
+    assert {"head": "standardized", "min_steps": "0"}.items() <= config.flat_params(cfg).items()
+
+
+def test_head_and_min_steps_flags():
+    args = build_parser().parse_args(["finetune", "--head", "plain", "--min-steps", "500", "--lr", "1e-3"])
+    cfg = from_flags(FinetuneConfig, args)
+    assert (cfg.head, cfg.min_steps, cfg.lr) == ("plain", 500, 1e-3)
+    with pytest.raises(ConfigError, match="min_steps=-1: expected a number >= 0"):
+        build(FinetuneConfig, {"min_steps": -1})
+    with pytest.raises(ConfigError, match="head='mlp': expected one of standardized, plain"):
+        build(FinetuneConfig, {"head": "mlp"})

@@ -153,6 +153,11 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     params = run.data.params
     assert params["protocol"] == "linear" and params["init"] == uri and params["data.task"] == TWO_TASKS
     assert params["epochs_resolved"] == "2" and params["init_resolved"] == "checkpoint"
+    assert params["head"] == "standardized" and params["min_steps"] == "0"
+    steps = len(splits["train"]) // cfg.batch_size  # the last partial batch is dropped
+    assert (params["steps_per_epoch"], params["optimizer_steps"]) == (str(steps), str(2 * steps))
+    # every linear run is set against the fast probe on its own draw: both tasks probed, so a gap
+    assert run.data.metrics["val/probe_gap"] == pytest.approx(run.data.metrics["val/probe_auc"] - res.val_auc)
     assert int(params["n_test"]) == len(splits["test"]) and int(params["n_val"]) == len(splits["val"])
     tags = run.data.tags
     train_manifest = make_manifest("train", splits["train"], seed=cfg.seed, fraction=1.0, draw=0)
@@ -206,6 +211,7 @@ def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run:
     for text in ("protocol linear", "init **moco**", "registered model mococxr-test version 1",
                  f"pretraining run {pretrain_run}, epoch 3", "Label fraction **100%**", "draw 0",
                  "Dataset chexpert (synthetic phantom)", f"task {TWO_TASKS}", "Epochs: 2 (set by --epochs)",
+                 "on standardized features (parameter-free BatchNorm, head standardized)", "**Probe**",
                  "best validation AUC", f"best epoch {res.best_epoch} of 2"):
         assert text in note, text
     assert run.data.params["phantom"] == "True" and run.data.params["init_registered_model"] == "mococxr-test"
@@ -250,6 +256,7 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     assert tags[mt.tag("label_fraction")] == "0.5" and tags[mt.tag("draw")] == "1"
     assert "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "False"
     assert not run.inputs.model_inputs and "init_registered_model" not in run.data.params
+    assert "val/probe_auc" not in run.data.metrics and "val/probe_gap" not in run.data.metrics
     assert mt.tag("pretrain_run_id") not in tags and mt.tag("registry_version") not in tags
     n_train = int(run.data.params["n_train"])
     assert 0 < n_train < len(splits["train"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
-from mococxr.models.backbones import available_imagenet_weights, load_state_dict_file
+from mococxr.models.backbones import (
+    _imagenet_candidates,
+    available_imagenet_weights,
+    imagenet_weights_filename,
+    load_state_dict_file,
+)
 from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, tag
 
 STAGES = ("staging", "production", "archived")
 STAGE_TAG = TAG_PREFIX + "stage"
 FINETUNE_RUNS_TAG = TAG_PREFIX + "finetune_runs"  # how many FINISHED fine-tune runs used the version
+INIT_FALLBACK_TAG = TAG_PREFIX + "init_fallback"  # why init auto started a run from random weights
 USES_HEADING = "Fine-tune runs that used this version"
 _STAGE_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)/?$")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
@@ -203,15 +210,40 @@ def resolve(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def resolve_init(init: str, backbone: str) -> tuple[str, dict[str, torch.Tensor] | None, dict[str, Any]]:
     """(init kind, state dict or None, origin info) for a config's ``init``, ready for ``build_encoder``.
 
-    ``auto`` picks imagenet when its weights file is present, else random; anything other than
-    ``random``/``imagenet`` is a checkpoint reference resolved by :func:`resolve` (kind ``checkpoint``).
+    ``auto`` picks imagenet when its weights file is present, else random: never silently, the fallback
+    is one line on stderr (once per process and backbone) and ``origin["init_fallback"]`` holds the
+    reason, which :func:`fallback_tags` turns into the run's ``mococxr.init_fallback`` tag. Anything
+    other than ``random``/``imagenet`` is a checkpoint reference resolved by :func:`resolve` (kind
+    ``checkpoint``).
     """
+    origin: dict[str, Any] = {}
     if init == "auto":
         init = "imagenet" if available_imagenet_weights(backbone) is not None else "random"
+        if init == "random":
+            origin["init_fallback"] = _say_fallback(backbone)
     if init in ("random", "imagenet"):
-        return init, None, {}
+        return init, None, origin
     state, info = resolve(init)
     return "checkpoint", state, info
+
+
+_FALLBACKS_SAID: set[str] = set()  # backbones whose init auto fallback this process has announced
+
+
+def _say_fallback(backbone: str) -> str:
+    """The reason init auto fell back to random; printed on stderr the first time per backbone."""
+    looked = " or ".join(str(p) for p in _imagenet_candidates(backbone))
+    reason = f"init auto: no ImageNet weights for {backbone} at {looked}; started from random init"
+    if backbone not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(backbone)
+        print(f"mococxr: {reason} (put torchvision's {imagenet_weights_filename(backbone)} there, or pass "
+              "--init random to silence this)", file=sys.stderr, flush=True)
+    return reason
+
+
+def fallback_tags(origin: dict[str, Any]) -> dict[str, str]:
+    """``{"mococxr.init_fallback": reason}`` when :func:`resolve_init` fell back to random, else ``{}``."""
+    return {INIT_FALLBACK_TAG: origin["init_fallback"]} if origin.get("init_fallback") else {}
 
 
 def version_info(uri: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.tracking.registry import resolve_init
+from mococxr.train.linear_eval import ProbeGap, probe_gap
 
 # MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
 # log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
@@ -63,17 +64,20 @@ def epochs_for_fraction(fraction: float) -> int:
 class Classifier(nn.Module):
     """An encoder and a new linear head; ``frozen`` keeps the encoder in eval mode without gradients.
 
-    A frozen encoder's features are standardised by a parameter-free BatchNorm (running averages over
-    every batch seen, no affine) before the linear layer, as MAE's linear probe does: the probe then
-    does not depend on the scale of the features, which differs by orders of magnitude between a
-    random, an ImageNet and a MoCo encoder (MoCo's own linear evaluation needs lr 30 for that reason).
-    It is the same standardisation the fast linear evaluation applies, and it is still a linear model.
+    With ``standardize`` (config ``head: standardized``, the default) a frozen encoder's features are
+    standardised by a parameter-free BatchNorm (running averages over every batch seen, no affine)
+    before the linear layer, as MAE's linear probe does: the probe then does not depend on the scale of
+    the features, which differs by orders of magnitude between a random, an ImageNet and a MoCo encoder
+    (MoCo's own linear evaluation needs lr 30 for that reason). It is the same standardisation the fast
+    linear evaluation applies, and it is still a linear model. ``standardize=False`` (``head: plain``)
+    is the paper's linear model: the linear layer directly on the frozen features.
     """
 
-    def __init__(self, encoder: nn.Module, n_out: int, *, frozen: bool):
+    def __init__(self, encoder: nn.Module, n_out: int, *, frozen: bool, standardize: bool = True):
         super().__init__()
         self.encoder, self.frozen = encoder, frozen
-        self.norm = nn.BatchNorm1d(encoder.feature_dim, affine=False, momentum=None) if frozen else nn.Identity()
+        standardized = frozen and standardize
+        self.norm = nn.BatchNorm1d(encoder.feature_dim, affine=False, momentum=None) if standardized else nn.Identity()
         self.head = nn.Linear(encoder.feature_dim, n_out)
         if frozen:
             for p in self.encoder.parameters():
@@ -162,6 +166,58 @@ def _draw(cfg: FinetuneConfig, data: Prepared):
     return train, val, test, manifests
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains: its epochs, the optimizer steps they make, and the rule that decided.
+
+    ``rule_epochs`` come from ``--epochs`` when set, else from MoCo-CXR's label-fraction schedule (times
+    ``epochs_scale``); ``min_steps`` is a floor on top of either: the run trains
+    ``max(rule_epochs, ceil(min_steps / steps_per_epoch))`` epochs. ``steps_per_epoch`` is what the
+    train loader yields (see :func:`train_loader`), so a tiny draw trains long enough to converge.
+    """
+
+    epochs: int
+    steps_per_epoch: int
+    rule_epochs: int
+    rule: str
+    min_steps: int = 0
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def params(self) -> dict[str, int]:
+        return {"epochs_resolved": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                "optimizer_steps": self.optimizer_steps}
+
+    def describe(self) -> str:
+        steps = f"{self.optimizer_steps} optimizer steps, {self.steps_per_epoch} per epoch"
+        if self.epochs > self.rule_epochs:
+            return f"{self.epochs} (min_steps {self.min_steps} raised them from {self.rule_epochs}, {self.rule}); {steps}"
+        met = f"; min_steps {self.min_steps} already met" if self.min_steps else ""
+        return f"{self.epochs} ({self.rule}{met}); {steps}"
+
+
+def training_budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
+    """The :class:`Budget` of ``cfg`` for a train loader of ``steps_per_epoch`` batches."""
+    if cfg.epochs:
+        rule_epochs, rule = cfg.epochs, "set by --epochs"
+    else:
+        rule_epochs, rule = max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale))), _epoch_rule(cfg)
+    steps_per_epoch = max(1, steps_per_epoch)
+    epochs = max(rule_epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    return Budget(epochs, steps_per_epoch, rule_epochs, rule, cfg.min_steps)
+
+
+def train_loader(cfg: FinetuneConfig, train: pd.DataFrame, tasks: list[str], cache) -> DataLoader:
+    """Shuffled, augmented training batches (seeded by seed and draw); the last partial batch is dropped
+    unless the whole draw fits in one batch, so ``len()`` is the optimizer steps of one epoch."""
+    train_set = CXRDataset(train, build_transform(cfg.preset, cfg.image_size), tasks=tasks, cache=cache)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
+    return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                      num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+
+
 def finetune(
     cfg: FinetuneConfig,
     *,
@@ -174,77 +230,86 @@ def finetune(
     """Train per ``cfg`` on its label-fraction draw, keep the best epoch by val AUC, score the test set.
 
     ``data`` (prepared from ``cfg.data`` when not given) is shared by every run of a grid, so they all
-    draw from one split and score one test set.
+    draw from one split and score one test set. A linear run also fits the fast logistic probe on the
+    same draw and logs how far its head is below it (``val/probe_gap``).
     """
     mt.current_store(store)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = prepare(cfg.data) if data is None else data
     tasks = list(data.tasks)
     train, val, test, manifests = _draw(cfg, data)
-    epochs = cfg.epochs or max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale)))
 
     torch.manual_seed(cfg.seed * 1_000_003 + cfg.draw)
     init_kind, state, origin = resolve_init(cfg.init, cfg.backbone)
     encoder = build_encoder(cfg.backbone, init=init_kind, state_dict=state)
-    model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear").to(device)
+    model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear",
+                       standardize=cfg.head == "standardized").to(device)
     cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
+    loader = train_loader(cfg, train, tasks, cache)
+    budget = training_budget(cfg, len(loader))
 
     phantom = is_phantom(cfg.data.root)
-    run_tags = mt.tags(
+    sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
+    note = describe_run(cfg, init_kind, origin, budget=budget, phantom=phantom, sizes=sizes)
+    run_tags = {**_run_tags(cfg, init_kind, origin, manifests), NOTE_TAG: note, **(extra_tags or {})}
+    with mt.start_run(cfg.experiment, run_name=cfg.run_name or _run_name(cfg, init_kind), run_tags=run_tags,
+                      parent_run_id=parent_run_id) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({**flat_params(cfg), **budget.params(), "init_resolved": init_kind,
+                           "phantom": phantom, **_origin_params(origin), **sizes})
+        mt.log_json(to_dict(cfg), "config.json")
+        _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
+        registry.log_model_input(run_id, origin)
+        best_epoch, best_auc = _fit(model, cfg, loader, val, tasks, cache=cache, device=device,
+                                    epochs=budget.epochs, progress=progress)
+        # a linear run's probe comes after training: its loaders never draw from the training RNG
+        gap = probe_gap(model.encoder, train, val, tasks, best_auc, image_size=cfg.image_size, cache=cache,
+                        workers=cfg.workers, device=device) if cfg.protocol == "linear" else None
+
+        test_scores = predict(model, test, cfg, cache, device)
+        y_test = label_matrix(test, tasks)
+        test_metrics = task_metrics(y_test, test_scores, tasks, "test")
+        predictions = prediction_table(test, tasks, y_test, test_scores)
+        _log_outcome(best_epoch, best_auc, test_metrics, predictions, gap)
+        mlflow.set_tag(NOTE_TAG, note + _result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
+    if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
+        registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
+    return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+
+
+def _run_tags(cfg: FinetuneConfig, init_kind: str, origin: dict, manifests: dict) -> dict[str, str]:
+    """The run's ``mococxr.*`` tags (with ``init_fallback`` when init auto fell back to random)."""
+    return {**mt.tags(
         kind="finetune", backbone=cfg.backbone, init=_init_label(init_kind), protocol=cfg.protocol,
         dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
         pretrain_run_id=origin.get("run_id"), checkpoint_epoch=origin.get("epoch"),
         registry_version=origin.get("registry_version"), manifest_sha256=manifests["train"].sha256,
         test_manifest_sha256=manifests["test"].sha256, config_hash=config_hash(cfg), preset=cfg.preset,
         image_size=cfg.image_size,
-    )
-    sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
-    note = describe_run(cfg, init_kind, origin, epochs=epochs, phantom=phantom, sizes=sizes)
-    with mt.start_run(cfg.experiment, run_name=cfg.run_name or _run_name(cfg, init_kind),
-                      run_tags={**run_tags, NOTE_TAG: note, **(extra_tags or {})},
-                      parent_run_id=parent_run_id) as run:
-        run_id = run.info.run_id
-        mlflow.log_params({**flat_params(cfg), "epochs_resolved": epochs, "init_resolved": init_kind,
-                           "phantom": phantom, **_origin_params(origin), **sizes})
-        mt.log_json(to_dict(cfg), "config.json")
-        _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
-        registry.log_model_input(run_id, origin)
-        best_epoch, best_auc = _fit(model, cfg, train, val, tasks, cache=cache, device=device, epochs=epochs,
-                                    progress=progress)
-
-        test_scores = predict(model, test, cfg, cache, device)
-        y_test = label_matrix(test, tasks)
-        test_metrics = task_metrics(y_test, test_scores, tasks, "test")
-        predictions = prediction_table(test, tasks, y_test, test_scores)
-        _log_outcome(best_epoch, best_auc, test_metrics, predictions)
-        mlflow.set_tag(NOTE_TAG, note + _result_line(best_epoch, epochs, best_auc, test_metrics))
-    if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
-        registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
-    return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+    ), **registry.fallback_tags(origin)}
 
 
-def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float], predictions: pd.DataFrame) -> None:
-    """Summary metrics and the per-image test predictions of the chosen epoch."""
+def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float], predictions: pd.DataFrame,
+                 gap: ProbeGap | None = None) -> None:
+    """Summary metrics (and the probe's, for a linear run) and the per-image test predictions of the
+    chosen epoch."""
     # best/* are the summary a user reads in the runs table; best_epoch and val/best_auc are kept
     # under their old names for code and saved searches that read them.
     mlflow.log_metrics({"best/epoch": best_epoch, "best/val_auc": best_auc, "best_epoch": best_epoch,
-                        "val/best_auc": best_auc, **test_metrics})
+                        "val/best_auc": best_auc, **test_metrics, **(gap.metrics() if gap else {})})
     mt.log_parquet(predictions, PREDICTIONS_PARQUET)  # what the report reads
     _log_csv(predictions, PREDICTIONS_CSV)  # what the MLflow UI previews as a table
 
 
-def _fit(model: Classifier, cfg: FinetuneConfig, train: pd.DataFrame, val: pd.DataFrame, tasks: list[str], *,
+def _fit(model: Classifier, cfg: FinetuneConfig, loader: DataLoader, val: pd.DataFrame, tasks: list[str], *,
          cache, device: torch.device, epochs: int, progress: bool) -> tuple[int, float]:
-    """Train for ``epochs``, log each epoch's metrics, and leave ``model`` at the best epoch by val AUC.
+    """Train for ``epochs`` over ``loader``, log each epoch's metrics, and leave ``model`` at the best
+    epoch by val AUC.
 
     Returns (best epoch, its val AUC). The validation split is the only thing that chooses.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_set = CXRDataset(train, build_transform(cfg.preset, cfg.image_size), tasks=tasks, cache=cache)
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
     y_val = label_matrix(val, tasks)
     best_auc, best_epoch, best_state = -math.inf, 0, None
     # a bar on a terminal, a plain line every few seconds in a log file (never carriage-return redraws)
@@ -305,25 +370,30 @@ def percent(fraction: float) -> str:
     return f"{round(100 * fraction, 6):g}%"
 
 
-def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, epochs: int, phantom: bool,
+def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool,
                  sizes: dict[str, int]) -> str:
     """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen."""
-    protocol = {"linear": "linear (frozen backbone, new linear head)", "e2e": "end-to-end (all layers trained)"}
+    heads = {"standardized": "on standardized features (parameter-free BatchNorm, head standardized)",
+             "plain": "directly on the frozen features (head plain, as in the paper)"}
+    protocol = {"linear": f"linear (frozen backbone, new linear head {heads[cfg.head]})",
+                "e2e": "end-to-end (all layers trained)"}
+    fallback = f" ({origin['init_fallback']})" if origin.get("init_fallback") else ""
     lines = [f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
-             f"init **{_init_label(init_kind)}**{_checkpoint_text(cfg.init, origin)}.",
+             f"init **{_init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam lr "
+             f"{cfg.lr:g}, batch {cfg.batch_size}.",
              f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
              f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
              f"test {sizes['n_test']} images.",
              f"Dataset {cfg.data.dataset}{' (synthetic phantom)' if phantom else ''} at `{cfg.data.root}`, "
              f"task {cfg.data.task}.",
-             f"Epochs: {epochs} ({'set by --epochs' if cfg.epochs else _epoch_rule(cfg)}). The reported epoch "
+             f"Epochs: {budget.describe()}. The reported epoch "
              "is the one with the best validation AUC (metrics `best/epoch`, `best/val_auc`); the test set is "
              "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`)."]
     return "\n\n".join(lines)
 
 
 def _checkpoint_text(init: str, origin: dict) -> str:
-    if not origin:
+    if "uri" not in origin:  # not a checkpoint (resolve() records every checkpoint's uri)
         return ""
     where = f" from `{init}`"
     if origin.get("registry_version"):
@@ -339,11 +409,12 @@ def _epoch_rule(cfg: FinetuneConfig) -> str:
     return f"MoCo-CXR's label-fraction schedule for {percent(cfg.fraction)}{scale}"
 
 
-def _result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float]) -> str:
+def _result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float],
+                 gap: ProbeGap | None = None) -> str:
     text = f"\n\n**Result**: best epoch {best_epoch} of {epochs} (validation AUC {best_auc:.4f})"
     if "test/auc" in test:
         text += f"; test AUC {test['test/auc']:.4f}, AUPRC {test['test/auprc']:.4f}"
-    return text + "."
+    return text + "." + (f"\n\n{gap.describe()}" if gap else "")
 
 
 def _origin_params(origin: dict) -> dict[str, str]:

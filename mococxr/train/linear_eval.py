@@ -103,6 +103,60 @@ def fit_probe(
     return best[0], float(best[1]), best[2], scaler
 
 
+@dataclass
+class ProbeGap:
+    """A linear fine-tune run's best validation AUC against the fast probe on the same images.
+
+    ``gap`` = probe AUC - run AUC: positive means the trained head is below what a converged linear
+    model on the same frozen features reaches. ``gap`` is None when some task the run's AUC averages
+    could not be probed (a single class among the draw's training labels).
+    """
+
+    probe_auc: float
+    run_auc: float
+    gap: float | None
+    per_task: dict[str, float]
+    seconds: float
+    n_train: int
+
+    def metrics(self) -> dict[str, float]:
+        out = {"val/probe_auc": self.probe_auc, "val/probe_seconds": self.seconds}
+        return out if self.gap is None else {**out, "val/probe_gap": self.gap}
+
+    def describe(self) -> str:
+        text = (f"**Probe**: a logistic regression on the frozen features of the same {self.n_train} training "
+                f"images (eval transform, C chosen on validation) reaches validation AUC {self.probe_auc:.4f} "
+                f"(metric `val/probe_auc`, {self.seconds:.1f} s)")
+        if self.gap is None:
+            return text + "; no gap: some task has a single class among the training labels."
+        verdict = "the head is below the probe: not converged" if self.gap > 0 else "the head matches the probe"
+        return text + f"; gap to this run's best {self.run_auc:.4f}: {self.gap:+.4f} (`val/probe_gap`; {verdict})."
+
+
+def probe_gap(
+    encoder: torch.nn.Module, train: pd.DataFrame, val: pd.DataFrame, tasks: Sequence[str], run_auc: float,
+    *, image_size: int, cache: ImageCache | None = None, workers: int = 0, device: torch.device | str | None = None,
+) -> ProbeGap | None:
+    """The fast probe (:func:`fit_probe`) on ``train`` and ``val``, set against a run's best val AUC.
+
+    Costs one no-grad pass over train and val and the L-BFGS fits. Tasks with a single class in train
+    or val are left out; None when no task is left.
+    """
+    t0 = time.perf_counter()
+    y_tr, y_va = label_matrix(train, tasks), label_matrix(val, tasks)
+    two = [[len(np.unique(y[~np.isnan(y[:, j]), j])) == 2 for j in range(len(tasks))] for y in (y_tr, y_va)]
+    probed = [j for j in range(len(tasks)) if two[0][j] and two[1][j]]
+    if not probed:
+        return None
+    x_tr = extract_features(encoder, train, image_size=image_size, cache=cache, workers=workers, device=device)
+    x_va = extract_features(encoder, val, image_size=image_size, cache=cache, workers=workers, device=device)
+    per_task = {tasks[j]: fit_probe(x_tr, y_tr[:, j], x_va, y_va[:, j], task=tasks[j])[1] for j in probed}
+    probe_auc = float(np.mean(list(per_task.values())))
+    scored = [j for j in range(len(tasks)) if two[1][j]]  # the tasks the run's val AUC averages
+    gap = probe_auc - run_auc if probed == scored else None
+    return ProbeGap(probe_auc, run_auc, gap, per_task, time.perf_counter() - t0, len(train))
+
+
 def linear_eval(
     encoder: torch.nn.Module,
     train: pd.DataFrame,

@@ -42,7 +42,7 @@ from mococxr.errors import ConfigError
 from mococxr.models.backbones import build_encoder
 from mococxr.models.moco import MoCo
 from mococxr.tracking import mlflow as mt
-from mococxr.tracking.registry import resolve_init
+from mococxr.tracking.registry import INIT_FALLBACK_TAG, fallback_tags, resolve_init
 from mococxr.train import checkpoints
 from mococxr.train.schedules import build_optimizer, build_scheduler
 
@@ -264,7 +264,7 @@ def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, par
         manifest_sha256=manifest.sha256, config_hash=config_hash(cfg), preset=cfg.preset,
         image_size=cfg.image_size, pretrain_run_id=t.origin.get("run_id"),
     )
-    run_tags = {**run_tags, **(extra_tags or {})}
+    run_tags = {**run_tags, **fallback_tags(t.origin), **(extra_tags or {})}
     run_tags[_NOTE] = describe(cfg, t.init, len(manifest.image_ids), run_tags)
     run = run_scope.enter_context(mt.start_run(
         cfg.experiment, run_name=cfg.run_name, run_tags=run_tags, parent_run_id=parent_run_id,
@@ -289,6 +289,8 @@ def run_label(cfg: PretrainConfig, run_id: str) -> str:
 def describe(cfg: PretrainConfig, init: str, n_images: int, run_tags: dict[str, str]) -> str:
     """The run's description: what was trained on what, how, and for which study trial."""
     origin = f"from {cfg.init}" if init == "checkpoint" else f"{init} init"
+    if INIT_FALLBACK_TAG in run_tags:
+        origin += f"; {run_tags[INIT_FALLBACK_TAG]}"
     text = (f"MoCo v2 pretraining of {cfg.backbone} ({origin}) on {cfg.data.dataset}/{cfg.data.task}: "
             f"{cfg.epochs} epochs over {n_images} images at {cfg.image_size} px, batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr:g} with a {cfg.scheduler} schedule, queue K={cfg.moco_k}, "

@@ -114,8 +114,10 @@ class _PerTrialSeed(optuna.samplers.BaseSampler):
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     sampler = spec.sampler
     if sampler.name == "grid":
+        # One GridSampler for the whole study, never re-seeded per trial: Optuna 5 maps a trial's
+        # grid_id through an order drawn from the seed, so a re-seeded sampler repeats grid points.
         grid = {k: p.grid_values() for k, p in spec.search_space.items()}
-        return _PerTrialSeed(lambda s: optuna.samplers.GridSampler(grid, seed=s), sampler.seed)
+        return optuna.samplers.GridSampler(grid, seed=sampler.seed)
     if sampler.name == "random":
         return _PerTrialSeed(lambda s: optuna.samplers.RandomSampler(seed=s), sampler.seed)
     return _PerTrialSeed(

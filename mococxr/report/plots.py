@@ -7,6 +7,8 @@ report can be drawn from a worker thread or a headless machine (Agg renders the 
 from __future__ import annotations
 
 import os
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -17,15 +19,20 @@ from mococxr.errors import DataError
 INIT_STYLE = {"random": ("tab:gray", "s"), "imagenet": ("tab:blue", "^"), "moco": ("tab:red", "o")}
 NAMES = {"auc": "AUC", "auprc": "AUPRC"}
 PROTOCOL_NAMES = {"linear": "linear (frozen backbone)", "e2e": "end-to-end"}
+_EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
 
 
 def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str = "auc",
-                title: str | None = None) -> Path:
+                title: str | None = None, published: pd.DataFrame | None = None,
+                caption: Sequence[str] = ()) -> Path:
     """Draw ``metric`` against label fraction (log axis) with CI bands and save a PNG at ``path``.
 
     ``absolute`` is the tidy absolute table of one task (columns backbone, init, protocol, fraction,
     metric, point, lo, hi). One panel per architecture (rows) and protocol (columns); ``title`` (the
     task, dataset, test set and draws: see ``ReportContext.plot_title``) heads the figure.
+    ``published`` (same columns but metric, e.g. a paper's numbers) adds hollow markers with error
+    bars, labelled ``<init> (paper)``, to the panels of its backbone and protocol; ``caption`` lines
+    are wrapped to the figure's width under the title.
     """
     data = absolute[absolute["metric"] == metric]
     if data.empty:
@@ -34,34 +41,64 @@ def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str 
         raise DataError(f"plot: the table holds several tasks {sorted(data['task'].unique())}; pass one")
     backbones = list(dict.fromkeys(data["backbone"]))
     protocols = list(dict.fromkeys(data["protocol"]))
-    fig = Figure(figsize=(4.2 * len(protocols), 3.4 * len(backbones)), layout="constrained")
+    width = max(4.2 * len(protocols), 6.4 if caption else 0)
+    lines = len(_wrapped([title or "", *caption], width)) if caption else 0
+    fig = Figure(figsize=(width, 3.4 * len(backbones) + 0.15 * lines), layout="constrained")
     axes = fig.subplots(len(backbones), len(protocols), squeeze=False, sharey=True)
-    extra = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"])
     styles = dict(INIT_STYLE)
+    fractions = sorted(set(data["fraction"]) | (set(published["fraction"]) if published is not None else set()))
     for i, backbone in enumerate(backbones):
         for j, protocol in enumerate(protocols):
             ax = axes[i][j]
             panel = data[(data["backbone"] == backbone) & (data["protocol"] == protocol)]
             for init, line in panel.groupby("init", sort=False):
-                if init not in styles:
-                    styles[init] = (next(extra, "black"), "D")
-                color, marker = styles[init]
+                color, marker = _style(styles, init)
                 line = line.sort_values("fraction")
                 ax.plot(line["fraction"], line["point"], marker=marker, color=color, label=init)
                 ax.fill_between(line["fraction"], line["lo"], line["hi"], color=color, alpha=0.18, linewidth=0)
-            ax.set_xscale("log")
-            fractions = sorted(data["fraction"].unique())
-            ax.set_xticks(fractions, [f"{round(100 * f, 6):g}%" for f in fractions])
-            ax.set_xticks([], minor=True)
-            ax.set_title(f"{backbone}, {PROTOCOL_NAMES.get(protocol, protocol)}", fontsize=10)
-            ax.set_xlabel("label fraction")
-            if j == 0:
-                ax.set_ylabel(f"test {NAMES.get(metric, metric)} (95% CI)")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
+            if published is not None:
+                _published_points(ax, published[(published["backbone"] == backbone)
+                                                 & (published["protocol"] == protocol)], styles)
+            _decorate(ax, f"{backbone}, {PROTOCOL_NAMES.get(protocol, protocol)}", fractions,
+                      f"test {NAMES.get(metric, metric)} (95% CI)" if j == 0 else None)
+    if title or caption:
+        head = _wrapped([title], width) if title and caption else [title] if title else []
+        fig.suptitle("\n".join([*head, *_wrapped(caption, width)]), fontsize=8 if caption else 10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def _style(styles: dict, init: str) -> tuple[str, str]:
+    """An init's (colour, marker): the fixed ones, else the next unused colour."""
+    if init not in styles:
+        used = {c for c, _ in styles.values()}
+        styles[init] = (next((c for c in _EXTRA_COLORS if c not in used), "black"), "D")
+    return styles[init]
+
+
+def _published_points(ax, points: pd.DataFrame, styles: dict) -> None:
+    for init, group in points.groupby("init", sort=False):
+        color, marker = _style(styles, init)
+        group = group.sort_values("fraction")
+        ax.errorbar(group["fraction"], group["point"], yerr=[group["point"] - group["lo"], group["hi"] - group["point"]],
+                    fmt=marker, mfc="none", color=color, linestyle=":", capsize=2, label=f"{init} (paper)")
+
+
+def _decorate(ax, title: str, fractions: list[float], ylabel: str | None) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{round(100 * f, 6):g}%" for f in fractions])
+    ax.set_xticks([], minor=True)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("label fraction")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _wrapped(lines: Sequence[str], width_in: float) -> list[str]:
+    """Caption lines wrapped to a figure ``width_in`` inches wide at the caption's 8 pt."""
+    chars = max(40, int(width_in * 72 / 4.6))
+    return [part for line in lines for part in textwrap.wrap(line, chars)]

@@ -184,6 +184,14 @@ def _store(args: argparse.Namespace):
     return args.store
 
 
+def cmd_paper(args: argparse.Namespace) -> int:
+    from mococxr.report.paper_plan import run_paper
+
+    run_paper(args.spec, only=args.only, plan_only=args.plan, chexpert_root=args.chexpert_root,
+              shenzhen_root=args.shenzhen_root, out=args.out, store=None if args.plan else _store(args))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mococxr.demo import run_demo
 
@@ -291,6 +299,17 @@ def _study_and_report_parsers(sub) -> None:
                    "against (default: random,imagenet)")
     p.add_argument("--no-mlflow", action="store_true", help="write files only, log no report run")
     p.set_defaults(func=cmd_report)
+
+    from mococxr.sweep.plan import STAGE_NAMES
+
+    p = sub.add_parser("paper", help="the paper as one plan: studies, registry, grids and every table and figure")
+    p.add_argument("spec", help="plan YAML: sweeps/paper.yaml (real data) or sweeps/paper_phantom.yaml")
+    p.add_argument("--plan", action="store_true", help="list every run with its images and cost; run nothing")
+    p.add_argument("--only", nargs="+", metavar="STAGE", help=f"run these stages only ({', '.join(STAGE_NAMES)})")
+    p.add_argument("--chexpert-root", help="the folder holding CheXpert-v1.0-small/ (overrides the plan)")
+    p.add_argument("--shenzhen-root", help="the folder holding Shenzhen's CXR_png/ (overrides the plan)")
+    p.add_argument("--out", default="reports", help="folder for the report files (default: reports/<plan name>)")
+    p.set_defaults(func=cmd_paper)
 
     p = sub.add_parser("demo", help="the whole flow on the embedded phantom dataset")
     p.add_argument("--quick", action="store_true", help="a ~2-minute version")

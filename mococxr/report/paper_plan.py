@@ -1,0 +1,87 @@
+"""``mococxr paper PLAN.yaml``: run a plan (:mod:`mococxr.sweep.stages`) and build the paper's reports.
+
+The plan's stages sit a floor below the reports, so the report stage is this module's hook: one report
+run per table/figure family (:mod:`mococxr.report.paper`), in the experiment that holds its runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mococxr.errors import ConfigError
+from mococxr.sweep.plan import PaperPlan, load_plan
+from mococxr.tracking import mlflow as mt
+
+
+def run_paper(path: str | Path, *, only: Sequence[str] | None = None, plan_only: bool = False,
+              chexpert_root: str | None = None, shenzhen_root: str | None = None, out: str | Path = "reports",
+              store: mt.Store | None = None):
+    """Run (or with ``plan_only`` cost out) the plan at ``path``; returns the PlanResult or the plan text."""
+    from mococxr.sweep.cost import estimate
+    from mococxr.sweep.stages import run_plan
+
+    plan = load_plan(path, roots={"chexpert": chexpert_root, "shenzhen": shenzhen_root})
+    if plan_only:
+        _check_readable(plan)
+        text = estimate(plan, only)
+        print(text, flush=True)
+        return text
+    return run_plan(plan, only=only, store=store, report=lambda p, ctx: paper_reports(p, ctx, Path(out) / p.name))
+
+
+def _check_readable(plan: PaperPlan) -> None:
+    """``--plan`` reads the label CSVs to count images: a missing folder is one clear line, not a trace."""
+    for key, cfg in plan.data.items():
+        if not Path(cfg.root).is_dir():
+            hint = "the plan synthesizes it: run without --plan, or --only data, first" if plan.phantom else \
+                f"pass --{key}-root DIR"
+            raise ConfigError(f"{key} data folder {cfg.root} does not exist ({hint})")
+
+
+def notes(plan: PaperPlan, *extra: str):
+    """The caption facts that come from the plan rather than from the runs."""
+    from mococxr.report.paper import PaperNotes
+
+    study = plan.study_spec(plan.backbones[0])
+    lines = [f"MoCo pretraining: {study.epochs} epochs per trial, {study.base.image_size} px, batch "
+             f"{study.base.batch_size}, {len(study.search_space)}-way search over "
+             f"{', '.join(study.search_space)} ({study.budget.n_trials} trials, pruner {study.pruner.name}); "
+             f"the best trial by {study.metric} is the MoCo checkpoint."]
+    if plan.phantom is not None:
+        lines.append("Data: synthetic phantom radiographs made by the plan, not real images.")
+    return PaperNotes(baseline=plan.baseline, moco_start=plan.moco_start, extra=tuple(lines) + tuple(extra))
+
+
+def paper_reports(plan: PaperPlan, ctx: dict[str, Any], out: Path) -> dict[str, str]:
+    """Every family whose runs the plan made: {family: report run id}."""
+    from mococxr.report import paper
+    from mococxr.sweep.stages import table2_label
+
+    store, made = ctx["store"], {}
+    kw = {"notes": notes(plan), "n_replicates": plan.replicates, "store": store}
+    if "chexpert" in plan.grids:
+        made["chexpert"] = paper.chexpert_family(plan.experiment("chexpert"), out=out / "chexpert",
+                                                 task=plan.data["chexpert"].task, **kw)
+    if "shenzhen" in plan.grids:
+        made["shenzhen"] = paper.shenzhen_family(plan.experiment("shenzhen"), out=out / "shenzhen",
+                                                 task=plan.data["shenzhen"].task, **kw)
+    if plan.table2 is not None:
+        rows = [paper.Table2Row(label=table2_label(c), lr=c.lr, scheduler=c.scheduler, trial=c.trial,
+                                pretrain_run_id=c.pretrain_run_id, registered_model=c.registered_model,
+                                version=c.version, epoch=c.epoch)
+                for c in ctx["checkpoints"].get(plan.table2.backbone, [])]
+        if not rows:
+            raise ConfigError(f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage")
+        made["table2"] = paper.table2_report(plan.experiment("table2"), rows, out=out / "table2", **kw)
+    if "competition" in plan.grids:
+        tasks = list(plan.grids["competition"].tasks)
+        made["competition"] = paper.competition_family(plan.experiment("competition"), tasks,
+                                                       out=out / "competition", **kw)
+    for family, run_id in made.items():
+        print(f"report {family}: run {run_id}", flush=True)
+    return made
+
+
+__all__ = ["notes", "paper_reports", "run_paper"]

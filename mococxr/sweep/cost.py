@@ -30,7 +30,7 @@ class Line:
     infer: float = 0.0  # images through inference only (frozen features, val, test, monitor)
 
 
-def measure(backbone: str, image_size: int, batch: int = 8, steps: int = 2) -> tuple[float, float]:
+def measure(backbone: str, image_size: int, batch: int = 8, steps: int = 3) -> tuple[float, float]:
     """(training img/s, inference img/s) of ``backbone`` here: Adam steps and no-grad forwards on noise."""
     import torch
 

@@ -43,7 +43,7 @@ from mococxr.config import (
 )
 from mococxr.errors import ConfigError
 from mococxr.sweep.grid import GridSpec
-from mococxr.sweep.spec import StudySpec, parse_spec
+from mococxr.sweep.spec import StudySpec, _check_keys, _fractions, _mapping, _per_fraction, parse_spec
 
 STAGE_NAMES = ("data", "pretrain", "chexpert", "shenzhen", "table2", "competition", "report")
 GRID_STAGES = ("chexpert", "shenzhen", "competition")
@@ -177,19 +177,19 @@ def load_plan(path: str | Path, *, roots: Mapping[str, str | None] | None = None
 
 def parse_plan(raw: Mapping[str, Any], *, source: str = "<plan>",
                roots: Mapping[str, str | None] | None = None) -> PaperPlan:
-    _keys(raw, _PLAN_KEYS, f"{source}", required=("name", "data", "pretrain", "finetune", "stages"))
+    _check_keys(raw, _PLAN_KEYS, ("name", "data", "pretrain", "finetune", "stages"), f"{source}")
     name = str(raw["name"])
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
         raise ConfigError(f"{source}: name={name!r}: use letters, digits, '.', '_' and '-' only")
-    data = _data(_section(raw, "data", source), source, roots or {})
+    data = _data(_mapping(raw, "data", source), source, roots or {})
     phantom = build(Phantom, raw["phantom"], where=f"{source}: phantom") if raw.get("phantom") else None
-    pre = _section(raw, "pretrain", source)
-    _keys(pre, {"backbones", "study"}, f"{source}: pretrain", required=("backbones", "study"))
+    pre = _mapping(raw, "pretrain", source)
+    _check_keys(pre, {"backbones", "study"}, ("backbones", "study"), f"{source}: pretrain")
     backbones = _backbones(pre["backbones"], f"{source}: pretrain.backbones")
-    study = _section(pre, "study", f"{source}: pretrain")
-    _keys(study, _STUDY_KEYS, f"{source}: pretrain.study", required=("budget", "search_space"))
-    ft = _section(raw, "finetune", source)
-    _keys(ft, {"base", "protocol_overrides", "baseline"}, f"{source}: finetune")
+    study = _mapping(pre, "study", f"{source}: pretrain")
+    _check_keys(study, _STUDY_KEYS, ("budget", "search_space"), f"{source}: pretrain.study")
+    ft = _mapping(raw, "finetune", source)
+    _check_keys(ft, {"base", "protocol_overrides", "baseline"}, (), f"{source}: finetune")
     finetune = build(FinetuneConfig, ft.get("base") or {}, where=f"{source}: finetune.base")
     overrides = {str(k): dict(v) for k, v in (ft.get("protocol_overrides") or {}).items()}
     for protocol, values in overrides.items():
@@ -197,11 +197,11 @@ def parse_plan(raw: Mapping[str, Any], *, source: str = "<plan>",
     baseline = str(ft.get("baseline", "imagenet"))
     if baseline not in ("imagenet", "random"):
         raise ConfigError(f"{source}: finetune.baseline={baseline!r}: expected imagenet or random")
-    stages = _section(raw, "stages", source)
-    _keys(stages, set(GRID_STAGES) | {"table2"}, f"{source}: stages")
+    stages = _mapping(raw, "stages", source)
+    _check_keys(stages, set(GRID_STAGES) | {"table2"}, (), f"{source}: stages")
     grids = {s: _grid_stage(s, stages[s], backbones, f"{source}: stages.{s}") for s in GRID_STAGES if s in stages}
     table2 = _table2(stages.get("table2"), backbones, f"{source}: stages.table2")
-    rep = _section(raw, "report", source)
+    rep = _mapping(raw, "report", source)
     plan = PaperPlan(
         name=name, source=source, data=data, phantom=phantom, backbones=backbones, study=study,
         finetune=finetune, protocol_overrides=overrides, baseline=baseline, grids=grids, table2=table2,
@@ -214,7 +214,7 @@ def parse_plan(raw: Mapping[str, Any], *, source: str = "<plan>",
 
 
 def _data(raw: Mapping[str, Any], source: str, roots: Mapping[str, str | None]) -> dict[str, DataConfig]:
-    _keys(raw, set(DATASETS), f"{source}: data", required=DATASETS)
+    _check_keys(raw, set(DATASETS), DATASETS, f"{source}: data")
     out = {}
     for key in DATASETS:
         values = dict(raw[key] or {})
@@ -225,11 +225,9 @@ def _data(raw: Mapping[str, Any], source: str, roots: Mapping[str, str | None]) 
 
 
 def _grid_stage(name: str, raw: Any, backbones: tuple[str, ...], where: str) -> GridStage:
-    from mococxr.sweep.spec import _fractions, _per_fraction
-
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping")
-    _keys(raw, {"backbones", "fractions", "draws", "epochs", "tasks"}, where, required=("fractions",))
+    _check_keys(raw, {"backbones", "fractions", "draws", "epochs", "tasks"}, ("fractions",), where)
     stage_backbones = _backbones(raw.get("backbones", list(backbones)), f"{where}.backbones")
     missing = [b for b in stage_backbones if b not in backbones]
     if missing:
@@ -255,7 +253,7 @@ def _table2(raw: Any, backbones: tuple[str, ...], where: str) -> Table2Stage | N
         return None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping (backbone, fraction, protocol)")
-    _keys(raw, {"backbone", "fraction", "protocol", "epochs"}, where)
+    _check_keys(raw, {"backbone", "fraction", "protocol", "epochs"}, (), where)
     t2 = Table2Stage(backbone=str(raw.get("backbone", "resnet18")),
                      fraction=coerce(raw.get("fraction", 1.0), float, f"{where}.fraction"),
                      protocol=str(raw.get("protocol", "linear")),
@@ -273,24 +271,6 @@ def _backbones(raw: Any, where: str) -> tuple[str, ...]:
     if bad or not values:
         raise ConfigError(f"{where}: {bad or raw!r}: expected a list of {', '.join(BACKBONES)}")
     return tuple(str(b) for b in values)
-
-
-def _section(raw: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = raw.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-    return dict(value)
-
-
-def _keys(raw: Mapping[str, Any], known: set[str] | frozenset[str], where: str, required: Sequence[str] = ()) -> None:
-    unknown = sorted(set(map(str, raw)) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    missing = [k for k in required if k not in raw]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
 
 
 def _slug(text: str) -> str:

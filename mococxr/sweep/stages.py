@@ -57,12 +57,12 @@ def run_plan(plan: PaperPlan, *, only: Sequence[str] | None = None, report: Repo
     result = PlanResult(stages=stages)
     t0 = time.perf_counter()
     _check_weights(plan)
-    if "data" in stages:
-        _stage_data(plan)
     prepared: dict[str, Any] = {}
     for n, stage in enumerate(stages, 1):
         _say(f"\n=== plan {plan.name}: stage {n}/{len(stages)} {stage} ===")
-        if stage == "pretrain":
+        if stage == "data":
+            _stage_data(plan)
+        elif stage == "pretrain":
             _stage_pretrain(plan, result, store, prepared)
         elif stage in plan.grids:
             for grid in plan.grid_specs(stage):
@@ -74,7 +74,7 @@ def run_plan(plan: PaperPlan, *, only: Sequence[str] | None = None, report: Repo
                 raise ConfigError("the report stage needs the report module (mococxr paper does that)")
             _collect_checkpoints(plan, result)
             result.reports = report(plan, {"checkpoints": result.checkpoints, "store": store})
-        elif stage != "data":
+        else:
             _say(f"stage {stage}: not in {plan.source}, skipped")
     result.seconds = time.perf_counter() - t0
     _say(f"\nplan {plan.name}: {', '.join(stages)} done in {result.seconds:.0f} s; {result.started} training "

@@ -103,7 +103,8 @@ def test_grid_killed_mid_cell_is_taken_over(tmp_path, phantom):
 def test_sigterm_during_pretraining_marks_the_run_killed(tmp_path, phantom):
     env = _env(tmp_path)
     proc = _mococxr("pretrain", "--root", str(phantom), "--experiment", EXPERIMENT, "--image-size", "32",
-                    "--batch-size", "8", "--moco-k", "16", "--epochs", "50", "--workers", "0", env=env)
+                    "--batch-size", "8", "--moco-k", "16", "--epochs", "50", "--workers", "0", "--init", "random",
+                    env=env)  # --init random: no "init auto fell back" line beside the one under test
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not _runs(tmp_path, "pretrain"):
         time.sleep(0.2)

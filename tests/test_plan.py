@@ -55,6 +55,8 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
     assert "| ResNet18 |" in table1 and "| DenseNet121 |" in table1 and "Random-init" in table1
     assert "layout only" in table1 and "Linear head: a plain linear layer on the frozen features, as in the paper" in table1
     assert "| DenseNet121 |" in Path(f"reports/{plan.name}/shenzhen/appendix_table3.md").read_text()
+    table4 = Path(f"reports/{plan.name}/competition/appendix_table4.md").read_text()  # ResNet18 only, as the paper
+    assert "| Cardiomegaly |" in table4 and "| pleural_effusion |" in table4 and "DenseNet121" not in table4
 
     # every Table 2 row is linked to a pretraining trial of the ResNet18 study
     trials = {r.info.run_id: r for r in _runs(plan.experiment("pretrain"), "pretrain")

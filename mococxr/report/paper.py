@@ -155,18 +155,21 @@ def _two_protocol_family(experiment, name, *, notes, out, n_replicates, seed, st
 
 
 def competition_family(experiment: str, tasks: Sequence[str], *, notes: PaperNotes, out: str | os.PathLike,
-                       n_replicates: int = 500, seed: int = 0, store: mt.Store | None = None) -> str:
+                       n_replicates: int = 500, seed: int = 0, store: mt.Store | None = None,
+                       backbone: str | None = None) -> str:
     """Appendix Tables 4 (linear) and 5 (end-to-end): per CheXpert task, baseline, MoCo-CXR and improvement.
 
     ``tasks`` are the ``mococxr.task`` tags of the runs (one CheXpert column each); each task is its own
-    paired bootstrap. Returns the id of the ``paper-competition`` report run in ``experiment``.
+    paired bootstrap. ``backbone`` keeps that backbone's runs only (the paper's are ResNet18; the
+    experiment may also hold other backbones' pleural-effusion runs). Returns the id of the
+    ``paper-competition`` report run in ``experiment``.
     """
     if not tasks:
         raise ConfigError("competition_family: no tasks given")
     out = _out_folder(out)
     families = {t: _gather(experiment, "paper-competition", out=out, notes=notes, n_replicates=n_replicates,
                            seed=seed, store=store, task=t, inits=[TREATMENT, notes.baseline],
-                           protocols=["linear", "e2e"]) for t in tasks}
+                           protocols=["linear", "e2e"], backbone=backbone) for t in tasks}
     per_task = [protocol_lines(f.report.context, f.params, f.report.absolute, notes, n_replicates=n_replicates,
                                paper_epochs=pub.PAPER_EPOCHS) for f in families.values()]
     lines = _merge_lines(list(families), per_task)
@@ -182,7 +185,7 @@ def competition_family(experiment: str, tasks: Sequence[str], *, notes: PaperNot
     metrics = {f"{_key(t)}/{k}": v for t, f in families.items()
                for k, v in summary_metrics(f.report.context, f.report.absolute, f.report.improvement).items()}
     settings = {"paper": "paper-competition", "n_replicates": n_replicates, "seed": seed, "baseline": notes.baseline,
-                "moco_start": notes.moco_start, "tasks": list(tasks)}
+                "moco_start": notes.moco_start, "tasks": list(tasks), "backbone": backbone}
     return _publish(experiment, out, "paper-competition", items, lines, list(families.values()), settings, notes,
                     title=f"paper-competition: tasks {', '.join(tasks)}", metrics=metrics)
 
@@ -228,12 +231,12 @@ def table2_report(experiment: str, rows: Sequence[Table2Row], *, notes: PaperNot
 
 def _gather(experiment: str, name: str, *, out: Path, notes: PaperNotes, n_replicates: int, seed: int,
             store: mt.Store | None, inits: Sequence[str], protocols: Sequence[str], task: str | None = None,
-            treatment: str | None = TREATMENT) -> _Family:
+            treatment: str | None = TREATMENT, backbone: str | None = None) -> _Family:
     """The report over ``experiment``'s runs (of ``task``), after checking the inits and protocols it needs."""
     mt.current_store(store)
     where = f"experiment {experiment!r}" + (f" (task {task!r})" if task else "")
     try:
-        runs = find_runs(experiment, task=task)
+        runs = find_runs(experiment, task=task, backbone=backbone)
     except TrackingError as exc:
         raise DataError(f"{name}: {exc}; run the fine-tune grid into it first") from None
     for column, needed in (("init", inits), ("protocol", protocols)):
@@ -242,7 +245,7 @@ def _gather(experiment: str, name: str, *, out: Path, notes: PaperNotes, n_repli
             raise DataError(f"{name}: {where} has no finished fine-tune runs of {column} {missing} "
                             f"(it has {sorted(set(runs[column]))})")
     build = out / ".build" / (name + (f"-{_key(task)}" if task else ""))
-    report = build_report(experiment, out=build, task=task, n_replicates=n_replicates, seed=seed,
+    report = build_report(experiment, out=build, task=task, backbone=backbone, n_replicates=n_replicates, seed=seed,
                           treatment=treatment, baseline=notes.baseline, log_to_mlflow=False,
                           cache_dir=out / ".cache" / "predictions", store=store, progress=False)
     return _Family(report, _run_params(experiment, report.runs))

@@ -76,9 +76,10 @@ def paper_reports(plan: PaperPlan, ctx: dict[str, Any], out: Path) -> dict[str, 
             raise ConfigError(f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage")
         made["table2"] = paper.table2_report(plan.experiment("table2"), rows, out=out / "table2", **kw)
     if "competition" in plan.grids:
-        tasks = list(plan.grids["competition"].tasks)
-        made["competition"] = paper.competition_family(plan.experiment("competition"), tasks,
-                                                       out=out / "competition", **kw)
+        stage = plan.grids["competition"]
+        made["competition"] = paper.competition_family(
+            plan.experiment("competition"), list(stage.tasks), out=out / "competition",
+            backbone=stage.backbones[0] if len(stage.backbones) == 1 else None, **kw)
     for family, run_id in made.items():
         print(f"report {family}: run {run_id}", flush=True)
     return made

@@ -89,7 +89,7 @@ def imagenet_weights_filename(name: str) -> str:
     return Path(_ARCHS[name][1].url).name
 
 
-def _imagenet_candidates(name: str, weights_path: str | os.PathLike | None = None) -> list[Path]:
+def imagenet_candidates(name: str, weights_path: str | os.PathLike | None = None) -> list[Path]:
     """Where the ImageNet file of ``name`` is looked for, in order (see the module docstring)."""
     filename = imagenet_weights_filename(name)
     if weights_path is not None:
@@ -105,7 +105,7 @@ def _imagenet_candidates(name: str, weights_path: str | os.PathLike | None = Non
 
 def available_imagenet_weights(name: str, weights_path: str | os.PathLike | None = None) -> Path | None:
     """The local ImageNet weights file that ``build_encoder(name, init="imagenet")`` would load, or None."""
-    return next((p for p in _imagenet_candidates(name, weights_path) if p.is_file()), None)
+    return next((p for p in imagenet_candidates(name, weights_path) if p.is_file()), None)
 
 
 def load_state_dict_file(
@@ -209,6 +209,21 @@ def _load_trunk(encoder: Encoder, state_dict: Mapping[str, torch.Tensor], source
         )
 
 
+def require_imagenet_weights(name: str, weights_path: str | os.PathLike | None = None) -> Path:
+    """The local ImageNet weights file of ``name``; when there is none, the one clear error that names the
+    file and where it goes (a plan checks this before it starts anything)."""
+    path = available_imagenet_weights(name, weights_path)
+    if path is None:
+        looked = "\n  ".join(str(p) for p in imagenet_candidates(name, weights_path))
+        raise ConfigError(
+            f"ImageNet weights for {name} not found; looked at:\n  {looked}\n"
+            f"Expected the torchvision file {imagenet_weights_filename(name)}. Weights are never downloaded "
+            f"at run time: on a machine with internet download {_ARCHS[name][1].url} and copy it to one of the "
+            f"paths above (or set {IMAGENET_ENV} to the file or its folder)."
+        )
+    return path
+
+
 def build_encoder(
     name: str,
     *,
@@ -226,21 +241,13 @@ def build_encoder(
         raise ConfigError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
     if (state_dict is not None) != (init == "checkpoint"):
         raise ConfigError(f"init={init!r}: pass state_dict exactly when init='checkpoint'")
-    builder, weights, head = _ARCHS[name]
+    builder, _, head = _ARCHS[name]
     trunk = builder(weights=None)
     feature_dim = getattr(trunk, head).in_features
     setattr(trunk, head, nn.Identity())
     encoder = Encoder(name, trunk, feature_dim)
     if init == "imagenet":
-        path = available_imagenet_weights(name, weights_path)
-        if path is None:
-            looked = "\n  ".join(str(p) for p in _imagenet_candidates(name, weights_path))
-            raise ConfigError(
-                f"ImageNet weights for {name} not found; looked at:\n  {looked}\n"
-                f"Expected the torchvision file {imagenet_weights_filename(name)}. Weights are never downloaded "
-                f"at run time: on a machine with internet download {weights.url} and copy it to one of the "
-                f"paths above (or set {IMAGENET_ENV} to the file or its folder)."
-            )
+        path = require_imagenet_weights(name, weights_path)
         _load_trunk(encoder, load_state_dict_file(path, what="ImageNet weights file"),
                     f"ImageNet weights file {path}")
     elif init == "checkpoint":

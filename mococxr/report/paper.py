@@ -46,7 +46,7 @@ from mococxr.report.paper_tables import (
 )
 from mococxr.report.record import log_report, report_key
 from mococxr.report.runs import find_runs
-from mococxr.report.tables import Report, build_report, to_markdown
+from mococxr.report.tables import Report, _out_folder, build_report, to_markdown
 from mococxr.tracking import mlflow as mt
 
 __all__ = ["PaperNotes", "Table2Row", "chexpert_family", "competition_family", "shenzhen_family", "table2_report"]
@@ -284,14 +284,6 @@ def _run_link(run_id: str, label: str) -> str:
 
 
 # --------------------------------------------------------------------------- writing and logging
-
-
-def _out_folder(out: str | os.PathLike) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"paper report out {str(path)!r} is an existing file, not a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _key(text: str) -> str:

@@ -31,13 +31,12 @@ from mococxr.report.published import (
     table2,
     task_key,
 )
+from mococxr.report.tables import PROTOCOL_ORDER, TREATMENT
 
 MARK = "†"
 TOLERANCE = 5e-4  # the paper prints 3 decimals: a published point within half a unit of our interval is inside
-TREATMENT = "moco"
 ARCH = {"resnet18": "ResNet18", "densenet121": "DenseNet121"}
 FINE_TUNING = {"linear": "Linear Model", "e2e": "End-to-End"}
-PROTOCOL_ORDER = ("linear", "e2e")
 
 
 def arch(backbone: str) -> str:

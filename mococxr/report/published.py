@@ -22,6 +22,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+from mococxr.report.tables import COMPARISONS
+from mococxr.train.finetune import FRACTION_EPOCHS
+
 
 class Published(NamedTuple):
     point: float
@@ -31,12 +34,11 @@ class Published(NamedTuple):
 
 CHEXPERT_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
 SHENZHEN_FRACTIONS = (0.0625, 0.25, 1.0)
-PAPER_EPOCHS = {0.001: 220, 0.01: 95, 0.1: 41, 1.0: 18}  # CheXpert; none are given for Shenzhen
+PAPER_EPOCHS = dict(FRACTION_EPOCHS)  # CheXpert (the fine-tune rule is the paper's); none are given for Shenzhen
 PAPER_LR = 3e-5
 PAPER_BATCH_SIZE = 16
 PAPER_REPLICATES = 500
-COMPETITION_TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-COMPARISON_ROWS = (("e2e", "e2e"), ("linear", "linear"), ("linear", "e2e"))  # Table 1's row order per backbone
+COMPARISON_ROWS = COMPARISONS  # Table 1's row order per backbone: e2e-e2e, linear-linear, linear-e2e
 
 
 def _table(fractions: Sequence[float], rows: Mapping[tuple, Sequence[tuple[float, float, float]]]) -> dict:

@@ -98,11 +98,15 @@ def plan_lines(plan: PaperPlan, only=None) -> list[Line]:
 
 
 def _trial_points(plan: PaperPlan, backbone: str) -> list:
-    from mococxr.sweep.stages import _grid_points
+    """The trials the backbone's study runs: its grid points (as many as the budget allows) or n_trials."""
+    import itertools
+
+    from mococxr.sweep.storage import study_budget
 
     spec = plan.study_spec(backbone)
-    points = _grid_points(spec)
-    return points[: spec.budget.n_trials]
+    choices = [p.choices for p in spec.search_space.values()]
+    points = list(itertools.product(*choices)) if all(choices) else [() for _ in range(spec.budget.n_trials)]
+    return points[: study_budget(spec)]
 
 
 def _pretrain_lines(plan: PaperPlan, prep) -> list[Line]:
@@ -111,9 +115,9 @@ def _pretrain_lines(plan: PaperPlan, prep) -> list[Line]:
         spec = plan.study_spec(backbone)
         names = list(spec.search_space)
         n_train, n_val = len(prep.splits["train"]), len(prep.splits["val"])
-        for point in _trial_points(plan, backbone):
+        for i, point in enumerate(_trial_points(plan, backbone)):
             what = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in zip(names, point, strict=True))
+                            for k, v in zip(names, point, strict=True)) if point else f"{i} (sampled)"
             out.append(Line("pretrain", f"{spec.name} trial {what}", backbone, spec.base.image_size,
                             train=spec.epochs * len(prep.pretrain) * MOCO_STEP,
                             infer=spec.epochs * (min(MONITOR_TRAIN, n_train) + n_val)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +85,10 @@ def run_plan(plan: PaperPlan, *, only: Sequence[str] | None = None, report: Repo
 def _check_weights(plan: PaperPlan) -> None:
     """The paper starts every MoCo model (and the baseline) from ImageNet: a missing file stops the plan
     before anything runs, naming the file and where it goes."""
-    from mococxr.models.backbones import build_encoder
+    from mococxr.models.backbones import require_imagenet_weights
 
     for backbone in plan.imagenet_needed():
-        build_encoder(backbone, init="imagenet")  # raises the one clear error when the file is missing
+        require_imagenet_weights(backbone)
 
 
 def prepare_phantom(plan: PaperPlan) -> None:
@@ -121,34 +121,27 @@ def _stage_data(plan: PaperPlan) -> None:
             raise ConfigError(f"{key} data under {cfg.root}: {len(problems)} problem(s), first: {problems[0]}")
 
 
-def _prepared(cfg: DataConfig, cache: dict[str, Any]):
+def _prepared(cfg: DataConfig, cache: dict):
     from mococxr.data.prepare import prepare
 
-    key = repr(cfg)
-    if key not in cache:
-        cache[key] = prepare(cfg)
-    return cache[key]
+    if cfg not in cache:  # one read and split per dataset config for the whole plan
+        cache[cfg] = prepare(cfg)
+    return cache[cfg]
 
 
 def _stage_pretrain(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared: dict) -> None:
+    from mococxr.sweep.storage import study_budget
     from mococxr.sweep.study import run_study
 
     for backbone in plan.backbones:
         spec = plan.study_spec(backbone, storage=store.optuna_storage)
-        _say(f"-- pretraining study {spec.name}: {len(_grid_points(spec))} trial(s) of {spec.epochs} epochs, "
+        _say(f"-- pretraining study {spec.name}: {study_budget(spec)} trial(s) of {spec.epochs} epochs, "
              f"pruner {spec.pruner.name}")
         res = run_study(spec, store=store, data=_prepared(spec.base.data, prepared))
         result.started += len(res.trials_run)
         checkpoints = register_trials(plan, backbone, spec)
         result.checkpoints[backbone] = checkpoints
         result.production[backbone] = _promote_best(plan, backbone, checkpoints, spec.direction)
-
-
-def _grid_points(spec) -> list:
-    import itertools
-
-    choices = [p.choices for p in spec.search_space.values() if p.choices]
-    return list(itertools.product(*choices)) if choices else list(range(spec.budget.n_trials))
 
 
 def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
@@ -160,39 +153,33 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
 
     name = plan.registered_model(backbone)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
-    client = MlflowClient()
-    known = {}
-    try:
-        for mv in client.search_model_versions(f"name = '{name}'"):
-            known[(mv.tags.get(mt.tag("optuna_study")), mv.tags.get(mt.tag("optuna_trial")),
-                   mv.tags.get(mt.TAG_PREFIX + "model_id"))] = str(mv.version)
-    except Exception:  # noqa: BLE001 - no such registered model yet
-        known = {}
+    known = {(mv.tags.get(mt.tag("optuna_study")), mv.tags.get(mt.tag("optuna_trial")),
+              mv.tags.get(mt.TAG_PREFIX + "model_id")): str(mv.version)
+             for mv in MlflowClient().search_model_versions(f"name = '{name}'")}  # [] for a new name
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         model_id, epoch = t.user_attrs.get("best_model_id"), t.user_attrs.get("best_epoch")
         if not model_id or epoch is None:
             continue
+        lr, scheduler = float(t.params.get("lr", spec.base.lr)), str(t.params.get("scheduler", spec.base.scheduler))
         version = known.get((spec.name, str(t.number), model_id))
         if version is None:
             version = register(name, model_id=model_id, extra_tags=mt.tags(
-                backbone=backbone, optuna_study=spec.name, optuna_trial=t.number,
-                lr=t.params.get("lr", spec.base.lr), scheduler=t.params.get("scheduler", spec.base.scheduler)))
+                backbone=backbone, optuna_study=spec.name, optuna_trial=t.number, lr=lr, scheduler=scheduler))
             _say(f"registered trial {t.number} epoch {epoch} as {name} version {version}")
-        out.append(Checkpoint(backbone, name, version, t.number, float(t.params.get("lr", spec.base.lr)),
-                              str(t.params.get("scheduler", spec.base.scheduler)),
+        out.append(Checkpoint(backbone, name, version, t.number, lr, scheduler,
                               str(t.user_attrs.get("mlflow_run_id", "")), int(epoch), float(t.value)))
     return out
 
 
 def _promote_best(plan: PaperPlan, backbone: str, checkpoints: list[Checkpoint], direction: str) -> str:
-    from mococxr.tracking.registry import _alias_version, promote
+    from mococxr.tracking.registry import alias_version, promote
 
     if not checkpoints:
         raise ConfigError(f"study {plan.study_name(backbone)} has no complete trial to promote; see its trials")
     best = (max if direction == "maximize" else min)(checkpoints, key=lambda c: c.value)
     name = plan.registered_model(backbone)
-    if _alias_version(name, "production") != best.version:
+    if alias_version(name, "production") != best.version:
         promote(name, best.version, "production")
         _say(f"{name} version {best.version} (trial {best.trial}, lr {best.lr:g}, {best.scheduler}) -> production")
     return f"models:/{name}/{best.version}"
@@ -235,11 +222,6 @@ def _stage_table2(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared
 def table2_label(c: Checkpoint) -> str:
     """The Table 2 grid's init label of a checkpoint: ``lr0.001-cosine-t3``."""
     return f"lr{c.lr:g}-{c.scheduler}-t{c.trial}"
-
-
-def replace_roots(plan: PaperPlan, **roots: str | None) -> PaperPlan:
-    data = {k: replace(v, root=roots[k]) if roots.get(k) else v for k, v in plan.data.items()}
-    return replace(plan, data=data)
 
 
 __all__ = ["Checkpoint", "PlanResult", "prepare_phantom", "register_trials", "run_plan", "table2_label"]

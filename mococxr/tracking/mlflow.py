@@ -51,6 +51,7 @@ TAG_KEYS = frozenset(
         "manifest_sha256", "test_manifest_sha256", "config_hash", "registry_version", "grid", "preset", "image_size",
         "owner", "heartbeat", "claim", "end_reason",  # run ownership: see start_run and tracking/runs.py
         "lr", "scheduler",  # a plan's registered trial checkpoints: the searched values (sweep/stages.py)
+        "init_fallback",  # why init auto started a run from random weights (tracking/registry.py)
     }
 )
 

@@ -28,8 +28,8 @@ from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
 from mococxr.models.backbones import (
-    _imagenet_candidates,
     available_imagenet_weights,
+    imagenet_candidates,
     imagenet_weights_filename,
     load_state_dict_file,
 )
@@ -38,7 +38,7 @@ from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX
 STAGES = ("staging", "production", "archived")
 STAGE_TAG = TAG_PREFIX + "stage"
 FINETUNE_RUNS_TAG = TAG_PREFIX + "finetune_runs"  # how many FINISHED fine-tune runs used the version
-INIT_FALLBACK_TAG = TAG_PREFIX + "init_fallback"  # why init auto started a run from random weights
+INIT_FALLBACK_TAG = tag("init_fallback")  # why init auto started a run from random weights
 USES_HEADING = "Fine-tune runs that used this version"
 _STAGE_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)/?$")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
@@ -133,14 +133,15 @@ def promote(name: str, version: str | int, stage: str) -> None:
         if alias in STAGES:
             client.delete_registered_model_alias(name, alias)
     if stage != "archived":
-        holder = _alias_version(name, stage)
+        holder = alias_version(name, stage)
         if holder is not None:
             client.set_model_version_tag(name, holder, STAGE_TAG, "none")
         client.set_registered_model_alias(name, stage, str(version))
     client.set_model_version_tag(name, str(version), STAGE_TAG, stage)
 
 
-def _alias_version(name: str, alias: str) -> str | None:
+def alias_version(name: str, alias: str) -> str | None:
+    """The version of ``name`` that ``alias`` points to, or None."""
     try:
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
     except MlflowException:
@@ -232,7 +233,7 @@ _FALLBACKS_SAID: set[str] = set()  # backbones whose init auto fallback this pro
 
 def _say_fallback(backbone: str) -> str:
     """The reason init auto fell back to random; printed on stderr the first time per backbone."""
-    looked = " or ".join(str(p) for p in _imagenet_candidates(backbone))
+    looked = " or ".join(str(p) for p in imagenet_candidates(backbone))
     reason = f"init auto: no ImageNet weights for {backbone} at {looked}; started from random init"
     if backbone not in _FALLBACKS_SAID:
         _FALLBACKS_SAID.add(backbone)

@@ -356,8 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        store = getattr(args, "store", None)
-        message = user_message(exc, store.tracking_uri if store is not None else args.tracking_uri)
+        message = user_message(exc, _tracking_uri_in_force(args))
         if message is not None:
             print(f"mococxr: error: {message}", file=sys.stderr)
             return 2
@@ -368,6 +367,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _tracking_uri_in_force(args: argparse.Namespace) -> str | None:
+    """The store an error may concern: the one opened, else the one that was being opened (the flag,
+    ``MLFLOW_TRACKING_URI`` or the embedded default), so a damaged store is named however it was chosen."""
+    store = getattr(args, "store", None)
+    if store is not None:
+        return store.tracking_uri
+    tracking = sys.modules.get("mococxr.tracking.mlflow")  # not imported: no store was being opened
+    if tracking is None:
+        return args.tracking_uri
+    try:
+        return tracking.resolve_tracking_uri(args.tracking_uri)
+    except Exception:  # noqa: BLE001 - a refused URI: its own error is the one being reported
+        return args.tracking_uri
 
 
 def _on_sigterm():

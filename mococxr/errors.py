@@ -50,6 +50,15 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def _causes(exc: BaseException):
+    """``exc`` and what it was explicitly raised from, or raised while handling unless ``from None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
 def _raised_in(exc: BaseException, folder: str) -> bool:
     """Whether any frame of the exception or its causes ran code under ``folder`` (e.g. a package)."""
     import traceback
@@ -77,7 +86,7 @@ def _store_message(exc: BaseException, text: str, tracking_uri: str | None) -> s
     if "is full" in text:
         return f"{db}: the database or its disk is full; free space on that disk and rerun"
     problem = next(s for s in _CORRUPT_DB if s in text)
-    return f"{db} is unreadable ({problem}): restore it from a backup, or move it aside to start a new store"
+    return f"{db} is damaged ({problem}); restore it from a backup, or move it aside to start a new store"
 
 
 def _os_message(exc: OSError) -> str | None:
@@ -101,9 +110,13 @@ def user_message(exc: BaseException, tracking_uri: str | None = None) -> str | N
     """
     where = f" in {tracking_uri}" if tracking_uri else ""
     for e in _chain(exc):
-        if isinstance(e, MococxrError):
-            return _without_sql_noise(str(e))
         text = str(e)
+        if isinstance(e, MococxrError):
+            # ours, unless it wraps a damaged database (`raise ... from exc`: a run whose logging hit a
+            # damaged store); a message raised `from None` has said what it means
+            raw = next((str(c) for c in _causes(e) if not isinstance(c, MococxrError)
+                        and any(s in str(c) for s in _CORRUPT_DB[:2])), None)
+            return _store_message(exc, raw, tracking_uri) if raw else _without_sql_noise(text)
         if any(s in text for s in _CORRUPT_DB):
             return _store_message(exc, text, tracking_uri)
         if isinstance(e, OSError) and (msg := _os_message(e)):

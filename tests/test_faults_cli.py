@@ -140,7 +140,7 @@ def test_malformed_pages_inside_a_valid_header_name_the_file(template, tmp_path,
     db = tmp_path / "mlflow.db"
     db.write_bytes(bytes(data))
     code = _exit_code(["--tracking-uri", f"sqlite:///{db}", "registry", "list"])
-    assert "unreadable" in _one_error(capsys, code, str(db))
+    assert "is damaged" in _one_error(capsys, code, str(db))
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,8 +31,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mococxr.errors import MococxrError, TrackingError
-from mococxr.tracking.probe import probe_server, probe_sqlite
+from mococxr.errors import ConfigError, MococxrError, TrackingError, user_message
+from mococxr.tracking.probe import check_sqlite, probe_server, probe_sqlite, store_check_wanted
 
 TAG_PREFIX = "mococxr."
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
@@ -133,7 +134,9 @@ def open_store(tracking_uri: str | None = None) -> Store:
 
     The store is ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
     ``sqlite:///mlruns/mlflow.db``. The embedded store's folder and tables are created on first use;
-    a store already opened by this process is not opened again.
+    a store already opened by this process is not opened again. A sqlite store's header is checked
+    always, its pages (``PRAGMA quick_check``) when it is small or ``MOCOCXR_CHECK_STORE=1`` asks
+    (see :mod:`mococxr.tracking.probe`).
     """
     uri = resolve_tracking_uri(tracking_uri)
     store = _OPENED.get(uri)
@@ -145,11 +148,18 @@ def open_store(tracking_uri: str | None = None) -> Store:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             probe_sqlite(db)
+            if store_check_wanted(db):
+                check_sqlite(db)
             # Several processes starting on a new sqlite store race to create its tables (alembic fails
             # with "0 found"); the first one creates them under a lock, the others then find them.
             with open(db.with_name(db.name + ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                MlflowClient().search_experiments(max_results=1)
+                try:
+                    MlflowClient().search_experiments(max_results=1)
+                except Exception as exc:  # a damaged store that the checks above let through, named
+                    if isinstance(exc, MococxrError) or (message := user_message(exc, uri)) is None:
+                        raise
+                    raise TrackingError(message) from exc
         store = Store(uri, artifact_root(uri), default_optuna_storage(uri))
         _OPENED[uri] = store
     elif mlflow.get_tracking_uri() != uri:
@@ -167,11 +177,45 @@ def current_store(store: Store | None = None) -> Store:
     return open_store()
 
 
+def quote_filter(value: Any) -> str:
+    """``value`` as a string literal of an MLflow search filter: ``'it'``, or ``"it's"`` when it holds a single
+    quote (MLflow's filter parser knows no escapes, so a value holding both quote kinds cannot be searched)."""
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise TrackingError(f"{text!r} holds both a single and a double quote, which an MLflow search filter "
+                        "cannot express; rename it")
+
+
+def check_experiment_name(name: str) -> str:
+    """``name`` if it can name an experiment (and its artifact folder), else a ``ConfigError`` naming it.
+
+    The artifact folder is ``<artifact root>/<name with / as _>``: ``.``, ``..`` and blank names would put
+    artifacts beside ``mlflow.db`` or above it, so they are refused with every other name that would leave
+    the artifact root."""
+    folder = name.replace("/", "_")  # the artifact folder's name (see ensure_experiment)
+    problem = None
+    if not name.strip():
+        problem = "it is empty"
+    elif "\x00" in name:
+        problem = "it holds a NUL character"
+    elif folder.strip() in (".", "..") or os.path.dirname(os.path.normpath(f"/root/{folder}")) != "/root":
+        problem = "it is a path component, so its artifacts would land outside the artifact root"
+    if problem:
+        raise ConfigError(f"experiment name {name!r} (--experiment) is refused: {problem}; use letters, digits, "
+                          "'-', '_' or '/'")
+    return name
+
+
 def ensure_experiment(name: str) -> str:
     """The id of experiment ``name``, created with the project's artifact location if it is new.
 
     Experiments are tagged as model training (``mlflow.experimentKind``), so the MLflow UI opens them on
-    their runs rather than in GenAI mode, and carry a description; an older experiment gains the kind."""
+    their runs rather than in GenAI mode, and carry a description; an older experiment gains the kind.
+    Names that are path components (``.``, ``..``, blank) are refused (:func:`check_experiment_name`)."""
+    check_experiment_name(name)
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -299,7 +343,8 @@ def start_run(
     if took_claim:
         run_id = claimed.pop()  # the caller created this run for us; only the first start_run takes it
     owner = tags(owner=owner_id(), heartbeat=int(time.time()))
-    if run_id is not None:  # resumed runs change owner; a claimed run also gets the body's name and tags
+    resumed = run_id is not None
+    if resumed:  # resumed runs change owner; a claimed run also gets the body's name and tags
         run = mlflow.start_run(run_id=run_id, nested=nested, run_name=run_name, tags={**(run_tags or {}), **owner})
     else:
         run = mlflow.start_run(
@@ -322,6 +367,19 @@ def start_run(
     except Exception as exc:
         raise TrackingError(f"{where}: everything was logged, but marking it FINISHED failed ({exc}); "
                             f"it shows RUNNING until MlflowClient().set_terminated({run.info.run_id!r})") from exc
+    if resumed:
+        _clear_end_reason(run.info.run_id, where)
+
+
+def _clear_end_reason(run_id: str, where: str) -> None:
+    """A resumed run that FINISHED drops the ``mococxr.end_reason`` of its earlier, KILLED or FAILED life."""
+    client = MlflowClient()
+    try:
+        if tag("end_reason") in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tag("end_reason"))
+    except MlflowException as exc:  # the run is FINISHED and complete; only its old reason stays
+        warnings.warn(f"{where} FINISHED, but its stale {tag('end_reason')} tag could not be removed: {exc}",
+                      stacklevel=3)
 
 
 @contextmanager

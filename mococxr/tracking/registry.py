@@ -33,7 +33,7 @@ from mococxr.models.backbones import (
     imagenet_weights_filename,
     load_state_dict_file,
 )
-from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, tag
+from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, quote_filter, tag
 
 STAGES = ("staging", "production", "archived")
 STAGE_TAG = TAG_PREFIX + "stage"
@@ -129,6 +129,8 @@ def promote(name: str, version: str | int, stage: str) -> None:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
         raise TrackingError(f"registered model {name!r} has no version {version}") from exc
+    if stage != "archived":  # archiving a version whose checkpoint is gone is how to retire it
+        _require_logged_model(client, mv, "promote it")
     for alias in mv.aliases:
         if alias in STAGES:
             client.delete_registered_model_alias(name, alias)
@@ -140,6 +142,33 @@ def promote(name: str, version: str | int, stage: str) -> None:
     client.set_model_version_tag(name, str(version), STAGE_TAG, stage)
 
 
+def _model_id(mv) -> str | None:
+    """The LoggedModel behind a registered version: its tag, MLflow's field, or a ``models:/m-...`` source."""
+    source = mv.source or ""
+    from_source = source.removeprefix("models:/").strip("/") if source.startswith("models:/m-") else None
+    return mv.tags.get(TAG_PREFIX + "model_id") or getattr(mv, "model_id", None) or from_source
+
+
+def _require_logged_model(client: MlflowClient, mv, doing: str) -> None:
+    """Refuse a version whose LoggedModel was deleted: its weights are no longer a checkpoint of the store.
+
+    MLflow keeps the version (and the files) when the LoggedModel is deleted; ``get_logged_model`` then
+    answers RESOURCE_DOES_NOT_EXIST, which is what is checked here."""
+    model_id = _model_id(mv)
+    if not model_id:
+        return  # registered from a run's artifacts: no LoggedModel to check
+    try:
+        client.get_logged_model(model_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrackingError(
+            f"registered model {mv.name!r} version {mv.version} points to LoggedModel {model_id}, which was "
+            f"deleted; cannot {doing}: pick another version (`mococxr registry list --name {mv.name}`) or "
+            "register another checkpoint (`mococxr registry register`)"
+        ) from None
+
+
 def alias_version(name: str, alias: str) -> str | None:
     """The version of ``name`` that ``alias`` points to, or None."""
     try:
@@ -148,19 +177,64 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+def _listed_stage(mv, aliases: list[str]) -> str:
+    """A version's stage as the registry holds it: its alias (moved in the UI or by any client, the alias
+    is the truth); ``archived``, which has no alias, from the tag, and only while no alias points here."""
+    aliased = [a for a in aliases if a in STAGES]
+    if aliased:
+        return "production" if "production" in aliased else aliased[0]
+    return "archived" if not aliases and mv.tags.get(STAGE_TAG) == "archived" else ""
+
+
+def _aliases(client: MlflowClient, name: str | None) -> dict[tuple[str, str], list[str]]:
+    """``(model name, version) -> aliases`` from the registered models: MLflow's version search leaves a
+    version's ``aliases`` empty, only the registered model (or one version fetched by number) holds them."""
+    if name:
+        try:
+            models = [client.get_registered_model(name)]
+        except MlflowException:
+            return {}
+    else:
+        models, token = [], None
+        while True:
+            page = client.search_registered_models(page_token=token)
+            models += page
+            if not (token := page.token):
+                break
+    found: dict[tuple[str, str], list[str]] = {}
+    for model in models:
+        for alias, version in (model.aliases or {}).items():
+            found.setdefault((model.name, str(version)), []).append(alias)
+    return found
+
+
+def _search_versions(client: MlflowClient, name: str | None) -> list:
+    """Every version (of ``name``), through all result pages."""
+    try:
+        filt = f"name = {quote_filter(name)}" if name else None
+    except TrackingError:  # both quote kinds in the name: no filter can say it, so filter here
+        return [mv for mv in _search_versions(client, None) if mv.name == name]
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(filt, page_token=token)
+        found += page
+        if not (token := page.token):
+            return found
+
+
 def list_versions(name: str | None = None) -> pd.DataFrame:
     """One row per registered version: name, version, stage, run, epoch and its metrics."""
     client = MlflowClient()
-    filt = f"name = '{name}'" if name else None
     rows = []
-    for mv in client.search_model_versions(filt):
-        stage = next((a for a in mv.aliases if a in STAGES), mv.tags.get(STAGE_TAG, "none"))
+    aliases = _aliases(client, name)
+    for mv in _search_versions(client, name):
+        stage = _listed_stage(mv, aliases.get((mv.name, str(mv.version)), []))
         metrics = {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")}
         rows.append(
             {
                 "name": mv.name,
                 "version": int(mv.version),
-                "stage": stage if stage != "none" else "",
+                "stage": stage,
                 "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id or ""),
                 "epoch": mv.tags.get(tag("checkpoint_epoch"), ""),
                 **metrics,
@@ -260,18 +334,22 @@ def version_info(uri: str) -> dict[str, Any]:
         raise TrackingError(f"cannot resolve {uri!r} in {mlflow.get_tracking_uri()}: {exc.message}") from exc
     if mv is None:
         if uri.startswith("models:/m-"):
-            model = client.get_logged_model(uri.removeprefix("models:/").strip("/"))
+            try:
+                model = client.get_logged_model(uri.removeprefix("models:/").strip("/"))
+            except MlflowException as exc:  # unknown, or deleted
+                raise TrackingError(f"cannot resolve {uri!r} in {mlflow.get_tracking_uri()}: {exc.message}") from exc
             return {"run_id": model.source_run_id, "epoch": _epoch(model.tags.get(tag("checkpoint_epoch"))),
                     "model_id": model.model_id}
         if uri.startswith("runs:/"):
             return {"run_id": uri.removeprefix("runs:/").split("/", 1)[0]}
         return {}
+    _require_logged_model(client, mv, f"use {uri}")
     return {
         "registered_model": mv.name,
         "registry_version": str(mv.version),
         "run_id": mv.tags.get(TAG_PREFIX + "run_id", mv.run_id),
         "epoch": _epoch(mv.tags.get(tag("checkpoint_epoch"))),
-        "model_id": mv.tags.get(TAG_PREFIX + "model_id") or getattr(mv, "model_id", None),
+        "model_id": _model_id(mv),
     }
 
 
@@ -295,8 +373,8 @@ def log_model_input(run_id: str, origin: dict[str, Any]) -> None:
 
 def consumers_filter(name: str, version: str | int) -> str:
     """The MLflow search filter that finds the finished fine-tune runs initialised from ``name`` ``version``."""
-    return (f"tags.`{tag('kind')}` = 'finetune' and tags.`{tag('registry_version')}` = '{version}' and "
-            f"params.init_registered_model = '{name}' and attributes.status = 'FINISHED'")
+    return (f"tags.`{tag('kind')}` = 'finetune' and tags.`{tag('registry_version')}` = {quote_filter(version)} and "
+            f"params.init_registered_model = {quote_filter(name)} and attributes.status = 'FINISHED'")
 
 
 def count_consumers(name: str, version: str | int) -> int:
@@ -342,6 +420,6 @@ def record_finetune_use(name: str, version: str | int) -> int | None:
                     "under its logged models (inputs).")
             client.update_model_version(name, str(version), description=f"{mv.description or ''}\n\n{text}".strip())
         return count
-    except MlflowException as exc:
+    except (MlflowException, TrackingError) as exc:
         warnings.warn(f"could not record the fine-tune use of {name} version {version}: {exc}", stacklevel=2)
         return None

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mococxr.cli import main
 from mococxr.data.phantom import synthesize
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 
 
@@ -364,7 +365,7 @@ def test_a_json_artifact_that_does_not_fit_leaves_no_partial_file(mounted, store
     disk = mounted("small", "size=64k")
     monkeypatch.setenv("MOCOCXR_ARTIFACT_ROOT", str(disk / "artifacts"))
     with pytest.raises(OSError), mt.start_run("small-disk"):
-        mt.log_json({"x": "y" * 200_000}, "big/config.json")
+        ma.log_json({"x": "y" * 200_000}, "big/config.json")
     assert not list(disk.rglob("config.json"))
     (run,) = mlflow.search_runs(experiment_names=["small-disk"], output_format="list")
     assert run.info.status == "FAILED"

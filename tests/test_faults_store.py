@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from mococxr.cli import main
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError, TrackingError, user_message
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import probe, registry
 
@@ -88,7 +89,7 @@ def _checkpoints(experiment: str, n: int) -> list[str]:
     with mt.start_run(experiment, run_tags=mt.tags(kind="pretrain", backbone="resnet18")) as run:
         for epoch in range(1, n + 1):
             ids.append(
-                mt.log_state_dict_model(
+                ma.log_state_dict_model(
                     {"w": torch.full((2,), float(epoch))},
                     name=f"toy-epoch{epoch:03d}",
                     run_id=run.info.run_id,

@@ -27,6 +27,7 @@ from mococxr.console import PlainProgress, progress
 from mococxr.data import prepare as prepare_module
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.train import checkpoints
 from mococxr.train.pretrain import pretrain
@@ -120,9 +121,9 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
         assert linked["train/loss"].value == pytest.approx(loss[epoch])
         assert model.tags["mococxr.kind"] == "pretrain" and model.tags["mococxr.backbone"] == "resnet18"
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}"))
-        state = torch.load(local / mt.STATE_DICT_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(local / ma.STATE_DICT_FILE, map_location="cpu", weights_only=True)
         assert "trunk.conv1.weight" in state and "trunk.fc.weight" not in state
-        info = json.loads((local / mt.MODEL_INFO_FILE).read_text())
+        info = json.loads((local / ma.MODEL_INFO_FILE).read_text())
         assert info["epoch"] == epoch and info["run_id"] == reference.run_id and info["feature_dim"] == 512
 
     # what defines the run: config, manifest, parameters, tags
@@ -272,9 +273,9 @@ def test_killed_run_resumes_to_the_same_weights(reference, store):
     # the same holds for every epoch's logged encoder, and for the metrics of the resumed epochs
     for epoch, model_id in reference.model_ids.items():
         (mine,) = _models_by_epoch(run_id)[epoch]
-        a = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{mine.model_id}")) / mt.STATE_DICT_FILE,
+        a = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{mine.model_id}")) / ma.STATE_DICT_FILE,
                        weights_only=True)
-        b = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}")) / mt.STATE_DICT_FILE,
+        b = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}")) / ma.STATE_DICT_FILE,
                        weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in b), epoch
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}

@@ -12,6 +12,7 @@ import torch
 
 from mococxr import cli
 from mococxr.errors import DataError, TrackingError
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 
@@ -43,7 +44,7 @@ def run(store):
         info = active.info
         for epoch in (1, 2, 3):
             states[epoch] = {"trunk.w": torch.randn(4, 3), "trunk.bn.num_batches_tracked": torch.tensor(epoch)}
-            model_id = mt.log_state_dict_model(
+            model_id = ma.log_state_dict_model(
                 states[epoch], name=f"toy-epoch{epoch:03d}", run_id=info.run_id,
                 experiment_id=info.experiment_id, step=epoch, info={"backbone": "resnet18", "epoch": epoch},
             )

@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import ConfigError, TrackingError
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.train import checkpoints
 
@@ -89,7 +90,7 @@ def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
     # a state dict logged as a LoggedModel comes back equal, through weights_only loading
     state = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(7)}
     with mt.start_run("unit/exp") as run:
-        model_id = mt.log_state_dict_model(
+        model_id = ma.log_state_dict_model(
             state, name="toy", run_id=run.info.run_id, experiment_id=run.info.experiment_id, step=4,
             info={"backbone": "toy"}, model_tags=mt.tags(kind="pretrain"),
         )
@@ -99,7 +100,7 @@ def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
     assert "READY" in str(model.status) and model.source_run_id == run.info.run_id
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}"))
     assert local.resolve().is_relative_to(tmp_path.resolve() / "mlruns" / "artifacts")
-    loaded = torch.load(local / mt.STATE_DICT_FILE, weights_only=True)
+    loaded = torch.load(local / ma.STATE_DICT_FILE, weights_only=True)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 

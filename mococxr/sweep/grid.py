@@ -38,6 +38,7 @@ from mococxr.config import config_hash
 from mococxr.data.prepare import Prepared, prepare
 from mococxr.errors import ConfigError
 from mococxr.sweep.spec import GridSpec, load_grid
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import runs
 from mococxr.tracking.registry import canonical_uri, version_info
@@ -82,7 +83,7 @@ def parent_run(spec: GridSpec, spec_hash: str) -> str:
     base = spec.base
 
     def describe(run_id: str) -> None:
-        mt.log_json({"inits": spec.inits, "protocols": spec.protocols, "fractions": spec.fractions,
+        ma.log_json({"inits": spec.inits, "protocols": spec.protocols, "fractions": spec.fractions,
                      "draws": spec.draws, "epochs": spec.epochs}, "grid.json", run_id=run_id)
 
     return runs.parent_run(

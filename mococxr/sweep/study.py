@@ -43,6 +43,7 @@ from mococxr.data.prepare import Prepared, prepare
 from mococxr.errors import ConfigError
 from mococxr.sweep.spec import Param, StudySpec, load_spec, mask_password, parse_spec, valid_study_name
 from mococxr.sweep.storage import make_pruner, make_sampler, make_storage, study_budget
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import runs
 from mococxr.tracking.runs import promote_best
@@ -61,7 +62,7 @@ def parent_run(spec: StudySpec, study_name: str) -> str:
         params.update({"objective": spec.metric, "direction": spec.direction, "epochs_per_trial": spec.epochs,
                        "sampler": spec.sampler.name, "pruner": spec.pruner.name, "seed": spec.sampler.seed})
         MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
-        mt.log_json(spec.to_dict(), "sweep.json", run_id=run_id)
+        ma.log_json(spec.to_dict(), "sweep.json", run_id=run_id)
 
     return runs.parent_run(
         spec.experiment, key=mt.tags(kind="sweep", optuna_study=study_name), run_name=study_name,

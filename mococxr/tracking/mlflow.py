@@ -3,17 +3,15 @@
 MLflow is the system of record. This module owns the store location (the embedded default is
 ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``; ``MLFLOW_TRACKING_URI`` or
 ``--tracking-uri`` override it, including an ``http(s)://`` tracking server), the ``mococxr.*`` tag
-schema, and the few helpers every stage uses to log plain data (JSON, DataFrames, state dicts).
+schema and the run lifecycle (ownership, heartbeats, how a run ends). Logging plain data (JSON,
+DataFrames, state dicts) is :mod:`mococxr.tracking.artifacts`.
 The file store is refused: it raises in MLflow >= 3.13 and cannot hold LoggedModels well.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -25,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import requests
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -35,14 +31,11 @@ from mococxr.errors import ConfigError, MococxrError, TrackingError, user_messag
 from mococxr.tracking.probe import check_sqlite, probe_server, probe_sqlite, store_check_wanted
 
 TAG_PREFIX = "mococxr."
-PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 DEFAULT_STORE_DIR = "mlruns"
-STATE_DICT_FILE = "state_dict.pt"
 # Database schemes (with an optional +driver) and tracking servers; MLflow's file store is refused.
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens "custom_model_development" in Model training mode
 NOTE_TAG = "mlflow.note.content"
-MODEL_INFO_FILE = "mococxr_model.json"
 
 # Tag keys (without the prefix) that DESIGN.md fixes; anything else is a bug in the caller.
 TAG_KEYS = frozenset(
@@ -380,107 +373,3 @@ def _clear_end_reason(run_id: str, where: str) -> None:
     except MlflowException as exc:  # the run is FINISHED and complete; only its old reason stays
         warnings.warn(f"{where} FINISHED, but its stale {tag('end_reason')} tag could not be removed: {exc}",
                       stacklevel=3)
-
-
-@contextmanager
-def quiet_downloads() -> Iterator[None]:
-    """Artifact downloads without MLflow's per-file progress bar (noise for one file, one long line in a
-    log file; a caller that downloads many files draws its own bar over all of them)."""
-    old = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = old
-
-
-def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
-    """Log a JSON-serialisable object as ``artifact_file`` of the run."""
-    run_id = run_id or _active_run_id()
-    with _no_partial_file(run_id, artifact_file):
-        MlflowClient().log_dict(run_id, obj, artifact_file)
-
-
-@contextmanager
-def _no_partial_file(run_id: str, artifact_file: str) -> Iterator[None]:
-    """A copy into a local artifact folder that fails (full disk) leaves a truncated file: remove it."""
-    try:
-        yield
-    except OSError:
-        uri = MlflowClient().get_run(run_id).info.artifact_uri
-        if uri and uri.startswith("file:"):
-            from urllib.parse import unquote, urlparse
-
-            Path(unquote(urlparse(uri).path), artifact_file).unlink(missing_ok=True)
-        raise
-
-
-def log_parquet(df: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
-    """Log a DataFrame as a parquet artifact (used for per-image predictions and manifests)."""
-    path = Path(artifact_file)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / path.name
-        df.to_parquet(local, index=False)
-        parent = str(path.parent) if str(path.parent) != "." else None
-        run_id = run_id or _active_run_id()
-        with _no_partial_file(run_id, artifact_file):
-            MlflowClient().log_artifact(run_id, str(local), parent)
-
-
-def _active_run_id() -> str:
-    run = mlflow.active_run()
-    if run is None:
-        raise TrackingError("no active MLflow run to log to")
-    return run.info.run_id
-
-
-def _remove_local(artifact_uri: str | None) -> None:
-    """Delete a local artifact folder's contents (file: URIs only; a server's artifacts are its own)."""
-    if artifact_uri and artifact_uri.startswith("file:"):
-        from urllib.parse import unquote, urlparse
-
-        shutil.rmtree(unquote(urlparse(artifact_uri).path), ignore_errors=True)
-
-
-def log_state_dict_model(
-    state_dict: Mapping[str, torch.Tensor],
-    *,
-    name: str,
-    run_id: str,
-    experiment_id: str,
-    step: int,
-    info: Mapping[str, Any],
-    model_tags: Mapping[str, str] | None = None,
-    params: Mapping[str, Any] | None = None,
-) -> str:
-    """Log a plain state dict as an MLflow 3 LoggedModel and return its ``model_id``.
-
-    The model's artifacts are ``state_dict.pt`` (load with ``torch.load(..., weights_only=True)``)
-    and ``mococxr_model.json`` (``info``: backbone, epoch, ...). No pickled objects, no flavor: a
-    checkpoint is data, and whoever loads it chooses the code that reads it.
-    """
-    client = MlflowClient()
-    model = client.create_logged_model(
-        experiment_id=experiment_id,
-        name=name,
-        source_run_id=run_id,
-        tags={**(model_tags or {}), tag("checkpoint_epoch"): str(step)},
-        params={k: str(v) for k, v in (params or {}).items()},
-        model_type="mococxr-encoder",
-    )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(dict(state_dict), Path(tmp) / STATE_DICT_FILE)
-            (Path(tmp) / MODEL_INFO_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
-            client.log_model_artifacts(model.model_id, tmp)
-    except BaseException:
-        # A copy that failed halfway (full disk) leaves a truncated state_dict.pt: remove it, so that
-        # nothing reads it by its models:/ URI, and mark the model FAILED (resolvers use READY ones).
-        _remove_local(model.artifact_location)
-        client.finalize_logged_model(model.model_id, "FAILED")
-        raise
-    client.finalize_logged_model(model.model_id, "READY")
-    return model.model_id

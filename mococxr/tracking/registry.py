@@ -33,7 +33,8 @@ from mococxr.models.backbones import (
     imagenet_weights_filename,
     load_state_dict_file,
 )
-from mococxr.tracking.mlflow import MODEL_INFO_FILE, STATE_DICT_FILE, TAG_PREFIX, quote_filter, tag
+from mococxr.tracking.artifacts import MODEL_INFO_FILE, STATE_DICT_FILE
+from mococxr.tracking.mlflow import TAG_PREFIX, quote_filter, tag
 
 STAGES = ("staging", "production", "archived")
 STAGE_TAG = TAG_PREFIX + "stage"

@@ -1,0 +1,129 @@
+"""Logging plain data to a run: JSON, DataFrames, and state dicts as MLflow 3 LoggedModels.
+
+A copy into a local artifact folder that fails halfway (a full disk) leaves no truncated file behind,
+and a checkpoint whose copy failed is marked FAILED, so nothing reads it by its ``models:/`` URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from mococxr.errors import TrackingError
+from mococxr.tracking.mlflow import tag
+
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
+STATE_DICT_FILE = "state_dict.pt"
+MODEL_INFO_FILE = "mococxr_model.json"
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """Artifact downloads without MLflow's per-file progress bar (noise for one file, one long line in a
+    log file; a caller that downloads many files draws its own bar over all of them)."""
+    old = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = old
+
+
+def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a JSON-serialisable object as ``artifact_file`` of the run."""
+    run_id = run_id or _active_run_id()
+    with _no_partial_file(run_id, artifact_file):
+        MlflowClient().log_dict(run_id, obj, artifact_file)
+
+
+@contextmanager
+def _no_partial_file(run_id: str, artifact_file: str) -> Iterator[None]:
+    """A copy into a local artifact folder that fails (full disk) leaves a truncated file: remove it."""
+    try:
+        yield
+    except OSError:
+        uri = MlflowClient().get_run(run_id).info.artifact_uri
+        if uri and uri.startswith("file:"):
+            Path(unquote(urlparse(uri).path), artifact_file).unlink(missing_ok=True)
+        raise
+
+
+def log_parquet(df: pd.DataFrame, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a DataFrame as a parquet artifact (used for per-image predictions and manifests)."""
+    path = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / path.name
+        df.to_parquet(local, index=False)
+        parent = str(path.parent) if str(path.parent) != "." else None
+        run_id = run_id or _active_run_id()
+        with _no_partial_file(run_id, artifact_file):
+            MlflowClient().log_artifact(run_id, str(local), parent)
+
+
+def _active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("no active MLflow run to log to")
+    return run.info.run_id
+
+
+def _remove_local(artifact_uri: str | None) -> None:
+    """Delete a local artifact folder's contents (file: URIs only; a server's artifacts are its own)."""
+    if artifact_uri and artifact_uri.startswith("file:"):
+        shutil.rmtree(unquote(urlparse(artifact_uri).path), ignore_errors=True)
+
+
+def log_state_dict_model(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    name: str,
+    run_id: str,
+    experiment_id: str,
+    step: int,
+    info: Mapping[str, Any],
+    model_tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """Log a plain state dict as an MLflow 3 LoggedModel and return its ``model_id``.
+
+    The model's artifacts are ``state_dict.pt`` (load with ``torch.load(..., weights_only=True)``)
+    and ``mococxr_model.json`` (``info``: backbone, epoch, ...). No pickled objects, no flavor: a
+    checkpoint is data, and whoever loads it chooses the code that reads it.
+    """
+    client = MlflowClient()
+    model = client.create_logged_model(
+        experiment_id=experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags={**(model_tags or {}), tag("checkpoint_epoch"): str(step)},
+        params={k: str(v) for k, v in (params or {}).items()},
+        model_type="mococxr-encoder",
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(dict(state_dict), Path(tmp) / STATE_DICT_FILE)
+            (Path(tmp) / MODEL_INFO_FILE).write_text(json.dumps({**info, "step": step}, indent=1))
+            client.log_model_artifacts(model.model_id, tmp)
+    except BaseException:
+        # A copy that failed halfway (full disk) leaves a truncated state_dict.pt: remove it, so that
+        # nothing reads it by its models:/ URI, and mark the model FAILED (resolvers use READY ones).
+        _remove_local(model.artifact_location)
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

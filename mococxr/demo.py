@@ -91,17 +91,14 @@ def _stage(title: str) -> float:
 
 
 def prepare_phantom(out: Path, size: DemoSize, seed: int = 0) -> Path:
-    """Synthesize the phantom once; a marker file makes a second demo run reuse it."""
-    from mococxr.data.phantom import synthesize
+    """Synthesize the phantom once; a folder that already holds this phantom is reused."""
+    from mococxr.data.phantom import is_phantom_of, marker_text, synthesize
 
-    marker = out / ".mococxr-phantom"
-    wanted = f"n={size.n_images} n_valid={size.n_test} size={size.store_px} seed={seed}"
-    if marker.is_file() and marker.read_text().strip() == wanted:
-        print(f"phantom dataset already at {out} ({wanted}), reused")
+    params = {"size": size.store_px, "seed": seed, "layout": "chexpert", "n_valid": size.n_test}
+    if is_phantom_of(out, size.n_images, **params):
+        print(f"phantom dataset already at {out} ({marker_text(size.n_images, **params)}), reused")
         return out
-    root = synthesize(out, size.n_images, size=size.store_px, seed=seed, layout="chexpert", n_valid=size.n_test)
-    marker.write_text(wanted + "\n")
-    return Path(root)
+    return Path(synthesize(out, size.n_images, **params))
 
 
 def run_demo(

@@ -18,12 +18,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mococxr.config import DataConfig, FinetuneConfig
 from mococxr.data.labels import label_matrix
-from mococxr.data.phantom import synthesize
+from mococxr.data.phantom import MARKER, synthesize
 from mococxr.data.prepare import prepare
 from mococxr.data.records import read_records
 from mococxr.data.splits import make_manifest
 from mococxr.errors import ConfigError, DataError
 from mococxr.models.backbones import build_encoder
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.train import finetune as ft
@@ -68,7 +69,7 @@ def registered_checkpoint(name: str = "mococxr-test") -> tuple[str, str, dict[st
     state = build_encoder("resnet18").state_dict()
     mt.open_store()
     with mt.start_run("test-pretrain", run_tags=mt.tags(kind="pretrain")) as run:
-        model_id = mt.log_state_dict_model(
+        model_id = ma.log_state_dict_model(
             state, name="resnet18-epoch003", run_id=run.info.run_id, experiment_id=run.info.experiment_id,
             step=3, info={"backbone": "resnet18", "epoch": 3, "run_id": run.info.run_id},
         )
@@ -140,12 +141,8 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     uri, pretrain_run, state = registered_checkpoint()
     cfg = make_cfg(phantom, task=TWO_TASKS, protocol="linear", init=uri, epochs=2)
     splits = prepare(cfg.data).splits
-    marker = Path(phantom) / ft.PHANTOM_MARKER
-    marker.write_text("test phantom\n")  # as mococxr/demo.py marks the phantom it synthesized
-    try:
-        res = ft.finetune(cfg, progress=False)
-    finally:
-        marker.unlink()
+    assert (Path(phantom) / MARKER).is_file()  # synthesize marks every folder it writes
+    res = ft.finetune(cfg, progress=False)
 
     client = MlflowClient()
     run = client.get_run(res.run_id)
@@ -254,7 +251,7 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     tags = run.data.tags
     assert tags[mt.tag("init")] == "random" and tags[mt.tag("protocol")] == "e2e"
     assert tags[mt.tag("label_fraction")] == "0.5" and tags[mt.tag("draw")] == "1"
-    assert "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "False"
+    assert "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "True"  # synthesize marks its folder
     assert not run.inputs.model_inputs and "init_registered_model" not in run.data.params
     assert "val/probe_auc" not in run.data.metrics and "val/probe_gap" not in run.data.metrics
     assert mt.tag("pretrain_run_id") not in tags and mt.tag("registry_version") not in tags

@@ -30,6 +30,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mococxr.data.workers import die_with_parent
 from mococxr.errors import DataError
 
 FORMAT = 1
@@ -283,5 +284,5 @@ def _decoder(workers: int, n: int) -> Iterator[Callable]:
     # fork where there is one (as DataLoader does): a spawned child re-imports the caller's __main__,
     # torch included, which cost ~15 s per worker here. The children only run PIL and NumPy.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(min(workers, n)) as pool:
+    with multiprocessing.get_context(method).Pool(min(workers, n), die_with_parent, (os.getpid(),)) as pool:
         yield partial(pool.imap, chunksize=8)

@@ -29,9 +29,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 # The header the CheXpert reader requires is the one written: the phantom's CSVs read like the real ones.
 from mococxr.data.readers import CHEXPERT_HEADER, CHEXPERT_OBSERVATIONS
+from mococxr.data.workers import die_with_parent
 from mococxr.errors import DataError
 
 CHEXPERT_DIR = "CheXpert-v1.0-small"
+MARKER = ".mococxr-phantom"  # in every folder the phantom writes: it owns that folder (see synthesize)
 LAYOUTS = ("chexpert", "shenzhen")
 
 # Prevalences and label-noise rates of the CheXpert layout (per study unless said otherwise).
@@ -69,7 +71,12 @@ def synthesize(
     the TB label), one frontal PA image per patient, half of them with upper-zone TB opacities.
 
     ``workers`` processes render the images (default ``min(2, cpu count)``); the output does not depend
-    on it. Existing files are overwritten, other files under ``out`` are left alone.
+    on it. The phantom is written only into a folder it owns: ``out`` must be new, empty, or a phantom
+    written before (its :data:`MARKER` file); any other folder is refused before anything is written, so
+    pointing this at a real dataset never changes a byte of it. The marker is written first (so an
+    interrupted write is still recognisably the phantom's) and holds the parameters once every file is
+    written (:func:`is_phantom_of` then lets a caller reuse the folder). In an owned folder, the phantom's
+    files are overwritten and other files are left alone.
     """
     if layout not in LAYOUTS:
         raise DataError(f"phantom layout {layout!r} is unknown; expected one of {', '.join(LAYOUTS)}")
@@ -78,14 +85,14 @@ def synthesize(
     if not isinstance(size, int | np.integer) or size < 32:
         raise DataError(f"phantom size={size!r} is invalid; expected an image side of at least 32 pixels")
     out = Path(out)
-    if out.exists() and not out.is_dir():  # checked before any image is written
-        raise DataError(f"phantom --out {out} is a file, not a folder; name a folder (it is created)")
+    n_test = _n_valid(layout, n, n_valid)
+    check_target(out)  # before anything is written
+    marker = out / MARKER
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(marker, "writing (interrupted if this line stays)\n")
     if layout == "chexpert":
         train = _plan_chexpert(int(n), seed, _TRAIN, first_patient=1)
         first_valid = int(train[-1]["patient"]) + 1
-        n_test = max(20, int(n) // 10) if n_valid is None else int(n_valid)
-        if n_test < 2:
-            raise DataError(f"phantom n_valid={n_valid!r} is invalid; expected at least 2 images")
         valid = _plan_chexpert(n_test, seed, _VALID, first_patient=first_valid)
         specs = train + valid
         root = out / CHEXPERT_DIR
@@ -97,7 +104,60 @@ def synthesize(
         spec["file"] = str(out / spec["relpath"])
         spec["size"] = int(size)
     _render_all(specs, workers)
+    _write_atomic(marker, marker_text(n, size=size, seed=seed, layout=layout, n_valid=n_valid) + "\n")
     return out
+
+
+def _n_valid(layout: str, n: int, n_valid: int | None) -> int | None:
+    """The CheXpert layout's valid.csv rows (``None`` for Shenzhen), checked."""
+    if layout != "chexpert":
+        return None
+    n_test = max(20, int(n) // 10) if n_valid is None else int(n_valid)
+    if n_test < 2:
+        raise DataError(f"phantom n_valid={n_valid!r} is invalid; expected at least 2 images")
+    return n_test
+
+
+def marker_text(n: int, *, size: int, seed: int, layout: str = "chexpert", n_valid: int | None = None) -> str:
+    """What a complete phantom's :data:`MARKER` holds: every parameter that decides its files."""
+    return f"layout={layout} n={int(n)} n_valid={_n_valid(layout, n, n_valid)} size={int(size)} seed={int(seed)}"
+
+
+def is_phantom(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a folder the phantom generator made (it holds :data:`MARKER`)."""
+    return (Path(root) / MARKER).is_file()
+
+
+def is_phantom_of(root: str | os.PathLike, n: int, *, size: int, seed: int, layout: str = "chexpert",
+                  n_valid: int | None = None) -> bool:
+    """Whether ``root`` holds a complete phantom written with exactly these parameters (reuse it)."""
+    marker = Path(root) / MARKER
+    try:
+        return marker.read_text().strip() == marker_text(n, size=size, seed=seed, layout=layout, n_valid=n_valid)
+    except OSError:
+        return False
+
+
+def check_target(out: str | os.PathLike) -> None:
+    """Raise ``DataError`` unless ``out`` may receive a phantom: a new or empty folder, or a phantom's.
+
+    Nothing is written here; callers that write several folders check them all first.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"phantom --out {out} is a file, not a folder; name a folder (it is created)")
+    if out.is_dir() and not is_phantom(out) and any(out.iterdir()):
+        raise DataError(
+            f"phantom data root {out} already holds files that mococxr did not write (no {MARKER} marker): "
+            "the phantom is written only into a new or empty folder or one it made before, never into a "
+            "dataset; name another folder"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_example(path: str | os.PathLike, *, size: int = 256, seed: int = 3) -> Path:
@@ -326,9 +386,14 @@ def _render_all(specs: list[dict], workers: int | None) -> None:
             _render_one(spec)
         return
     chunk = max(1, min(64, len(specs) // (4 * workers)))
-    with ProcessPoolExecutor(max_workers=workers, initializer=_raise_malloc_thresholds) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         for _ in pool.map(_render_one, specs, chunksize=chunk):
             pass
+
+
+def _init_worker(parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a SIGKILLed command leaves no renderer behind
+    _raise_malloc_thresholds()
 
 
 def _raise_malloc_thresholds() -> None:

@@ -12,6 +12,7 @@ have them. Every message names the runs involved.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,14 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from mococxr.console import progress as progress_bar
+from mococxr.data.phantom import is_phantom
 from mococxr.errors import ConfigError, DataError, TrackingError
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 
 PREDICTIONS_ARTIFACT = "predictions/test.parquet"
-PHANTOM_MARKER = ".mococxr-phantom"  # the file mococxr/demo.py writes into the phantom's data root
+# a download that fails with these failed on this machine's disk (the cache under --out), not in the store
+_LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 # A table cell: every draw of one architecture x initialization x protocol x label fraction.
 CELL = ["backbone", "init", "protocol", "fraction"]
 _REQUIRED_TAGS = ("backbone", "init", "protocol", "label_fraction", "draw")
@@ -116,7 +120,7 @@ def _is_phantom(params: Mapping[str, str]) -> bool:
     if "phantom" in params:
         return params["phantom"] == "True"
     root = params.get("data.root")
-    return bool(root) and (Path(root) / PHANTOM_MARKER).is_file()
+    return bool(root) and is_phantom(root)
 
 
 def _test_source(params: Mapping[str, str]) -> str:
@@ -230,13 +234,17 @@ def load_predictions(
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             try:
                 local = client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp)
-            except Exception as exc:  # MlflowException, OSError: the message names the run either way
+            except OSError as exc:
+                if exc.errno in _LOCAL_DISK_ERRORS:  # our side: the folder the files go to, not the store
+                    raise OSError(exc.errno, exc.strerror, str(cache)) from exc
+                raise TrackingError(f"run {run_id}: cannot download {PREDICTIONS_ARTIFACT}: {exc}") from exc
+            except Exception as exc:  # MlflowException: the message names the run
                 raise TrackingError(f"run {run_id}: cannot download {PREDICTIONS_ARTIFACT}: {exc}") from exc
             frame = read_predictions(local, run_id)
             os.replace(local, path)
         return frame
 
-    with mt.quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
+    with ma.quiet_downloads(), ThreadPoolExecutor(max_workers=max(1, min(workers, len(run_ids)))) as pool:
         jobs = pool.map(fetch, run_ids)
         frames = list(progress_bar(jobs, "predictions", total=len(run_ids), enabled=progress))
     return dict(zip(run_ids, frames, strict=True))

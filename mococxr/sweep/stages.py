@@ -92,21 +92,24 @@ def _check_weights(plan: PaperPlan) -> None:
 
 
 def prepare_phantom(plan: PaperPlan) -> None:
-    """Synthesize both phantom layouts once; a marker per layout makes the next run reuse them."""
-    from mococxr.data.phantom import synthesize
+    """Synthesize both phantom layouts once; a layout whose folder already holds it is reused.
+
+    Both roots are checked before either is written: a root that holds anything but a phantom (a real
+    dataset named by ``--chexpert-root``) stops the plan with nothing written."""
+    from mococxr.data.phantom import check_target, is_phantom_of, synthesize
 
     ph = plan.phantom
-    for key, n, extra in (("chexpert", ph.chexpert_n, {"n_valid": ph.chexpert_valid}),
-                          ("shenzhen", ph.shenzhen_n, {})):
+    layouts = [("chexpert", ph.chexpert_n, ph.chexpert_valid), ("shenzhen", ph.shenzhen_n, None)]
+    for key, _, _ in layouts:
+        check_target(plan.data[key].root)
+    for key, n, n_valid in layouts:
         root = Path(plan.data[key].root)
-        marker = root / ".mococxr-phantom"
-        wanted = f"layout={key} n={n} {extra} size={ph.size} seed={ph.seed}"
-        if marker.is_file() and marker.read_text().strip() == wanted:
+        params = {"size": ph.size, "seed": ph.seed, "layout": key, "n_valid": n_valid}
+        if is_phantom_of(root, n, **params):
             _say(f"phantom {key} data already at {root}, reused")
             continue
         t0 = time.perf_counter()
-        synthesize(root, n, size=ph.size, seed=ph.seed, layout=key, **extra)
-        marker.write_text(wanted + "\n")
+        synthesize(root, n, **params)
         _say(f"phantom {key} data: {n} images at {root} in {time.perf_counter() - t0:.0f} s")
 
 

@@ -32,11 +32,13 @@ from mococxr.config import FinetuneConfig, config_hash, flat_params, to_dict
 from mococxr.console import progress as progress_bar
 from mococxr.data.dataset import CXRDataset
 from mococxr.data.labels import label_matrix
+from mococxr.data.phantom import is_phantom
 from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import draw_fraction, make_manifest
 from mococxr.data.transforms import build_transform
 from mococxr.errors import ConfigError, DataError
 from mococxr.models.backbones import build_encoder
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.tracking.registry import resolve_init
@@ -48,7 +50,6 @@ FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
 PREDICTIONS_PARQUET = "predictions/test.parquet"
 PREDICTIONS_CSV = "predictions/test.csv"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
-PHANTOM_MARKER = ".mococxr-phantom"  # written by mococxr/demo.py into the phantom's data root
 MANIFEST_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 
 
@@ -257,7 +258,7 @@ def finetune(
         run_id = run.info.run_id
         mlflow.log_params({**flat_params(cfg), **budget.params(), "init_resolved": init_kind,
                            "phantom": phantom, **_origin_params(origin), **sizes})
-        mt.log_json(to_dict(cfg), "config.json")
+        ma.log_json(to_dict(cfg), "config.json")
         _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
         registry.log_model_input(run_id, origin)
         best_epoch, best_auc = _fit(model, cfg, loader, val, tasks, cache=cache, device=device,
@@ -297,7 +298,7 @@ def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float
     # under their old names for code and saved searches that read them.
     mlflow.log_metrics({"best/epoch": best_epoch, "best/val_auc": best_auc, "best_epoch": best_epoch,
                         "val/best_auc": best_auc, **test_metrics, **(gap.metrics() if gap else {})})
-    mt.log_parquet(predictions, PREDICTIONS_PARQUET)  # what the report reads
+    ma.log_parquet(predictions, PREDICTIONS_PARQUET)  # what the report reads
     _log_csv(predictions, PREDICTIONS_CSV)  # what the MLflow UI previews as a table
 
 
@@ -358,11 +359,6 @@ def _init_label(kind: str) -> str:
 
 def _run_name(cfg: FinetuneConfig, kind: str) -> str:
     return f"{_init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
-
-
-def is_phantom(root: str | Path) -> bool:
-    """Whether ``root`` is the demo's synthetic phantom (its marker file), logged as param ``phantom``."""
-    return (Path(root) / PHANTOM_MARKER).is_file()
 
 
 def percent(fraction: float) -> str:
@@ -433,7 +429,7 @@ def _log_manifests(manifests: dict, parts: dict[str, pd.DataFrame], cfg: Finetun
              "test": f"{dataset} test"}
     inputs = []
     for name, manifest in manifests.items():
-        mt.log_json(manifest.to_dict(), f"manifests/{name}.json", run_id=run_id)
+        ma.log_json(manifest.to_dict(), f"manifests/{name}.json", run_id=run_id)
         frame = parts[name][["image_id", "patient_id"]].astype(str).reset_index(drop=True)
         with warnings.catch_warnings():  # a local path can be read as several kinds of source: any will do
             warnings.simplefilter("ignore", UserWarning)

@@ -23,6 +23,7 @@ from mococxr.cli import main
 from mococxr.config import PretrainConfig, build
 from mococxr.data.phantom import synthesize
 from mococxr.errors import TrackingError
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.train import checkpoints
@@ -165,7 +166,7 @@ def test_resume_from_the_intact_epoch_keeps_the_registered_version(finished, cap
 # -- registered checkpoints, sidecars and fallback, without training -----------------------------------------
 def _toy_run(epochs: int) -> tuple[str, dict[int, str]]:
     with mt.start_run("toys") as run:
-        ids = {e: mt.log_state_dict_model({"w": torch.full((2,), float(e))}, name=f"toy-epoch{e:03d}",
+        ids = {e: ma.log_state_dict_model({"w": torch.full((2,), float(e))}, name=f"toy-epoch{e:03d}",
                                           run_id=run.info.run_id, experiment_id=run.info.experiment_id, step=e,
                                           info={}, model_tags=mt.tags(kind="pretrain"))
                for e in range(1, epochs + 1)}
@@ -176,13 +177,22 @@ def test_reconcile_and_retention_never_delete_a_registered_checkpoint(tracking_u
     run_id, ids = _toy_run(4)
     registry.register("toy-kept", model_id=ids[3])
     registry.register("toy-kept", model_id=ids[1])
-    checkpoints.reconcile(run_id, 2, None)  # epochs 3 and 4 are after the resume point
-    left = {m.model_id: m for m in checkpoints.run_models(run_id)}
-    assert set(left) == {ids[1], ids[2], ids[3]}
-    assert "registered as toy-kept v1" in left[ids[3]].tags[checkpoints.KEPT_TAG]
+    checkpoints.reconcile(run_id, 2, None)  # epochs 3 and 4 are after the resume point, and READY: kept
+    assert {m.model_id for m in checkpoints.run_models(run_id)} == set(ids.values())
     checkpoints.apply_retention(run_id, "every:5", {1: {}, 2: {}})  # keeps only the latest, epoch 2
-    assert {m.model_id for m in checkpoints.run_models(run_id)} == {ids[1], ids[2], ids[3]}
+    # epochs 3 and 4 are not judged before they are trained again; epoch 1 is registered
+    assert {m.model_id for m in checkpoints.run_models(run_id)} == {ids[1], ids[2], ids[3], ids[4]}
     assert "retention every:5" in MlflowClient().get_logged_model(ids[1]).tags[checkpoints.KEPT_TAG]
+    # retraining epochs 3 and 4 replaces their checkpoints, except the registered one (tagged instead)
+    with mt.start_run("toys", run_id=run_id) as run:
+        for epoch in (3, 4):
+            new = ma.log_state_dict_model({"w": torch.zeros(2)}, name=f"toy-epoch{epoch:03d}", run_id=run_id,
+                                          experiment_id=run.info.experiment_id, step=epoch, info={},
+                                          model_tags=mt.tags(kind="pretrain"))
+            checkpoints.supersede(run_id, epoch, new)
+    left = {m.model_id: m for m in checkpoints.run_models(run_id)}
+    assert ids[4] not in left and ids[3] in left and len(left) == 5
+    assert "registered as toy-kept v1" in left[ids[3]].tags[checkpoints.KEPT_TAG]
 
 
 def _fake_state(epoch: int) -> dict:

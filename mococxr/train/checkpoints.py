@@ -1,7 +1,7 @@
 """Epoch checkpoints and the resume point of a pretraining run, both kept in MLflow.
 
 Two kinds of file, both plain state dicts (``torch.load(..., weights_only=True)``):
-- every epoch's query encoder, as an MLflow 3 LoggedModel (see ``tracking.mlflow.log_state_dict_model``);
+- every epoch's query encoder, as an MLflow 3 LoggedModel (see ``tracking.artifacts.log_state_dict_model``);
 - the full training state (both encoders, queue and pointer, optimizer, scheduler, RNG, epoch, the
   epoch's metrics) as the run artifact ``resume/epoch_NNNN.pt``, followed by its sidecar
   ``resume/epoch_NNNN.json`` (size and sha256). A state without its sidecar is a write that did not
@@ -35,7 +35,8 @@ from mlflow.tracking import MlflowClient
 from mococxr.config import PretrainConfig, build, parse_keep
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.models.backbones import load_state_dict_file
-from mococxr.tracking.mlflow import TAG_PREFIX, quiet_downloads, tag
+from mococxr.tracking.artifacts import quiet_downloads
+from mococxr.tracking.mlflow import TAG_PREFIX, tag
 
 RESUME_DIR = "resume"
 KEEP_RESUME_STATES = 2  # the newest and the one before it: an intact epoch to fall back to
@@ -110,11 +111,23 @@ def _delete_models(run_id: str, models: list[Any], why: str) -> None:
 
 
 def apply_retention(run_id: str, keep: str, history: Mapping[int, Mapping[str, float]]) -> None:
-    """Delete the epoch checkpoints that ``keep`` no longer retains (never a registered one)."""
-    if keep == "all":
+    """Delete the epoch checkpoints that ``keep`` no longer retains (never a registered one).
+
+    Only epochs up to the newest in ``history`` are judged: a checkpoint of a later epoch (kept from
+    before a ``--resume-from``) waits until that epoch is trained again (see :func:`supersede`)."""
+    if keep == "all" or not history:
         return
-    kept = retained(keep, history)
-    _delete_models(run_id, [m for m in run_models(run_id) if model_epoch(m) not in kept], f"retention {keep}")
+    kept, newest = retained(keep, history), max(history)
+    stale = [m for m in run_models(run_id) if model_epoch(m) <= newest and model_epoch(m) not in kept]
+    _delete_models(run_id, stale, f"retention {keep}")
+
+
+def supersede(run_id: str, epoch: int, model_id: str) -> None:
+    """Epoch ``epoch`` was trained again as ``model_id``: drop the run's earlier checkpoints of that epoch.
+
+    Called only once the new checkpoint is READY, so an interrupted retraining leaves the old one."""
+    older = [m for m in run_models(run_id) if model_epoch(m) == epoch and m.model_id != model_id]
+    _delete_models(run_id, older, f"retraining epoch {epoch}")
 
 
 # -- resume states and their sidecars ---------------------------------------------------------------------
@@ -192,11 +205,13 @@ def _delete_artifact(run_id: str, path: str) -> None:
 def reconcile(run_id: str, last_epoch: int, last_metrics: Mapping[str, float] | None) -> None:
     """Make a crashed run consistent with its resume point at ``last_epoch``.
 
-    Deletes checkpoints of epochs after ``last_epoch`` (and any not READY) unless registered, and logs the resume
-    point's metrics if the crash came before they were logged.
+    Deletes checkpoints whose write did not finish (not READY; never a registered one) and logs the
+    resume point's metrics if the crash came before they were logged. A READY checkpoint of a later
+    epoch is complete data: it stays until that epoch is trained again and :func:`supersede` replaces it,
+    so a resume that is interrupted, or never reaches that epoch, deletes nothing complete.
     """
     client = MlflowClient()
-    stale = [m for m in run_models(run_id) if model_epoch(m) > last_epoch or "READY" not in str(m.status)]
+    stale = [m for m in run_models(run_id) if "READY" not in str(m.status)]
     _delete_models(run_id, stale, f"resuming from epoch {last_epoch}")
     if last_epoch >= 1 and last_metrics:
         history = client.get_metric_history(run_id, "train/loss")
@@ -231,13 +246,13 @@ def load_resume_state(run_id: str, resume_from: int | None = None) -> dict[str, 
         if "json" in files[epoch]:
             return _verified(run_id, epoch, files)
         if i + 1 < len(states):
-            _say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was interrupted); "
+            say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was interrupted); "
                  f"resuming from epoch {states[i + 1]}")
             continue
         try:  # the oldest, unchecked: written before sidecars existed, or the run's first write was cut short
             return _verified(run_id, epoch, files)
         except DataError:
-            _say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its write "
+            say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its write "
                  "was interrupted); starting again from epoch 1")
     return None
 
@@ -288,7 +303,8 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
+    """One line on stderr: what a resume did that the user did not ask for in so many words."""
     print(f"mococxr: {line}", file=sys.stderr, flush=True)
 
 
@@ -298,12 +314,40 @@ def resume_point(run_id: str, epochs: int | None, resume_from: int | None) -> tu
     nothing, when the state is damaged or gone."""
     cfg = config_of_run(run_id, epochs)
     state = load_resume_state(run_id, resume_from)
+    if epochs is not None and state is not None and cfg.epochs < int(state["epoch"]):
+        raise ConfigError(f"--epochs {cfg.epochs}: run {run_id} resumes from epoch {state['epoch']}, so its budget "
+                          f"cannot be fewer epochs; nothing was changed")
     if state is None and has_logged_epochs(run_id):
         raise TrackingError(
             f"run {run_id} has logged epochs but keeps no resume point (with resume_state=until_done it is "
             "deleted once a run finishes or is pruned); nothing was changed. Continue from one of its "
             "checkpoints in a new run: mococxr pretrain --init models:/<LoggedModel id>")
     return cfg, state
+
+
+def record_budget(run_id: str, config: Mapping[str, Any]) -> None:
+    """Write the run's ``config.json`` as ``config`` (the resumed config, budget included) before training
+    continues, so the next ``--resume`` reads the budget this one trains to.
+
+    Also the first write of a resume: a read-only or full artifact store fails here, before anything
+    is deleted. A local file is replaced atomically (a temporary file, then a rename), so a failure
+    leaves the previous ``config.json`` whole; object stores replace an object in one request.
+    """
+    from urllib.parse import unquote, urlparse
+
+    uri = MlflowClient().get_run(run_id).info.artifact_uri or ""
+    text = json.dumps(dict(config), indent=2)  # as MlflowClient.log_dict writes it
+    if uri.startswith("file:"):
+        folder = Path(unquote(urlparse(uri).path))
+        tmp = folder / f".config.json.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, folder / "config.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+    else:
+        MlflowClient().log_text(run_id, text, "config.json")
 
 
 def config_of_run(run_id: str, epochs: int | None) -> PretrainConfig:

@@ -41,6 +41,7 @@ from mococxr.data.transforms import TwoCrops, build_transform
 from mococxr.errors import ConfigError
 from mococxr.models.backbones import build_encoder
 from mococxr.models.moco import MoCo
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.registry import INIT_FALLBACK_TAG, fallback_tags, resolve_init
 from mococxr.train import checkpoints
@@ -271,8 +272,8 @@ def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, par
     ))
     t.label = run_label(cfg, run.info.run_id)
     mlflow.log_params({**flat_params(cfg), "init_resolved": t.init, "world_size": t.world})
-    mt.log_json(to_dict(cfg), "config.json")
-    mt.log_json(manifest.to_dict(), "manifests/pretrain.json")
+    ma.log_json(to_dict(cfg), "config.json")
+    ma.log_json(manifest.to_dict(), "manifests/pretrain.json")
     _log_dataset(cfg, data.pretrain, manifest)
     return run.info.run_id
 
@@ -320,15 +321,24 @@ def _log_dataset(cfg: PretrainConfig, records: pd.DataFrame, manifest: Manifest)
 def _reopen_run(run_scope: contextlib.ExitStack, t: Training, run_id: str, state: dict[str, Any] | None,
                 result: PretrainResult) -> str:
     """Rank 0: reopen run ``run_id`` inside ``run_scope`` and repair what a crash left behind."""
+    # the budget first (the run's config.json is what the next --resume reads); it is also the resume's
+    # first write, so a read-only or full artifact store stops it here, before the run is touched
+    checkpoints.record_budget(run_id, to_dict(t.cfg))
     run = run_scope.enter_context(mt.start_run(t.cfg.experiment, run_id=run_id))
     t.label = run_label(t.cfg, run_id)
     if t.cfg.epochs != int(run.data.params.get("epochs", t.cfg.epochs)):  # extended: say so in the description
         mlflow.set_tag(_NOTE, describe(t.cfg, t.init, len(t.dataset), run.data.tags)
-                       + f" Extended from {run.data.params['epochs']} epochs by a resume.")
+                       + f" Extended by a resume from the {run.data.params['epochs']} epochs of its params to "
+                       f"{t.cfg.epochs} (config.json holds the current budget).")
     last = int(state["epoch"]) if state else 0
     checkpoints.reconcile(run_id, last, state.get("metrics") if state else None)
     result.history = {int(k): v for k, v in json.loads(state["history"]).items()} if state else {}
+    if last >= t.cfg.epochs:
+        checkpoints.say(f"run {run_id} already has epoch {last} of its {t.cfg.epochs}; nothing to train (to train "
+                        f"longer: mococxr pretrain --resume {run_id} --epochs N, with N > {last})")
     return run.info.run_id
+
+
 def _train_one_epoch(t: Training, epoch: int) -> dict[str, float]:
     """One pass over the data on this rank; returns the epoch's metrics summed over every rank."""
     cfg, device = t.cfg, t.device
@@ -398,7 +408,7 @@ def _end_epoch(t: Training, result: PretrainResult, epoch: int, metrics: dict[st
             stop = True
     run = mlflow.active_run()
     encoder_state = {k: v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
-    model_id = mt.log_state_dict_model(
+    model_id = ma.log_state_dict_model(
         encoder_state, name=f"{t.label}-epoch{epoch:03d}", run_id=run.info.run_id,
         experiment_id=run.info.experiment_id, step=epoch,
         info={"backbone": cfg.backbone, "epoch": epoch, "run_id": run.info.run_id,
@@ -417,6 +427,7 @@ def _end_epoch(t: Training, result: PretrainResult, epoch: int, metrics: dict[st
         "metrics": dict(metrics),
         "history": json.dumps(result.history),
     })
+    checkpoints.supersede(run.info.run_id, epoch, model_id)  # an older checkpoint of a retrained epoch
     mlflow.log_metrics(metrics, step=epoch, model_id=model_id)
     _log_best(result.history)
     checkpoints.apply_retention(run.info.run_id, cfg.keep, result.history)

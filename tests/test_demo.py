@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from mococxr.cli import build_parser
 from mococxr.demo import REGISTERED_MODEL, DemoSize, demo_names, run_demo
+from mococxr.report.record import report_dir
 
 # A size smaller than --quick's: the test of "quick -> full -> quick" runs both variants' names at it.
 TINY = DemoSize(n_images=120, n_test=40, store_px=48, image_px=32, n_trials=2, pretrain_epochs=1,
@@ -94,8 +95,9 @@ def test_quick_demo_logs_every_stage_and_reruns_idempotently(tmp_path, tracking_
     # the report run with its tables and a PNG
     reports = _runs(finetune_exp, "report")
     assert len(reports) == 1
-    files = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
-    nested = {a.path for d in files for a in client.list_artifacts(reports[0].info.run_id, d)}
+    folder = report_dir(reports[0].info.run_id)  # the current revision's folder
+    files = {a.path.removeprefix(folder + "/") for a in client.list_artifacts(reports[0].info.run_id, folder)}
+    nested = {a.path for d in files for a in client.list_artifacts(reports[0].info.run_id, f"{folder}/{d}")}
     assert "report.md" in files and any(p.endswith(".png") for p in nested) and any(p.endswith(".tex") for p in nested)
     assert "AUC difference, paired" in out
     check_printed_commands(made, out)

@@ -16,6 +16,7 @@ from mococxr.cli import main
 from mococxr.config import load_yaml
 from mococxr.errors import ConfigError
 from mococxr.report.paper_plan import run_paper
+from mococxr.report.record import report_dir
 from mococxr.sweep.plan import load_plan, parse_plan, select_stages
 from mococxr.sweep.storage import make_sampler
 
@@ -47,7 +48,7 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
     for family, run_id in result.reports.items():
         run = client.get_run(run_id)
         assert run.info.run_name == f"paper-{family}" and run.data.tags["mococxr.kind"] == "report"
-        files = {Path(a.path).name for a in client.list_artifacts(run_id)}
+        files = {Path(a.path).name for a in client.list_artifacts(run_id, report_dir(run_id))}
         assert ITEMS[run.info.run_name] <= files, (family, files)
 
     # both backbones where the paper has both; the phantom's stand-in baseline is named as such
@@ -223,6 +224,7 @@ def test_plan_pieces_on_nih_radiographs_make_a_table1(tmp_path, tracking_uri, mo
     assert "| ResNet18 | Linear Model | Linear Model |" in table1 and "| ResNet18 | End-to-End | End-to-End |" in table1
     assert "dataset nih" in table1 and "synthetic phantom" not in table1
     run = MlflowClient().get_run(result.reports["chexpert"])
-    assert "table1.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    folder = report_dir(run.info.run_id)
+    assert f"{folder}/table1.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id, folder)}
     with capsys.disabled():
         print("\n" + table1)

@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.report.bootstrap import bootstrap_counts
+from mococxr.report.record import report_dir
 from mococxr.report.tables import (
     build_report,
     format_report,
@@ -22,6 +23,7 @@ from mococxr.report.tables import (
     to_markdown,
     wide_table,
 )
+from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 
 EXP = "report-test"
@@ -59,7 +61,7 @@ def _log_run(preds: pd.DataFrame, *, init, protocol="linear", fraction=1.0, draw
     with mt.start_run(experiment, run_name=f"{init}-{protocol}-{fraction:g}-d{draw}", run_tags=run_tags) as run:
         logged = {**default, **({"init_registered_model": "mococxr-x"} if moco else {}), **(params or {})}
         mlflow.log_params({k: v for k, v in logged.items() if v is not None})  # None: a param left out
-        mt.log_parquet(preds, "predictions/test.parquet")
+        ma.log_parquet(preds, "predictions/test.parquet")
         return run.info.run_id
 
 
@@ -170,18 +172,20 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
     exp = client.get_experiment_by_name(EXP)
     assert run.info.experiment_id == exp.experiment_id
 
-    def walk(path=None):
+    folder = report_dir(report.run_id)  # the current revision's folder
+
+    def walk(path):
         for f in client.list_artifacts(report.run_id, path):
-            yield from walk(f.path) if f.is_dir else [f.path]
-    files = set(walk())
+            yield from walk(f.path) if f.is_dir else [f.path.removeprefix(folder + "/")]
+    files = set(walk(folder))
     assert {"report.md", "runs.json", "tables/absolute.csv", "tables/improvement.csv", "tables/absolute_auc.tex",
             "tables/improvement_auc.tex", "plots/auc.png", "plots/auprc.png"} <= files
     assert not any(".cache" in f for f in files)
-    local = client.download_artifacts(report.run_id, "runs.json", str(tmp_path / "dl"))
+    local = client.download_artifacts(report.run_id, f"{folder}/runs.json", str(tmp_path / "dl"))
     used = json.loads(open(local).read())["runs"]
     assert {r["run_id"] for r in used} == set(ids.values())
     assert {(r["init"], r["fraction"], r["draw"]) for r in used} == set(ids)
-    png = client.download_artifacts(report.run_id, "plots/auc.png", str(tmp_path / "dl"))
+    png = client.download_artifacts(report.run_id, f"{folder}/plots/auc.png", str(tmp_path / "dl"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     csv = pd.read_csv(tmp_path / "out" / "tables" / "absolute.csv")
     assert {"init", "protocol", "fraction", "metric", "point", "lo", "hi"} <= set(csv.columns)
@@ -218,9 +222,10 @@ def test_rerunning_a_report_updates_its_run(store, tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics["report/n_runs"] == 12
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "report/n_runs")] == [(1, 8), (2, 12)]
     assert run.data.metrics["improvement/linear_vs_random/auc_frac0.01"] == pytest.approx(0.125)
-    files = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert "stale.txt" not in files and "report.md" in files
-    used = json.loads(open(client.download_artifacts(run.info.run_id, "runs.json", str(tmp_path / "dl"))).read())
+    folder = report_dir(run.info.run_id)
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} == {folder}  # stale.txt is gone
+    assert f"{folder}/report.md" in {f.path for f in client.list_artifacts(run.info.run_id, folder)}
+    used = json.loads(open(client.download_artifacts(run.info.run_id, f"{folder}/runs.json", str(tmp_path / "dl"))).read())
     assert len(used["runs"]) == 12
 
     other = build_report(EXP, out=tmp_path / "c", n_replicates=30, seed=2, progress=False)  # another seed
@@ -263,7 +268,7 @@ def test_a_corrupt_predictions_file_is_named_and_never_cached(store, tmp_path, c
     assert err.startswith("mococxr: error: ") and bad in err and err.count("\n") == 1 and "Traceback" not in err
 
     # fixed in MLflow: the next report reads it (the failure was not cached)
-    mt.log_parquet(_predictions(y, rng.random(y.size)), "predictions/test.parquet", run_id=bad)
+    ma.log_parquet(_predictions(y, rng.random(y.size)), "predictions/test.parquet", run_id=bad)
     assert len(build_report(EXP, out=tmp_path / "out", **kw).runs) == 2
     (cache / f"{bad}.parquet").write_bytes(b"damaged on disk")  # a damaged cache entry is fetched again
     assert len(build_report(EXP, out=tmp_path / "out", **kw).runs) == 2

@@ -23,6 +23,7 @@ from mococxr.report.paper import (
     table2_report,
 )
 from mococxr.report.paper_tables import MARK, lr_text, outside
+from mococxr.report.record import report_dir
 from mococxr.tracking import mlflow as mt
 
 N = 40
@@ -59,15 +60,17 @@ def _grid(experiment, *, baseline, fractions, backbones=("resnet18", "densenet12
 
 
 def _artifacts(run_id: str) -> set[str]:
-    return {f.path for f in MlflowClient().list_artifacts(run_id)}
+    """The current revision's files, as paths inside its folder (``report_dir``)."""
+    folder = report_dir(run_id)
+    return {f.path.removeprefix(folder + "/") for f in MlflowClient().list_artifacts(run_id, folder)}
 
 
 def _read(run_id: str, path: str, tmp_path) -> str:
-    return open(MlflowClient().download_artifacts(run_id, path, str(tmp_path / "dl"))).read()
+    return open(MlflowClient().download_artifacts(run_id, f"{report_dir(run_id)}/{path}", str(tmp_path / "dl"))).read()
 
 
 def _csv(run_id: str, path: str, tmp_path) -> pd.DataFrame:
-    local = MlflowClient().download_artifacts(run_id, path, str(tmp_path / "dl"))
+    local = MlflowClient().download_artifacts(run_id, f"{report_dir(run_id)}/{path}", str(tmp_path / "dl"))
     return pd.read_csv(local, dtype=str, keep_default_na=False)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from cli_errors import exit_code as _exit_code
+from cli_errors import one_error as _one_error
 from mlflow.tracking import MlflowClient
 
 from mococxr.cli import main
@@ -51,24 +53,6 @@ def store(template, tmp_path, monkeypatch, capsys) -> Path:
     return db
 
 
-def _one_error(capsys, code: int, *culprits: str, status: int = 2) -> str:
-    """Assert exit ``status``, exactly one stderr line `mococxr: error: ...` naming every culprit."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == status, err
-    assert len(lines) == 1 and lines[0].startswith("mococxr: error: "), err
-    assert "Traceback" not in err
-    for culprit in culprits:
-        assert culprit in lines[0], (culprit, lines[0])
-    return lines[0]
-
-
-def _exit_code(argv: list[str]) -> int:
-    """main() returns its status; argparse errors leave through SystemExit with it."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 # -- bad flag values: refused when the config is built (or by argparse), before any work -----------------

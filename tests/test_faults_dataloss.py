@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import pytest
+from cli_errors import one_error as _one_error
 from mlflow.tracking import MlflowClient
 
 from mococxr.cli import main
@@ -39,16 +40,6 @@ def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 
-
-def _one_error(capsys, code: int, *culprits: str) -> str:
-    err = capsys.readouterr().err
-    # MLflow's own INFO lines when it creates a new store's tables are not ours
-    lines = [line for line in err.splitlines() if line.strip() and " INFO mlflow." not in line]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("mococxr: error: ") and "Traceback" not in err, err
-    for culprit in culprits:
-        assert culprit in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

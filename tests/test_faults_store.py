@@ -12,9 +12,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from cli_errors import exit_code as _exit_code
+from cli_errors import one_error as _one_error
 from mlflow.tracking import MlflowClient
 
-from mococxr.cli import main
 from mococxr.data.phantom import synthesize
 from mococxr.errors import ConfigError, TrackingError, user_message
 from mococxr.tracking import artifacts as ma
@@ -63,23 +64,6 @@ def store(few_runs, tmp_path, monkeypatch) -> Path:
     return db
 
 
-def _one_error(capsys, code: int, *culprits: str) -> str:
-    """Exit 2 and exactly one stderr line `mococxr: error: ...` naming every culprit."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("mococxr: error: "), err
-    assert "Traceback" not in err
-    for culprit in culprits:
-        assert culprit in lines[0], (culprit, lines[0])
-    return lines[0]
-
-
-def _exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 # -- registry: stages are aliases, and versions whose LoggedModel is gone --------------------------------------

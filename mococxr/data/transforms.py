@@ -9,7 +9,8 @@ Presets (``build_transform(preset, image_size)``):
 - ``"mocov2"``: MoCo v2's natural-image augmentation (RandomResizedCrop scale (0.2, 1), colour
   jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2, Gaussian blur sigma (0.1, 2) with p=0.5,
   flip), kept for ablations against ``"cxr"``.
-- ``"eval"``: deterministic resize to ``image_size`` x ``image_size``.
+- ``"eval"``: deterministic resize to ``image_size`` x ``image_size``; ``"none"`` is the same
+  transform under the name a fine-tune config uses for "no augmentation".
 
 Every preset takes a PIL image (mode ``L`` or ``RGB``) and returns a float32 tensor ``[3, H, W]``:
 grayscale is repeated to 3 channels so ImageNet-shaped backbones and weights load unchanged.
@@ -41,7 +42,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from mococxr.errors import ConfigError
 
-PRESETS = ("cxr", "mocov2", "eval")
+PRESETS = ("cxr", "mocov2", "none", "eval")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,7 +165,7 @@ def _eval(size: int) -> list[Callable]:
     return [ToGray(), v2.Resize((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True)]
 
 
-_BUILDERS = {"cxr": _cxr, "mocov2": _mocov2, "eval": _eval}
+_BUILDERS = {"cxr": _cxr, "mocov2": _mocov2, "none": _eval, "eval": _eval}
 
 
 def build_transform(preset: str, image_size: int, *, normalize: Normalize = "imagenet") -> v2.Compose:

@@ -26,3 +26,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MOCOCXR_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path_factory, monkeypatch) -> None:
+    """Each test's frozen-feature cache in its own temporary folder, never the user's ~/.cache."""
+    monkeypatch.setenv("MOCOCXR_FEATURE_CACHE", str(tmp_path_factory.mktemp("features")))

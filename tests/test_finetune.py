@@ -28,6 +28,7 @@ from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.train import finetune as ft
+from mococxr.train.budget import epochs_for_fraction
 
 TWO_TASKS = "Pleural Effusion,Cardiomegaly"
 
@@ -93,17 +94,17 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 # -- pure functions ---------------------------------------------------------------------------------
 def test_epochs_for_fraction_follows_the_paper_and_interpolates_in_log_fraction():
-    assert [ft.epochs_for_fraction(f) for f in (0.001, 0.01, 0.1, 1.0)] == [220, 95, 41, 18]
+    assert [epochs_for_fraction(f) for f in (0.001, 0.01, 0.1, 1.0)] == [220, 95, 41, 18]
     # linear in log10(fraction) between the paper's points: 5 % sits 0.699 of the way from 1 % to 10 %
-    assert ft.epochs_for_fraction(0.05) == round(95 + (math.log10(0.05) + 2) * (41 - 95)) == 57
-    assert ft.epochs_for_fraction(10 ** -2.5) == round((220 + 95) / 2)
-    assert ft.epochs_for_fraction(0.5) == 25
-    assert ft.epochs_for_fraction(0.0001) == 220  # clamped below the smallest point
+    assert epochs_for_fraction(0.05) == round(95 + (math.log10(0.05) + 2) * (41 - 95)) == 57
+    assert epochs_for_fraction(10 ** -2.5) == round((220 + 95) / 2)
+    assert epochs_for_fraction(0.5) == 25
+    assert epochs_for_fraction(0.0001) == 220  # clamped below the smallest point
     fractions = np.logspace(-3, 0, 40)
-    assert np.all(np.diff([ft.epochs_for_fraction(f) for f in fractions]) <= 0)
+    assert np.all(np.diff([epochs_for_fraction(f) for f in fractions]) <= 0)
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="fraction"):
-            ft.epochs_for_fraction(bad)
+            epochs_for_fraction(bad)
 
 
 def test_masked_bce_ignores_nan_labels_exactly():
@@ -270,18 +271,27 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
         assert f"score:{task}" in predictions
 
 
-def test_the_test_split_never_influences_training_or_epoch_selection(phantom, tracking_uri, monkeypatch):
-    """Same seed, different test labels and images: identical val history, best epoch, val predictions."""
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_the_test_split_never_influences_training_or_epoch_selection(phantom, tracking_uri, monkeypatch,
+                                                                     feature_cache):
+    """Same seed, different test labels and images: identical val history, best epoch, val predictions;
+    with cached features as with images through the encoder every epoch."""
     calls: list[tuple[str, np.ndarray]] = []
-    predict = ft.predict
+    model_inputs = ft.model_inputs
 
-    def spy(model, records, cfg, cache, device):
-        scores = predict(model, records, cfg, cache, device)
-        calls.append((records["image_id"].iloc[0], scores))
-        return scores
+    def spy(*args, **kwargs):
+        inputs = model_inputs(*args, **kwargs)
+        score = inputs.score
 
-    monkeypatch.setattr(ft, "predict", spy)
-    cfg = make_cfg(phantom, protocol="linear", epochs=3, lr=3e-3)
+        def scored(records):
+            scores = score(records)
+            calls.append((records["image_id"].iloc[0], scores))
+            return scores
+
+        return dataclasses.replace(inputs, score=scored)
+
+    monkeypatch.setattr(ft, "model_inputs", spy)
+    cfg = make_cfg(phantom, protocol="linear", epochs=3, lr=3e-3, feature_cache=feature_cache)
     data = prepare(cfg.data)
     splits = data.splits
     test = splits["test"].copy()

@@ -16,6 +16,7 @@ from mococxr.models.backbones import IMAGENET_ENV, build_encoder, imagenet_weigh
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.train import finetune as ft
+from mococxr.train.budget import epochs_for_fraction
 from mococxr.train.pretrain import pretrain
 
 
@@ -58,7 +59,7 @@ def test_head_switch_decides_what_sits_between_features_and_linear_layer():
 def test_budget_rule_min_steps_is_a_floor_on_either_epoch_rule():
     cfg = FinetuneConfig(fraction=0.0625)
     today = ft.training_budget(cfg, 1)  # Shenzhen 6.25 %: ~29 images, batch 16, last partial batch dropped
-    assert (today.epochs, today.optimizer_steps) == (ft.epochs_for_fraction(0.0625), 52)
+    assert (today.epochs, today.optimizer_steps) == (epochs_for_fraction(0.0625), 52)
     assert today.params() == {"epochs_resolved": 52, "steps_per_epoch": 1, "optimizer_steps": 52}
     assert today.describe() == "52 (MoCo-CXR's label-fraction schedule for 6.25%); 52 optimizer steps, 1 per epoch"
     raised = ft.training_budget(FinetuneConfig(fraction=0.0625, min_steps=500), 1)

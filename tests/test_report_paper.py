@@ -22,7 +22,7 @@ from mococxr.report.paper import (
     shenzhen_family,
     table2_report,
 )
-from mococxr.report.paper_tables import MARK, lr_text, outside
+from mococxr.report.paper_tables import MARK, lr_text, outside, validation_line
 from mococxr.report.record import report_dir
 from mococxr.tracking import mlflow as mt
 
@@ -238,3 +238,13 @@ def test_missing_runs_are_one_line_errors(tmp_path):
         chexpert_family("paper-half", notes=IMAGENET, out=tmp_path / "b", n_replicates=20)
     with pytest.raises(DataError, match=r"paper-competition: no FINISHED runs in experiment 'paper-half' .*Edema"):
         competition_family("paper-half", ["Edema"], notes=IMAGENET, out=tmp_path / "c", n_replicates=20)
+
+
+def test_the_validation_cadence_is_a_caption_line():
+    """The paper states no cadence: a caption says when each protocol's runs validated."""
+    params = pd.DataFrame({"protocol": ["linear", "linear", "e2e", "e2e"], "val_every": ["1", "1", "5", "5"]})
+    assert validation_line(params) == ("Each run reports its epoch of best validation AUC, validated e2e every 5 "
+                                       "epochs and after the last, linear every epoch (the paper states no "
+                                       "validation cadence).")
+    older = pd.DataFrame({"protocol": ["linear"], "val_every": ["1"]})  # runs before val_every: every epoch
+    assert "linear every epoch" in validation_line(older)

@@ -251,7 +251,8 @@ def _gather(experiment: str, name: str, *, out: Path, notes: PaperNotes, n_repli
     return _Family(report, _run_params(experiment, report.runs))
 
 
-_PARAM_DEFAULTS = {"head": "standardized", "min_steps": "", "epochs_resolved": "", "lr": "", "batch_size": ""}
+_PARAM_DEFAULTS = {"head": "standardized", "min_steps": "", "epochs_resolved": "", "lr": "", "batch_size": "",
+                   "val_every": "1"}
 
 
 def _run_params(experiment: str, runs: pd.DataFrame) -> pd.DataFrame:

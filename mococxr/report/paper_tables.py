@@ -214,6 +214,18 @@ def epochs_line(params: pd.DataFrame, paper_epochs: Mapping[float, int] | None) 
     return line + "."
 
 
+def validation_line(params: pd.DataFrame) -> str:
+    """When the runs validated (``val_every``; runs that log none validated every epoch): the paper states
+    no cadence, so the plan's choice is named."""
+    per = []
+    for protocol, group in params.groupby("protocol", sort=True):
+        values = sorted({int(v) for v in group["val_every"] if str(v).isdigit()} or {1})
+        every = "/".join(map(str, values))
+        per.append(f"{protocol} every epoch" if values == [1] else f"{protocol} every {every} epochs and after the last")
+    return (f"Each run reports its epoch of best validation AUC, validated {', '.join(per)} (the paper states no "
+            "validation cadence).")
+
+
 def optimiser_line(params: pd.DataFrame) -> str | None:
     """Learning rate and batch size, said only where they differ from the paper's 3e-5 and 16."""
     lrs = sorted({float(v) for v in params["lr"] if v})
@@ -232,7 +244,8 @@ def protocol_lines(context: ReportContext, params: pd.DataFrame, absolute: pd.Da
     lines = [context.lines()[0], _sentence(context.test_text())]
     if context.phantom:
         lines.append("Phantom data: synthetic images, not radiographs; the numbers check the pipeline, not MoCo-CXR.")
-    lines += [x for x in (head_line(params), epochs_line(params, paper_epochs), optimiser_line(params)) if x]
+    lines += [x for x in (head_line(params), epochs_line(params, paper_epochs), validation_line(params),
+                          optimiser_line(params)) if x]
     lines.append(_sentence(context.draws_text()) + " The paper averages several random draws at small fractions "
                  "without saying how many.")
     single = int(absolute["n_single_class"].max()) if len(absolute) else 0

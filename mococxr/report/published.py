@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from mococxr.report.tables import COMPARISONS
-from mococxr.train.finetune import FRACTION_EPOCHS
+from mococxr.train.budget import FRACTION_EPOCHS
 
 
 class Published(NamedTuple):

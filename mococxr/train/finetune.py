@@ -15,6 +15,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from mococxr.config import FinetuneConfig, config_hash, flat_params, to_dict
 from mococxr.console import progress as progress_bar
@@ -36,30 +37,20 @@ from mococxr.data.phantom import is_phantom
 from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import draw_fraction, make_manifest
 from mococxr.data.transforms import build_transform
-from mococxr.errors import ConfigError, DataError
+from mococxr.errors import DataError
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.tracking.registry import resolve_init
+from mococxr.train.budget import Budget, percent, training_budget, validation_epochs
+from mococxr.train.features import FeatureCache, cache_root
 from mococxr.train.linear_eval import ProbeGap, probe_gap
 
-# MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
-# log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
-FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
 PREDICTIONS_PARQUET = "predictions/test.parquet"
 PREDICTIONS_CSV = "predictions/test.csv"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 MANIFEST_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
-
-
-def epochs_for_fraction(fraction: float) -> int:
-    """The paper's epochs for a label fraction (see ``FRACTION_EPOCHS`` for the rule)."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
-    xs = [math.log10(f) for f, _ in FRACTION_EPOCHS]
-    ys = [e for _, e in FRACTION_EPOCHS]
-    return int(round(float(np.interp(math.log10(fraction), xs, ys))))
 
 
 class Classifier(nn.Module):
@@ -91,6 +82,11 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]``, or a frozen encoder's features ``[B, feature_dim]`` (the feature cache's)."""
+        if x.dim() == 2:
+            if not self.frozen:
+                raise ValueError("features in place of images: only a frozen encoder's features can be cached")
+            return self.head(self.norm(x))
         if self.frozen:
             with torch.no_grad():
                 feats = self.encoder.features(x)
@@ -137,10 +133,53 @@ def task_metrics(y: np.ndarray, scores: np.ndarray, tasks: list[str], prefix: st
 @torch.no_grad()
 def predict(model: nn.Module, records: pd.DataFrame, cfg: FinetuneConfig, cache, device) -> np.ndarray:
     model.eval()
+    # its own generator: scoring never draws from the global RNG that training's augmentation uses, so
+    # the validation cadence (or cached features, which need no loader) cannot change a run's training
     loader = DataLoader(CXRDataset(records, build_transform("eval", cfg.image_size), cache=cache),
-                        batch_size=64, shuffle=False, num_workers=cfg.workers)
+                        batch_size=64, shuffle=False, num_workers=cfg.workers, generator=torch.Generator())
     out = [torch.sigmoid(model(x.to(device)).float()).cpu() for x, _ in loader]
     return torch.cat(out).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_features(model: Classifier, feats: np.ndarray, device, chunk: int = 4096) -> np.ndarray:
+    """:func:`predict` from a frozen encoder's cached features: the head alone, in eval mode."""
+    model.eval()
+    out = [torch.sigmoid(model(torch.from_numpy(np.array(feats[i:i + chunk])).to(device)).float()).cpu()
+           for i in range(0, len(feats), chunk)]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+@dataclass
+class Inputs:
+    """What a run's model reads: ``train`` batches (images, or cached features with preset none) and
+    ``score(records)``, the probabilities of val or test images; ``features`` is the cache, if used."""
+
+    train: DataLoader
+    score: Callable[[pd.DataFrame], np.ndarray]
+    features: FeatureCache | None = None
+
+
+def model_inputs(cfg: FinetuneConfig, model: Classifier, train: pd.DataFrame, tasks: list[str], cache,
+                 device) -> Inputs:
+    """Images through the encoder (end-to-end, or ``feature_cache: false``), or for a linear run the frozen
+    encoder's features computed once per image set (train too when there is no augmentation)."""
+    if cfg.protocol != "linear" or not cfg.feature_cache:
+        return Inputs(train_loader(cfg, train, tasks, cache), lambda records: predict(model, records, cfg, cache, device))
+    features = FeatureCache(model.encoder, cfg.image_size, cache_root(cfg.data.cache), images=cache,
+                            workers=cfg.workers, device=device)
+    loader = feature_loader(cfg, features.features(train), train, tasks) if cfg.preset == "none" else \
+        train_loader(cfg, train, tasks, cache)
+    return Inputs(loader, lambda records: predict_features(model, features.features(records), device), features)
+
+
+def feature_loader(cfg: FinetuneConfig, feats: np.ndarray, train: pd.DataFrame, tasks: list[str]) -> DataLoader:
+    """:func:`train_loader` over cached features: the same targets, batches, shuffling order and dropped
+    last batch, so head-only training sees exactly the batches the image loader would."""
+    targets = CXRDataset(train, build_transform("none", cfg.image_size), tasks=tasks).targets
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + cfg.draw)
+    return DataLoader(TensorDataset(torch.from_numpy(np.array(feats)), targets), batch_size=cfg.batch_size,
+                      shuffle=True, generator=generator, drop_last=len(train) > cfg.batch_size)
 
 
 @dataclass
@@ -165,49 +204,6 @@ def _draw(cfg: FinetuneConfig, data: Prepared):
         "test": data.manifests["test"],
     }
     return train, val, test, manifests
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long a run trains: its epochs, the optimizer steps they make, and the rule that decided.
-
-    ``rule_epochs`` come from ``--epochs`` when set, else from MoCo-CXR's label-fraction schedule (times
-    ``epochs_scale``); ``min_steps`` is a floor on top of either: the run trains
-    ``max(rule_epochs, ceil(min_steps / steps_per_epoch))`` epochs. ``steps_per_epoch`` is what the
-    train loader yields (see :func:`train_loader`), so a tiny draw trains long enough to converge.
-    """
-
-    epochs: int
-    steps_per_epoch: int
-    rule_epochs: int
-    rule: str
-    min_steps: int = 0
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    def params(self) -> dict[str, int]:
-        return {"epochs_resolved": self.epochs, "steps_per_epoch": self.steps_per_epoch,
-                "optimizer_steps": self.optimizer_steps}
-
-    def describe(self) -> str:
-        steps = f"{self.optimizer_steps} optimizer steps, {self.steps_per_epoch} per epoch"
-        if self.epochs > self.rule_epochs:
-            return f"{self.epochs} (min_steps {self.min_steps} raised them from {self.rule_epochs}, {self.rule}); {steps}"
-        met = f"; min_steps {self.min_steps} already met" if self.min_steps else ""
-        return f"{self.epochs} ({self.rule}{met}); {steps}"
-
-
-def training_budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
-    """The :class:`Budget` of ``cfg`` for a train loader of ``steps_per_epoch`` batches."""
-    if cfg.epochs:
-        rule_epochs, rule = cfg.epochs, "set by --epochs"
-    else:
-        rule_epochs, rule = max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale))), _epoch_rule(cfg)
-    steps_per_epoch = max(1, steps_per_epoch)
-    epochs = max(rule_epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    return Budget(epochs, steps_per_epoch, rule_epochs, rule, cfg.min_steps)
 
 
 def train_loader(cfg: FinetuneConfig, train: pd.DataFrame, tasks: list[str], cache) -> DataLoader:
@@ -246,8 +242,8 @@ def finetune(
     model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear",
                        standardize=cfg.head == "standardized").to(device)
     cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
-    loader = train_loader(cfg, train, tasks, cache)
-    budget = training_budget(cfg, len(loader))
+    inputs = model_inputs(cfg, model, train, tasks, cache, device)
+    budget = training_budget(cfg, len(inputs.train))
 
     phantom = is_phantom(cfg.data.root)
     sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
@@ -261,13 +257,17 @@ def finetune(
         ma.log_json(to_dict(cfg), "config.json")
         _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
         registry.log_model_input(run_id, origin)
-        best_epoch, best_auc = _fit(model, cfg, loader, val, tasks, cache=cache, device=device,
-                                    epochs=budget.epochs, progress=progress)
+        best_epoch, best_auc = _fit(model, cfg, inputs, val, tasks, device=device, epochs=budget.epochs,
+                                    progress=progress)
         # a linear run's probe comes after training: its loaders never draw from the training RNG
         gap = probe_gap(model.encoder, train, val, tasks, best_auc, image_size=cfg.image_size, cache=cache,
-                        workers=cfg.workers, device=device) if cfg.protocol == "linear" else None
+                        workers=cfg.workers, device=device,
+                        features=inputs.features.features if inputs.features else None) \
+            if cfg.protocol == "linear" else None
 
-        test_scores = predict(model, test, cfg, cache, device)
+        test_scores = inputs.score(test)
+        if inputs.features:
+            mlflow.log_params(inputs.features.params())
         y_test = label_matrix(test, tasks)
         test_metrics = task_metrics(y_test, test_scores, tasks, "test")
         predictions = prediction_table(test, tasks, y_test, test_scores)
@@ -302,42 +302,45 @@ def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float
     _log_csv(predictions, PREDICTIONS_CSV)  # what the MLflow UI previews as a table
 
 
-def _fit(model: Classifier, cfg: FinetuneConfig, loader: DataLoader, val: pd.DataFrame, tasks: list[str], *,
-         cache, device: torch.device, epochs: int, progress: bool) -> tuple[int, float]:
-    """Train for ``epochs`` over ``loader``, log each epoch's metrics, and leave ``model`` at the best
-    epoch by val AUC.
+def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFrame, tasks: list[str], *,
+         device: torch.device, epochs: int, progress: bool) -> tuple[int, float]:
+    """Train for ``epochs`` over ``inputs.train``, validate on the cadence of ``cfg.val_every`` (always after
+    the last epoch), log each epoch's metrics, and leave ``model`` at the best validated epoch by val AUC.
 
     Returns (best epoch, its val AUC). The validation split is the only thing that chooses.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     y_val = label_matrix(val, tasks)
+    validate_at = set(validation_epochs(epochs, cfg.val_every))
     best_auc, best_epoch, best_state = -math.inf, 0, None
     # a bar on a terminal, a plain line every few seconds in a log file (never carriage-return redraws)
     bar = progress_bar(range(1, epochs + 1), f"{cfg.protocol} {cfg.fraction:g} d{cfg.draw}", enabled=progress)
     for epoch in bar:
         model.train()
         t0, loss_sum, n = time.perf_counter(), 0.0, 0
-        for images, target in loader:
-            images, target = images.to(device), target.to(device)
-            loss = masked_bce(model(images), target)
+        for x, target in inputs.train:
+            x, target = x.to(device), target.to(device)
+            loss = masked_bce(model(x), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(images)
-            n += len(images)
-        val_scores = predict(model, val, cfg, cache, device)
-        metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0,
-                   "val/loss": _masked_bce_np(y_val, val_scores),
-                   **task_metrics(y_val, val_scores, tasks, "val")}
+            loss_sum += loss.item() * len(x)
+            n += len(x)
+        metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0}
+        if epoch in validate_at:
+            t1 = time.perf_counter()
+            val_scores = inputs.score(val)
+            metrics.update({"val/loss": _masked_bce_np(y_val, val_scores), "val/seconds": time.perf_counter() - t1,
+                            **task_metrics(y_val, val_scores, tasks, "val")})
+            val_auc = metrics.get("val/auc", float("nan"))
+            if val_auc > best_auc:  # the only model choice, made on validation alone
+                best_auc, best_epoch = val_auc, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
         mlflow.log_metrics(metrics, step=epoch)
-        val_auc = metrics.get("val/auc", float("nan"))
-        if val_auc > best_auc:  # the only model choice, made on validation alone
-            best_auc, best_epoch = val_auc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
     if best_state is None:
-        raise DataError("validation AUC was undefined at every epoch (single-class val split?)")
+        raise DataError("validation AUC was undefined at every validated epoch (single-class val split?)")
     model.load_state_dict(best_state)
     return best_epoch, best_auc
 
@@ -359,11 +362,6 @@ def _init_label(kind: str) -> str:
 
 def _run_name(cfg: FinetuneConfig, kind: str) -> str:
     return f"{_init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
-
-
-def percent(fraction: float) -> str:
-    """0.1 -> '10%', 0.001 -> '0.1%'."""
-    return f"{round(100 * fraction, 6):g}%"
 
 
 def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool,
@@ -398,11 +396,6 @@ def _checkpoint_text(init: str, origin: dict) -> str:
         epoch = f", epoch {origin['epoch']}" if origin.get("epoch") is not None else ""
         where += f" (pretraining run {origin['run_id']}{epoch})"
     return where
-
-
-def _epoch_rule(cfg: FinetuneConfig) -> str:
-    scale = f" x epochs_scale {cfg.epochs_scale:g}" if cfg.epochs_scale != 1 else ""
-    return f"MoCo-CXR's label-fraction schedule for {percent(cfg.fraction)}{scale}"
 
 
 def _result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float],

@@ -62,21 +62,25 @@ def extract_features(
     cache: ImageCache | None = None,
     workers: int = 0,
     device: torch.device | str | None = None,
+    mixed_precision: bool = True,
 ) -> np.ndarray:
     """Frozen features [n, feature_dim] with the eval transform, in records order.
 
     ``device`` defaults to the encoder's own device, so a monitor called mid-pretraining on a GPU
-    neither moves the encoder nor feeds it tensors from the wrong device.
+    neither moves the encoder nor feeds it tensors from the wrong device. On CUDA the forward runs
+    under autocast unless ``mixed_precision=False`` (the fine-tune feature cache, whose features must
+    equal the full-precision forward a run would otherwise make).
     """
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device)
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(CXRDataset(records, build_transform("eval", image_size), cache=cache),
-                        batch_size=batch_size, shuffle=False, num_workers=workers)
+                        batch_size=batch_size, shuffle=False, num_workers=workers,
+                        generator=torch.Generator())  # never draws from the global RNG training augments with
     feats = []
     for images, _ in loader:
-        with torch.autocast("cuda", enabled=device.type == "cuda"):
+        with torch.autocast("cuda", enabled=device.type == "cuda" and mixed_precision):
             feats.append(encoder.features(images.to(device)).float().cpu())
     encoder.train(was_training)
     return torch.cat(feats).numpy()
@@ -136,11 +140,13 @@ class ProbeGap:
 def probe_gap(
     encoder: torch.nn.Module, train: pd.DataFrame, val: pd.DataFrame, tasks: Sequence[str], run_auc: float,
     *, image_size: int, cache: ImageCache | None = None, workers: int = 0, device: torch.device | str | None = None,
+    features: Callable[[pd.DataFrame], np.ndarray] | None = None,
 ) -> ProbeGap | None:
     """The fast probe (:func:`fit_probe`) on ``train`` and ``val``, set against a run's best val AUC.
 
-    Costs one no-grad pass over train and val and the L-BFGS fits. Tasks with a single class in train
-    or val are left out; None when no task is left.
+    Costs one no-grad pass over train and val (none with ``features``, a lookup such as the fine-tune
+    feature cache's) and the L-BFGS fits. Tasks with a single class in train or val are left out; None
+    when no task is left.
     """
     t0 = time.perf_counter()
     y_tr, y_va = label_matrix(train, tasks), label_matrix(val, tasks)
@@ -148,8 +154,11 @@ def probe_gap(
     probed = [j for j in range(len(tasks)) if two[0][j] and two[1][j]]
     if not probed:
         return None
-    x_tr = extract_features(encoder, train, image_size=image_size, cache=cache, workers=workers, device=device)
-    x_va = extract_features(encoder, val, image_size=image_size, cache=cache, workers=workers, device=device)
+    if features is None:
+        def features(records: pd.DataFrame) -> np.ndarray:
+            return extract_features(encoder, records, image_size=image_size, cache=cache, workers=workers,
+                                    device=device)
+    x_tr, x_va = features(train), features(val)
     per_task = {tasks[j]: fit_probe(x_tr, y_tr[:, j], x_va, y_va[:, j], task=tasks[j])[1] for j in probed}
     probe_auc = float(np.mean(list(per_task.values())))
     scored = [j for j in range(len(tasks)) if two[1][j]]  # the tasks the run's val AUC averages

@@ -43,9 +43,12 @@ from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
 from mococxr.tracking.registry import resolve_init
-from mococxr.train.budget import Budget, percent, training_budget, validation_epochs
+from mococxr.train.budget import percent, training_budget, validation_epochs
 from mococxr.train.features import FeatureCache, cache_root
 from mococxr.train.linear_eval import ProbeGap, probe_gap
+from mococxr.train.precision import Precision
+from mococxr.train.precision import resolve as resolve_precision
+from mococxr.train.run_notes import describe_run, init_label, result_line
 
 PREDICTIONS_PARQUET = "predictions/test.parquet"
 PREDICTIONS_CSV = "predictions/test.csv"
@@ -131,13 +134,19 @@ def task_metrics(y: np.ndarray, scores: np.ndarray, tasks: list[str], prefix: st
 
 
 @torch.no_grad()
-def predict(model: nn.Module, records: pd.DataFrame, cfg: FinetuneConfig, cache, device) -> np.ndarray:
+def predict(model: nn.Module, records: pd.DataFrame, cfg: FinetuneConfig, cache, device,
+            precision: Precision | None = None) -> np.ndarray:
+    """Probabilities for ``records`` (eval transform, batches of 64), under ``precision``'s autocast if any."""
+    precision = precision or Precision()
     model.eval()
     # its own generator: scoring never draws from the global RNG that training's augmentation uses, so
     # the validation cadence (or cached features, which need no loader) cannot change a run's training
     loader = DataLoader(CXRDataset(records, build_transform("eval", cfg.image_size), cache=cache),
                         batch_size=64, shuffle=False, num_workers=cfg.workers, generator=torch.Generator())
-    out = [torch.sigmoid(model(x.to(device)).float()).cpu() for x, _ in loader]
+    out = []
+    for x, _ in loader:
+        with precision.autocast():
+            out.append(torch.sigmoid(model(precision.batch(x, device)).float()).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -161,11 +170,12 @@ class Inputs:
 
 
 def model_inputs(cfg: FinetuneConfig, model: Classifier, train: pd.DataFrame, tasks: list[str], cache,
-                 device) -> Inputs:
+                 device, precision: Precision | None = None) -> Inputs:
     """Images through the encoder (end-to-end, or ``feature_cache: false``), or for a linear run the frozen
     encoder's features computed once per image set (train too when there is no augmentation)."""
     if cfg.protocol != "linear" or not cfg.feature_cache:
-        return Inputs(train_loader(cfg, train, tasks, cache), lambda records: predict(model, records, cfg, cache, device))
+        return Inputs(train_loader(cfg, train, tasks, cache),
+                      lambda records: predict(model, records, cfg, cache, device, precision))
     features = FeatureCache(model.encoder, cfg.image_size, cache_root(cfg.data.cache), images=cache,
                             workers=cfg.workers, device=device)
     loader = feature_loader(cfg, features.features(train), train, tasks) if cfg.preset == "none" else \
@@ -239,10 +249,11 @@ def finetune(
     torch.manual_seed(cfg.seed * 1_000_003 + cfg.draw)
     init_kind, state, origin = resolve_init(cfg.init, cfg.backbone)
     encoder = build_encoder(cfg.backbone, init=init_kind, state_dict=state)
-    model = Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear",
-                       standardize=cfg.head == "standardized").to(device)
+    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
+    model = precision.model(Classifier(encoder, len(tasks), frozen=cfg.protocol == "linear",
+                                       standardize=cfg.head == "standardized"), device)
     cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
-    inputs = model_inputs(cfg, model, train, tasks, cache, device)
+    inputs = model_inputs(cfg, model, train, tasks, cache, device, precision)
     budget = training_budget(cfg, len(inputs.train))
 
     phantom = is_phantom(cfg.data.root)
@@ -252,13 +263,13 @@ def finetune(
     with mt.start_run(cfg.experiment, run_name=cfg.run_name or _run_name(cfg, init_kind), run_tags=run_tags,
                       parent_run_id=parent_run_id) as run:
         run_id = run.info.run_id
-        mlflow.log_params({**flat_params(cfg), **budget.params(), "init_resolved": init_kind,
+        mlflow.log_params({**flat_params(cfg), **budget.params(), **precision.params(), "init_resolved": init_kind,
                            "phantom": phantom, **_origin_params(origin), **sizes})
         ma.log_json(to_dict(cfg), "config.json")
         _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
         registry.log_model_input(run_id, origin)
         best_epoch, best_auc = _fit(model, cfg, inputs, val, tasks, device=device, epochs=budget.epochs,
-                                    progress=progress)
+                                    progress=progress, precision=precision)
         # a linear run's probe comes after training: its loaders never draw from the training RNG
         gap = probe_gap(model.encoder, train, val, tasks, best_auc, image_size=cfg.image_size, cache=cache,
                         workers=cfg.workers, device=device,
@@ -272,7 +283,7 @@ def finetune(
         test_metrics = task_metrics(y_test, test_scores, tasks, "test")
         predictions = prediction_table(test, tasks, y_test, test_scores)
         _log_outcome(best_epoch, best_auc, test_metrics, predictions, gap)
-        mlflow.set_tag(NOTE_TAG, note + _result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
+        mlflow.set_tag(NOTE_TAG, note + result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
     if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
         registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
     return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
@@ -281,7 +292,7 @@ def finetune(
 def _run_tags(cfg: FinetuneConfig, init_kind: str, origin: dict, manifests: dict) -> dict[str, str]:
     """The run's ``mococxr.*`` tags (with ``init_fallback`` when init auto fell back to random)."""
     return {**mt.tags(
-        kind="finetune", backbone=cfg.backbone, init=_init_label(init_kind), protocol=cfg.protocol,
+        kind="finetune", backbone=cfg.backbone, init=init_label(init_kind), protocol=cfg.protocol,
         dataset=cfg.data.dataset, task=cfg.data.task, label_fraction=cfg.fraction, draw=cfg.draw,
         pretrain_run_id=origin.get("run_id"), checkpoint_epoch=origin.get("epoch"),
         registry_version=origin.get("registry_version"), manifest_sha256=manifests["train"].sha256,
@@ -303,7 +314,7 @@ def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float
 
 
 def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFrame, tasks: list[str], *,
-         device: torch.device, epochs: int, progress: bool) -> tuple[int, float]:
+         device: torch.device, epochs: int, progress: bool, precision: Precision | None = None) -> tuple[int, float]:
     """Train for ``epochs`` over ``inputs.train``, validate on the cadence of ``cfg.val_every`` (always after
     the last epoch), log each epoch's metrics, and leave ``model`` at the best validated epoch by val AUC.
 
@@ -311,6 +322,8 @@ def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFra
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    precision = precision or Precision()
+    scaler = precision.grad_scaler()  # fp16 on CUDA only; otherwise torch's no-op scaler
     y_val = label_matrix(val, tasks)
     validate_at = set(validation_epochs(epochs, cfg.val_every))
     best_auc, best_epoch, best_state = -math.inf, 0, None
@@ -320,11 +333,14 @@ def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFra
         model.train()
         t0, loss_sum, n = time.perf_counter(), 0.0, 0
         for x, target in inputs.train:
-            x, target = x.to(device), target.to(device)
-            loss = masked_bce(model(x), target)
+            x, target = precision.batch(x, device), target.to(device)
+            with precision.autocast():
+                logits = model(x)
+            loss = masked_bce(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.item() * len(x)
             n += len(x)
         metrics = {"train/loss": loss_sum / max(n, 1), "train/epoch_seconds": time.perf_counter() - t0}
@@ -355,55 +371,8 @@ def prediction_table(records: pd.DataFrame, tasks: list[str], y: np.ndarray, sco
     return table
 
 
-def _init_label(kind: str) -> str:
-    """What the report groups by: random, imagenet, or moco (any pretrained checkpoint)."""
-    return "moco" if kind == "checkpoint" else kind
-
-
 def _run_name(cfg: FinetuneConfig, kind: str) -> str:
-    return f"{_init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
-
-
-def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool,
-                 sizes: dict[str, int]) -> str:
-    """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen."""
-    heads = {"standardized": "on standardized features (parameter-free BatchNorm, head standardized)",
-             "plain": "directly on the frozen features (head plain, as in the paper)"}
-    protocol = {"linear": f"linear (frozen backbone, new linear head {heads[cfg.head]})",
-                "e2e": "end-to-end (all layers trained)"}
-    fallback = f" ({origin['init_fallback']})" if origin.get("init_fallback") else ""
-    lines = [f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
-             f"init **{_init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam lr "
-             f"{cfg.lr:g}, batch {cfg.batch_size}.",
-             f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
-             f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
-             f"test {sizes['n_test']} images.",
-             f"Dataset {cfg.data.dataset}{' (synthetic phantom)' if phantom else ''} at `{cfg.data.root}`, "
-             f"task {cfg.data.task}.",
-             f"Epochs: {budget.describe()}. The reported epoch "
-             "is the one with the best validation AUC (metrics `best/epoch`, `best/val_auc`); the test set is "
-             "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`)."]
-    return "\n\n".join(lines)
-
-
-def _checkpoint_text(init: str, origin: dict) -> str:
-    if "uri" not in origin:  # not a checkpoint (resolve() records every checkpoint's uri)
-        return ""
-    where = f" from `{init}`"
-    if origin.get("registry_version"):
-        where += f": registered model {origin['registered_model']} version {origin['registry_version']}"
-    if origin.get("run_id"):
-        epoch = f", epoch {origin['epoch']}" if origin.get("epoch") is not None else ""
-        where += f" (pretraining run {origin['run_id']}{epoch})"
-    return where
-
-
-def _result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float],
-                 gap: ProbeGap | None = None) -> str:
-    text = f"\n\n**Result**: best epoch {best_epoch} of {epochs} (validation AUC {best_auc:.4f})"
-    if "test/auc" in test:
-        text += f"; test AUC {test['test/auc']:.4f}, AUPRC {test['test/auprc']:.4f}"
-    return text + "." + (f"\n\n{gap.describe()}" if gap else "")
+    return f"{init_label(kind)}-{cfg.protocol}-{cfg.fraction:g}-d{cfg.draw}"
 
 
 def _origin_params(origin: dict) -> dict[str, str]:

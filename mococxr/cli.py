@@ -187,8 +187,22 @@ def _store(args: argparse.Namespace):
 def cmd_paper(args: argparse.Namespace) -> int:
     from mococxr.report.paper_plan import run_paper
 
-    run_paper(args.spec, only=args.only, plan_only=args.plan, chexpert_root=args.chexpert_root,
-              shenzhen_root=args.shenzhen_root, out=args.out, store=None if args.plan else _store(args))
+    if args.plan:
+        return cmd_paper_plan(args)
+    run_paper(args.spec, only=args.only, chexpert_root=args.chexpert_root, shenzhen_root=args.shenzhen_root,
+              out=args.out, store=_store(args))
+    return 0
+
+
+def cmd_paper_plan(args: argparse.Namespace) -> int:
+    """``paper --plan``: the cost estimate (sweep floor) with the report floor's test-set power as its hook;
+    the store is only read (never created or opened for writing)."""
+    from mococxr.report.power import power_lines
+    from mococxr.sweep.cost import estimate
+    from mococxr.sweep.plan import load_plan
+
+    plan = load_plan(args.spec, roots={"chexpert": args.chexpert_root, "shenzhen": args.shenzhen_root})
+    print(estimate(plan, args.only, power=power_lines, tracking_uri=args.tracking_uri), flush=True)
     return 0
 
 

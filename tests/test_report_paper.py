@@ -22,7 +22,7 @@ from mococxr.report.paper import (
     shenzhen_family,
     table2_report,
 )
-from mococxr.report.paper_tables import MARK, lr_text, outside, validation_line
+from mococxr.report.paper_tables import MARK, augmentation_line, lr_text, outside, validation_line
 from mococxr.report.record import report_dir
 from mococxr.tracking import mlflow as mt
 
@@ -248,3 +248,11 @@ def test_the_validation_cadence_is_a_caption_line():
                                        "validation cadence).")
     older = pd.DataFrame({"protocol": ["linear"], "val_every": ["1"]})  # runs before val_every: every epoch
     assert "linear every epoch" in validation_line(older)
+
+
+def test_fine_tune_augmentation_is_a_caption_line():
+    params = pd.DataFrame({"protocol": ["linear", "e2e"], "preset": ["none", "cxr"]})
+    assert augmentation_line(params) == (
+        "Fine-tune augmentation: e2e random rotation within 10 degrees and horizontal flip; linear none (the eval "
+        "resize only; linear heads train on cached frozen features) (the paper does not say whether it augmented "
+        "while fine-tuning).")

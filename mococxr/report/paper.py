@@ -252,7 +252,7 @@ def _gather(experiment: str, name: str, *, out: Path, notes: PaperNotes, n_repli
 
 
 _PARAM_DEFAULTS = {"head": "standardized", "min_steps": "", "epochs_resolved": "", "lr": "", "batch_size": "",
-                   "val_every": "1"}
+                   "val_every": "1", "preset": "cxr"}
 
 
 def _run_params(experiment: str, runs: pd.DataFrame) -> pd.DataFrame:

@@ -15,29 +15,14 @@ from mococxr.sweep.plan import PaperPlan, load_plan
 from mococxr.tracking import mlflow as mt
 
 
-def run_paper(path: str | Path, *, only: Sequence[str] | None = None, plan_only: bool = False,
-              chexpert_root: str | None = None, shenzhen_root: str | None = None, out: str | Path = "reports",
-              store: mt.Store | None = None):
-    """Run (or with ``plan_only`` cost out) the plan at ``path``; returns the PlanResult or the plan text."""
-    from mococxr.sweep.cost import estimate
+def run_paper(path: str | Path, *, only: Sequence[str] | None = None, chexpert_root: str | None = None,
+              shenzhen_root: str | None = None, out: str | Path = "reports", store: mt.Store | None = None):
+    """Run the plan at ``path`` (its cost without running it: :func:`mococxr.sweep.cost.estimate`, which
+    ``paper --plan`` calls); returns the PlanResult."""
     from mococxr.sweep.stages import run_plan
 
     plan = load_plan(path, roots={"chexpert": chexpert_root, "shenzhen": shenzhen_root})
-    if plan_only:
-        _check_readable(plan)
-        text = estimate(plan, only)
-        print(text, flush=True)
-        return text
     return run_plan(plan, only=only, store=store, report=lambda p, ctx: paper_reports(p, ctx, Path(out) / p.name))
-
-
-def _check_readable(plan: PaperPlan) -> None:
-    """``--plan`` reads the label CSVs to count images: a missing folder is one clear line, not a trace."""
-    for key, cfg in plan.data.items():
-        if not Path(cfg.root).is_dir():
-            hint = "the plan synthesizes it: run without --plan, or --only data, first" if plan.phantom else \
-                f"pass --{key}-root DIR"
-            raise ConfigError(f"{key} data folder {cfg.root} does not exist ({hint})")
 
 
 def notes(plan: PaperPlan, *extra: str):

@@ -226,6 +226,19 @@ def validation_line(params: pd.DataFrame) -> str:
             "validation cadence).")
 
 
+AUGMENTATIONS = {"cxr": "random rotation within 10 degrees and horizontal flip", "mocov2": "MoCo v2's crops and "
+                 "colour jitter", "none": "none (the eval resize only; linear heads train on cached frozen features)"}
+
+
+def augmentation_line(params: pd.DataFrame) -> str:
+    """Fine-tune augmentation per protocol (runs that log no ``preset`` used ``cxr``): the paper does not say."""
+    per = []
+    for protocol, group in params.groupby("protocol", sort=True):
+        presets = sorted({str(v) or "cxr" for v in group["preset"]})
+        per.append(f"{protocol} {', '.join(AUGMENTATIONS.get(x, x) for x in presets)}")
+    return f"Fine-tune augmentation: {'; '.join(per)} (the paper does not say whether it augmented while fine-tuning)."
+
+
 def optimiser_line(params: pd.DataFrame) -> str | None:
     """Learning rate and batch size, said only where they differ from the paper's 3e-5 and 16."""
     lrs = sorted({float(v) for v in params["lr"] if v})
@@ -245,7 +258,7 @@ def protocol_lines(context: ReportContext, params: pd.DataFrame, absolute: pd.Da
     if context.phantom:
         lines.append("Phantom data: synthetic images, not radiographs; the numbers check the pipeline, not MoCo-CXR.")
     lines += [x for x in (head_line(params), epochs_line(params, paper_epochs), validation_line(params),
-                          optimiser_line(params)) if x]
+                          augmentation_line(params), optimiser_line(params)) if x]
     lines.append(_sentence(context.draws_text()) + " The paper averages several random draws at small fractions "
                  "without saying how many.")
     single = int(absolute["n_single_class"].max()) if len(absolute) else 0

@@ -276,17 +276,22 @@ def finetune(
                         features=inputs.features.features if inputs.features else None) \
             if cfg.protocol == "linear" else None
 
-        test_scores = inputs.score(test)
-        if inputs.features:
-            mlflow.log_params(inputs.features.params())
-        y_test = label_matrix(test, tasks)
-        test_metrics = task_metrics(y_test, test_scores, tasks, "test")
-        predictions = prediction_table(test, tasks, y_test, test_scores)
+        test_metrics, predictions = _score_test(inputs, test, tasks)
         _log_outcome(best_epoch, best_auc, test_metrics, predictions, gap)
         mlflow.set_tag(NOTE_TAG, note + result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
     if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
         registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
     return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+
+
+def _score_test(inputs: Inputs, test: pd.DataFrame, tasks: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """The test set, read once with the chosen epoch's weights: metrics and per-image predictions (and, with
+    the feature cache, what it held, now that every read is done)."""
+    scores = inputs.score(test)
+    if inputs.features:
+        mlflow.log_params(inputs.features.params())
+    y_test = label_matrix(test, tasks)
+    return task_metrics(y_test, scores, tasks, "test"), prediction_table(test, tasks, y_test, scores)
 
 
 def _run_tags(cfg: FinetuneConfig, init_kind: str, origin: dict, manifests: dict) -> dict[str, str]:

@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mococxr.train.precision import Precision
+
 
 def batches(n: int, batch: int, size: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +83,7 @@ def loop_rate(data: list[torch.Tensor], warmup: int, k: int):
     warm = PairDataset(torch.cat(data[:warmup]))
     timed = PairDataset(torch.cat(data[warmup:]))
     t = P.Training(cfg, model, model, opt, sched, scaler, warm, rank=0, world=1, device=torch.device("cpu"),
-                   init="random", origin={}, progress=False)
+                   init="random", origin={}, progress=False, precision=Precision("off", True, "cpu"))
     P._train_one_epoch(t, 1)
     t = dataclasses.replace(t, dataset=timed)
     metrics = P._train_one_epoch(t, 2)

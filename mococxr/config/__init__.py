@@ -99,8 +99,8 @@ class PretrainConfig(Validated):
     preset: Preset = opt("cxr", "augmentation preset (MoCo needs one: cxr or mocov2)")
     amp: Amp = opt("off", "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
                    "where it is ignored", hash_default=False)
-    channels_last: bool = opt(False, "channels_last memory format on CUDA (faster convolutions with amp); ignored on CPU",
-                              hash_default=False)
+    channels_last: bool = opt(True, "channels_last memory format (6-20 %% faster ResNet18 steps on CPU, and with amp on "
+                              "CUDA)", hash_default=False)
     workers: int = opt(1, "DataLoader workers (0-1 recommended on CPU)", check="nonnegative")
     seed: int = opt(0, "seed of initialisation, augmentation and shuffling")
     keep: str = opt("all", "checkpoint retention: all | every:K | best:K:metric", check="keep")
@@ -147,7 +147,7 @@ class FinetuneConfig(Validated):
                          "resize only; a linear run then trains its head on cached features)")
     amp: Amp = opt("off", "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
                    "where it is ignored", hash_default=False)
-    channels_last: bool = opt(False, "channels_last memory format on CUDA (faster convolutions with amp); ignored on CPU",
+    channels_last: bool = opt(False, "channels_last memory format (faster convolutions on CUDA with amp)",
                               hash_default=False)
     val_every: int = opt(1, "validate every K epochs (and always after the last); the best epoch is the best of "
                          "the validated ones", check="positive", hash_default=False)

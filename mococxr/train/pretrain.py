@@ -8,8 +8,10 @@ how many epochs ran in this process. A damaged resume point stops the resume and
 (``--resume-from EPOCH`` continues from an intact earlier one); by default the resume point is deleted
 once the run has finished or was pruned (``resume_state``), its epoch checkpoints never.
 
-Under ``torchrun`` the loop runs DDP (gloo on CPU, nccl on CUDA) with FAIR's cross-process shuffle-BN;
-only rank 0 talks to MLflow.
+Under ``torchrun`` the loop runs DDP (gloo on CPU, nccl on CUDA, see ``distributed.py``) with FAIR's
+cross-process shuffle-BN; only rank 0 talks to MLflow. ``cfg.amp`` (bf16/fp16 autocast) and
+``cfg.channels_last`` take effect as ``precision.py`` rules (amp on CUDA only); the run's ``amp_effective`` and
+``channels_last_effective`` params say what was in effect.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.registry import INIT_FALLBACK_TAG, fallback_tags, resolve_init
 from mococxr.train import checkpoints
+from mococxr.train.distributed import from_rank0
+from mococxr.train.distributed import setup as setup_processes
+from mococxr.train.precision import Precision, load_scaler_state, resolve
 from mococxr.train.schedules import build_optimizer, build_scheduler
 
 EpochCallback = Callable[[int, torch.nn.Module, dict[str, float]], dict[str, float] | None]
@@ -62,48 +66,7 @@ class PretrainResult:
     stopped_early: bool = False
 
 
-# -- distributed ------------------------------------------------------------------------------------
-def _dist_setup() -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call started the process group) under torchrun.
-
-    A group the caller started is left to the caller; one started here is destroyed by ``pretrain``.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    owned = world > 1 and not dist.is_initialized()
-    if owned:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if dist.is_initialized():
-        world = dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local), owned
-    return rank, world, torch.device("cpu"), owned
-
-
-def _from_rank0(fn: Callable[[], Any], rank: int) -> Any:
-    """Run ``fn`` on rank 0 and hand its result (or its exception) to every rank.
-
-    Without this, an error on rank 0 (an unknown run id, a failed MLflow call) would leave the other
-    ranks waiting forever in the next collective; instead every rank raises the same error.
-    """
-    if not dist.is_initialized():
-        return fn()
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            box[0] = (True, fn())
-        except Exception as exc:  # re-raised below, on every rank
-            box[0] = (False, exc)
-    dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
+# -- seeding -------------------------------------------------------------------------------------------
 def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """Reseed torch (augmentations, shuffle-BN permutations) for ``epoch``; returns the sampler generator."""
     torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)
@@ -144,6 +107,7 @@ class Training:
     start_epoch: int = 1
     progress: bool = True
     label: str = ""  # names the run in progress lines: its run name, else backbone and run id
+    precision: Precision = field(default_factory=Precision)  # amp and channels_last in effect on ``device``
 
 
 # -- the loop -----------------------------------------------------------------------------------------
@@ -169,18 +133,18 @@ def pretrain(
     ``on_epoch_end(epoch, encoder, metrics)`` runs on rank 0 after each epoch and may return extra
     metrics to log (a monitor AUC) or raise :class:`StopTraining`.
     """
-    rank, world, device, owned_group = _dist_setup()
+    rank, world, device, owned_group = setup_processes()
     try:
         # rank 0 opens the store (once per URI, with I/O); the others only point MLflow at it, for a
         # models:/ or runs:/ init that every rank resolves
-        store = _from_rank0(lambda: mt.current_store(store), rank)
+        store = from_rank0(lambda: mt.current_store(store), rank)
         mt.current_store(store)
         state = None
         if resume_from is not None and resume is None:
             raise ConfigError("--resume-from needs --resume RUN_ID: the run whose epoch to continue from")
         if resume is not None:
             # rank 0 reads the run; every rank then trains from the same config and state
-            cfg, state = _from_rank0(partial(checkpoints.resume_point, resume, resume_epochs, resume_from), rank)
+            cfg, state = from_rank0(partial(checkpoints.resume_point, resume, resume_epochs, resume_from), rank)
         if cfg.batch_size % world:  # the config checked the rest; only here is the world size known
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
         data = prepare(cfg.data) if data is None else data
@@ -193,14 +157,14 @@ def pretrain(
                 open_run = partial(_start_run, run_scope, t, data, parent_run_id, extra_tags)
             else:
                 open_run = partial(_reopen_run, run_scope, t, resume, state, result)
-            result.run_id = _from_rank0(open_run, rank)  # every rank knows the run it trains for
+            result.run_id = from_rank0(open_run, rank)  # every rank knows the run it trains for
             for epoch in range(t.start_epoch, cfg.epochs + 1):
                 metrics = _train_one_epoch(t, epoch)
-                if _from_rank0(partial(_end_epoch, t, result, epoch, metrics, callbacks), rank):
+                if from_rank0(partial(_end_epoch, t, result, epoch, metrics, callbacks), rank):
                     result.stopped_early = True
                     break
             if cfg.resume_state == "until_done":  # finished or pruned: nothing left to resume
-                _from_rank0(partial(checkpoints.delete_resume_states, result.run_id), rank)
+                from_rank0(partial(checkpoints.delete_resume_states, result.run_id), rank)
             if dist.is_initialized():
                 dist.barrier()  # no rank leaves (and tears down the group) while another still logs
         return result
@@ -230,8 +194,8 @@ def _setup(cfg: PretrainConfig, data: Prepared, state: dict[str, Any] | None, *,
     if len(records) < cfg.batch_size:
         raise ConfigError(f"only {len(records)} images for batch_size {cfg.batch_size}; lower --batch-size")
     model, init, origin = build_moco(cfg, world)
-    # channels_last is faster for convolutions on CUDA (tensor cores) and on CPU (oneDNN: 6-20 % here)
-    model.to(device, memory_format=torch.channels_last)
+    precision = resolve(cfg.amp, cfg.channels_last, device)  # amp off on CPU
+    precision.model(model, device)
     optimizer = build_optimizer(
         [p for p in model.parameters() if p.requires_grad], name=cfg.optimizer, lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -243,17 +207,17 @@ def _setup(cfg: PretrainConfig, data: Prepared, state: dict[str, Any] | None, *,
         optimizer, name=cfg.scheduler, total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=cfg.warmup_epochs * steps_per_epoch, milestones=cfg.milestones,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    scaler = precision.grad_scaler()  # torch's no-op form unless fp16 on CUDA
     start_epoch = 1
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        load_scaler_state(scaler, state["scaler"])
         start_epoch = int(state["epoch"]) + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     return Training(cfg, model, net, optimizer, scheduler, scaler, dataset, rank, world, device, init, origin,
-                    start_epoch, progress)
+                    start_epoch, progress, precision=precision)
 
 
 def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, parent_run_id: str | None,
@@ -272,6 +236,7 @@ def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, par
     ))
     t.label = run_label(cfg, run.info.run_id)
     mlflow.log_params({**flat_params(cfg), "init_resolved": t.init, "world_size": t.world})
+    _log_precision(t, {})
     ma.log_json(to_dict(cfg), "config.json")
     ma.log_json(manifest.to_dict(), "manifests/pretrain.json")
     _log_dataset(cfg, data.pretrain, manifest)
@@ -279,6 +244,24 @@ def _start_run(run_scope: contextlib.ExitStack, t: Training, data: Prepared, par
 
 
 _NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+
+
+def _log_precision(t: Training, logged: dict[str, str]) -> None:
+    """Rank 0: the precision in effect as params (``amp_effective``, ``channels_last_effective``), and on
+    stderr why a requested switch is not in effect. ``logged``: the params a reopened run already has; a
+    resume that runs under another precision (on another device) adds ``<param>_from_epoch_<N>``."""
+    if t.precision.reason:
+        checkpoints.say(t.precision.reason)
+    new = {}
+    for key, value in t.precision.params().items():
+        began = logged.get(key, value)
+        if began != value:
+            checkpoints.say(f"this resume trains from epoch {t.start_epoch} with {key}={value}; the run began "
+                            f"with {began}")
+            key = f"{key}_from_epoch_{t.start_epoch}"
+        if logged.get(key, value) == value:  # params are immutable: a value logged once stays
+            new[key] = value
+    mlflow.log_params(new)
 
 
 def run_label(cfg: PretrainConfig, run_id: str) -> str:
@@ -331,6 +314,7 @@ def _reopen_run(run_scope: contextlib.ExitStack, t: Training, run_id: str, state
                        + f" Extended by a resume from the {run.data.params['epochs']} epochs of its params to "
                        f"{t.cfg.epochs} (config.json holds the current budget).")
     last = int(state["epoch"]) if state else 0
+    _log_precision(t, run.data.params)
     checkpoints.reconcile(run_id, last, state.get("metrics") if state else None)
     result.history = {int(k): v for k, v in json.loads(state["history"]).items()} if state else {}
     if last >= t.cfg.epochs:
@@ -360,9 +344,8 @@ def _train_one_epoch(t: Training, epoch: int) -> dict[str, float]:
     n_seen = 0
     bar = progress_bar(loader, f"[{t.label}] pretrain epoch {epoch}/{cfg.epochs}", enabled=t.progress)
     for (im_q, im_k), _ in bar:
-        im_q = im_q.to(device, non_blocking=True, memory_format=torch.channels_last)
-        im_k = im_k.to(device, non_blocking=True, memory_format=torch.channels_last)
-        with torch.autocast("cuda", enabled=device.type == "cuda"):
+        im_q, im_k = t.precision.batch(im_q, device), t.precision.batch(im_k, device)
+        with t.precision.autocast():
             logits, labels = t.net(im_q, im_k)
             loss = F.cross_entropy(logits.float(), labels)
         t.optimizer.zero_grad(set_to_none=True)

@@ -31,8 +31,14 @@ def phantom(tmp_path_factory) -> str:
 
 def make_cfg(root: str, **kw) -> FinetuneConfig:
     data = DataConfig(dataset="chexpert", root=root, task="pleural_effusion", val=0.25, test=0.2)
-    base = {"image_size": 64, "batch_size": 16, "epochs": 4, "lr": 3e-3, "experiment": "test-features",
-            "protocol": "linear"}
+    base = {
+        "image_size": 64,
+        "batch_size": 16,
+        "epochs": 4,
+        "lr": 3e-3,
+        "experiment": "test-features",
+        "protocol": "linear",
+    }
     return FinetuneConfig(data=data, **{**base, **kw})
 
 
@@ -45,18 +51,25 @@ def test_cached_features_give_the_run_that_recomputes_them(phantom, tracking_uri
     """Same config with and without the cache: the same val AUC every epoch, best epoch and test scores
     (with preset none the head trains on cached training features, in the image loader's batch order)."""
     data = prepare(make_cfg(phantom).data)
-    runs = {cached: ft.finetune(make_cfg(phantom, preset=preset, feature_cache=cached), data=data, progress=False)
-            for cached in (False, True)}
+    runs = {
+        cached: ft.finetune(make_cfg(phantom, preset=preset, feature_cache=cached), data=data, progress=False)
+        for cached in (False, True)
+    }
     a, b = runs[False], runs[True]
     assert a.best_epoch == b.best_epoch
     for (sa, va), (sb, vb) in zip(history(a.run_id, "val/auc"), history(b.run_id, "val/auc"), strict=True):
         assert sa == sb and vb == pytest.approx(va, abs=TOL)
-    assert history(b.run_id, "train/loss")[-1][1] == pytest.approx(history(a.run_id, "train/loss")[-1][1], rel=1e-5)
+    assert history(b.run_id, "train/loss")[-1][1] == pytest.approx(
+        history(a.run_id, "train/loss")[-1][1], rel=1e-5
+    )
     scores = [r.predictions["score:Pleural Effusion"].to_numpy() for r in (a, b)]
     np.testing.assert_allclose(scores[1], scores[0], atol=TOL, rtol=0)
     assert b.test["test/auc"] == pytest.approx(a.test["test/auc"], abs=TOL)
     params = MlflowClient().get_run(b.run_id).data.params
-    assert params["feature_cache"] == "True" and params["feature_cache_dir"] == os.environ["MOCOCXR_FEATURE_CACHE"]
+    assert (
+        params["feature_cache"] == "True"
+        and params["feature_cache_dir"] == os.environ["MOCOCXR_FEATURE_CACHE"]
+    )
     # val and test (and train with preset none, plus the probe's train features with cxr) computed once;
     # the other reads (every epoch's val, the probe's) are hits
     assert params["feature_cache_misses"] == "3" and int(params["feature_cache_hits"]) >= 4
@@ -99,7 +112,9 @@ def test_the_key_is_the_weights_and_the_images(tmp_path):
     records = pd.DataFrame({"image_id": ["a", "b"], "path": ["x/a.png", "x/b.png"]})
     cache = fc.FeatureCache(enc, 64, tmp_path)
     assert cache.key(records) != cache.key(records.iloc[::-1].reset_index(drop=True))
-    assert cache.key(records) != fc.FeatureCache(enc, 32, tmp_path, fingerprint=cache.fingerprint).key(records)
+    assert cache.key(records) != fc.FeatureCache(enc, 32, tmp_path, fingerprint=cache.fingerprint).key(
+        records
+    )
     assert cache.key(records) != fc.FeatureCache(other, 64, tmp_path).key(records)
 
 
@@ -147,8 +162,9 @@ def test_the_cache_folder_follows_the_environment_then_the_image_cache(monkeypat
 def test_validation_cadence_keeps_the_last_epoch_and_chooses_among_validated_epochs(phantom, tracking_uri):
     assert validation_epochs(7, 3) == [3, 6, 7] and validation_epochs(6, 3) == [3, 6]
     assert validation_epochs(4, 1) == [1, 2, 3, 4] and validation_epochs(2, 5) == [2]
-    result = ft.finetune(make_cfg(phantom, protocol="e2e", epochs=3, val_every=2, lr=1e-4, fraction=0.5),
-                         progress=False)
+    result = ft.finetune(
+        make_cfg(phantom, protocol="e2e", epochs=3, val_every=2, lr=1e-4, fraction=0.5), progress=False
+    )
     assert [s for s, _ in history(result.run_id, "val/auc")] == [2, 3]
     assert [s for s, _ in history(result.run_id, "train/loss")] == [1, 2, 3]
     assert result.best_epoch in (2, 3)

@@ -106,8 +106,14 @@ class FeatureCache:
         """The entry name of ``records``' features (memoized per records object: a run asks every epoch)."""
         if (known := self._keys.get(id(records))) is not None and known[0] is records:
             return known[1]
-        parts = {"format": FORMAT, "encoder": self.fingerprint, "images": images_fingerprint(records),
-                 "image_size": self.image_size, "transform": "eval", "dtype": "float32"}
+        parts = {
+            "format": FORMAT,
+            "encoder": self.fingerprint,
+            "images": images_fingerprint(records),
+            "image_size": self.image_size,
+            "transform": "eval",
+            "dtype": "float32",
+        }
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
         self._keys[id(records)] = (records, key)
         return key
@@ -123,8 +129,15 @@ class FeatureCache:
             os.utime(entry)  # least-recently-used order for the bound
             return found
         t0 = time.perf_counter()
-        feats = extract_features(self.encoder, records, image_size=self.image_size, cache=self.images,
-                                 workers=self.workers, device=self.device, mixed_precision=False)
+        feats = extract_features(
+            self.encoder,
+            records,
+            image_size=self.image_size,
+            cache=self.images,
+            workers=self.workers,
+            device=self.device,
+            mixed_precision=False,
+        )
         self.stats["misses"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         self._sizes[key] = feats.nbytes
@@ -136,11 +149,14 @@ class FeatureCache:
 
     def params(self) -> dict[str, str]:
         """What a run logs: where the features came from and how much they hold."""
-        return {"feature_cache_dir": str(self.root), "feature_cache_hits": str(int(self.stats["hits"])),
-                "feature_cache_misses": str(int(self.stats["misses"])),
-                "feature_cache_mb": f"{sum(self._sizes.values()) / 1e6:.1f}",
-                "feature_cache_seconds": f"{self.stats['seconds']:.1f}",
-                "feature_cache_bound_gb": f"{bound_bytes() / 1e9:g}"}
+        return {
+            "feature_cache_dir": str(self.root),
+            "feature_cache_hits": str(int(self.stats["hits"])),
+            "feature_cache_misses": str(int(self.stats["misses"])),
+            "feature_cache_mb": f"{sum(self._sizes.values()) / 1e6:.1f}",
+            "feature_cache_seconds": f"{self.stats['seconds']:.1f}",
+            "feature_cache_bound_gb": f"{bound_bytes() / 1e9:g}",
+        }
 
 
 def _open(entry: Path, n: int) -> np.ndarray | None:
@@ -162,8 +178,9 @@ def _store(entry: Path, feats: np.ndarray, meta: dict) -> np.ndarray | None:
         tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=entry.parent))
         try:
             feats.tofile(tmp / MATRIX)
-            (tmp / META).write_text(json.dumps({**meta, "format": FORMAT, "dim": int(feats.shape[1]),
-                                                "dtype": "float32"}))
+            (tmp / META).write_text(
+                json.dumps({**meta, "format": FORMAT, "dim": int(feats.shape[1]), "dtype": "float32"})
+            )
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)

@@ -13,25 +13,32 @@ def init_label(kind: str) -> str:
     return "moco" if kind == "checkpoint" else kind
 
 
-def describe_run(cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool,
-                 sizes: dict[str, int]) -> str:
+def describe_run(
+    cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool, sizes: dict[str, int]
+) -> str:
     """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen."""
-    heads = {"standardized": "on standardized features (parameter-free BatchNorm, head standardized)",
-             "plain": "directly on the frozen features (head plain, as in the paper)"}
-    protocol = {"linear": f"linear (frozen backbone, new linear head {heads[cfg.head]})",
-                "e2e": "end-to-end (all layers trained)"}
+    heads = {
+        "standardized": "on standardized features (parameter-free BatchNorm, head standardized)",
+        "plain": "directly on the frozen features (head plain, as in the paper)",
+    }
+    protocol = {
+        "linear": f"linear (frozen backbone, new linear head {heads[cfg.head]})",
+        "e2e": "end-to-end (all layers trained)",
+    }
     fallback = f" ({origin['init_fallback']})" if origin.get("init_fallback") else ""
-    lines = [f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
-             f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam lr "
-             f"{cfg.lr:g}, batch {cfg.batch_size}.",
-             f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
-             f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
-             f"test {sizes['n_test']} images.",
-             f"Dataset {cfg.data.dataset}{' (synthetic phantom)' if phantom else ''} at `{cfg.data.root}`, "
-             f"task {cfg.data.task}.",
-             f"Epochs: {budget.describe()}. The reported epoch "
-             "is the one with the best validation AUC (metrics `best/epoch`, `best/val_auc`); the test set is "
-             "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`)."]
+    lines = [
+        f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
+        f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam lr "
+        f"{cfg.lr:g}, batch {cfg.batch_size}.",
+        f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
+        f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
+        f"test {sizes['n_test']} images.",
+        f"Dataset {cfg.data.dataset}{' (synthetic phantom)' if phantom else ''} at `{cfg.data.root}`, "
+        f"task {cfg.data.task}.",
+        f"Epochs: {budget.describe()}. The reported epoch "
+        "is the one with the best validation AUC (metrics `best/epoch`, `best/val_auc`); the test set is "
+        "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`).",
+    ]
     return "\n\n".join(lines)
 
 
@@ -47,8 +54,9 @@ def _checkpoint_text(init: str, origin: dict) -> str:
     return where
 
 
-def result_line(best_epoch: int, epochs: int, best_auc: float, test: dict[str, float],
-                 gap: ProbeGap | None = None) -> str:
+def result_line(
+    best_epoch: int, epochs: int, best_auc: float, test: dict[str, float], gap: ProbeGap | None = None
+) -> str:
     text = f"\n\n**Result**: best epoch {best_epoch} of {epochs} (validation AUC {best_auc:.4f})"
     if "test/auc" in test:
         text += f"; test AUC {test['test/auc']:.4f}, AUPRC {test['test/auprc']:.4f}"

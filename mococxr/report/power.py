@@ -28,6 +28,7 @@ import numpy as np
 from scipy.stats import norm
 
 from mococxr.report.bootstrap import paired_bootstrap
+from mococxr.report.describe import percent
 from mococxr.report.published import (
     APPENDIX_TABLE1,
     APPENDIX_TABLE2,
@@ -114,10 +115,6 @@ def _block(
     return out
 
 
-def _percent(fraction: float) -> str:
-    return f"{round(100 * fraction, 6):g}%"
-
-
 def _improvement_rows(
     backbones: Sequence[str], effects: Mapping, aucs: Mapping, fractions: Sequence[float]
 ) -> list[tuple[str, list[tuple[Published, Arm]]]]:
@@ -179,7 +176,7 @@ def power_lines(plan, tests: Mapping[str, Mapping[str, tuple[int, int]]]) -> lis
             backbones = grids[family].backbones if family in grids else tuple(ARCH)
             rows = _improvement_rows(backbones, effects, aucs, fractions)
             if rows:
-                out += _block(f"{title}, {task}", test, rows, [_percent(f) for f in fractions], SEED + seed)
+                out += _block(f"{title}, {task}", test, rows, [percent(f) for f in fractions], SEED + seed)
     for task, test in tests.get("table2", {}).items():
         best, rho = TABLE2[1e-4], RHO[("linear", "linear")]
         cells = [(_diff(TABLE2[lr], best), (best.point, TABLE2[lr].point, rho)) for lr in (1e-2, 1e-3, 1e-5)]
@@ -198,7 +195,7 @@ def power_lines(plan, tests: Mapping[str, Mapping[str, tuple[int, int]]]) -> lis
                 f"Appendix Tables 4-5 (CheXpert competition), {task}",
                 test,
                 rows,
-                [_percent(f) for f in CHEXPERT_FRACTIONS],
+                [percent(f) for f in CHEXPERT_FRACTIONS],
                 SEED + 3,
             )
     return out

@@ -32,9 +32,13 @@ class Timing:
         med = statistics.median(rates)
         return cls(med, min(rates) / med - 1, max(rates) / med - 1, len(rates))
 
+    def within(self, tolerance: float = TOLERANCE) -> bool:
+        """Every timing within ``tolerance`` of the median."""
+        return max(-self.low, self.high) <= tolerance
+
     @property
     def stable(self) -> bool:
-        return max(-self.low, self.high) <= TOLERANCE
+        return self.within(TOLERANCE)
 
     def describe(self) -> str:
         verdict = "within" if self.stable else "NOT within"
@@ -72,17 +76,12 @@ def timings(
     fn()  # warm-up: allocator, kernels, caches; its time sizes a timing
     calls = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6)))
     rates: list[float] = []
-    while len(rates) < repeats or (len(rates) < max_repeats and not _within(rates, tolerance)):
+    while len(rates) < repeats or (len(rates) < max_repeats and not Timing.of(rates).within(tolerance)):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         rates.append(images * calls / (time.perf_counter() - t0))
     return Timing.of(rates)
-
-
-def _within(rates: list[float], tolerance: float) -> bool:
-    t = Timing.of(rates)
-    return max(-t.low, t.high) <= tolerance
 
 
 def measure(backbone: str, image_size: int, *, batch: int = 8, repeats: int = 5) -> Rate:

@@ -79,15 +79,18 @@ class StoreView:
         if self.exists:
             from mlflow.tracking import MlflowClient
 
+            from mococxr.sweep.stages import trial_label
+
             study = self.plan.study_name(backbone)
             versions = [
                 v
-                for v in MlflowClient().search_model_versions(f"name = '{name}'")
+                for v in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")
                 if v.tags.get(mt.tag("optuna_study")) == study
             ]
             for v in sorted(versions, key=lambda v: int(v.tags.get(mt.tag("optuna_trial"), "0"))):
                 t = v.tags
-                label = f"lr{float(t.get(mt.tag('lr'), 'nan')):g}-{t.get(mt.tag('scheduler'))}-t{t.get(mt.tag('optuna_trial'))}"
+                label = trial_label(float(t.get(mt.tag("lr"), "nan")), t.get(mt.tag("scheduler")),
+                                    t.get(mt.tag("optuna_trial")))
                 inits[label] = f"models:/{name}/{v.version}"
         for i in range(len(inits) + 1, n + 1):
             inits[f"trial {i} (not registered)"] = f"models:/{name}/pending-{i}"

@@ -158,7 +158,7 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
     known = {(mv.tags.get(mt.tag("optuna_study")), mv.tags.get(mt.tag("optuna_trial")),
               mv.tags.get(mt.TAG_PREFIX + "model_id")): str(mv.version)
-             for mv in MlflowClient().search_model_versions(f"name = '{name}'")}  # [] for a new name
+             for mv in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")}  # [] for a new name
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         model_id, epoch = t.user_attrs.get("best_model_id"), t.user_attrs.get("best_epoch")
@@ -224,7 +224,12 @@ def _stage_table2(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared
 
 def table2_label(c: Checkpoint) -> str:
     """The Table 2 grid's init label of a checkpoint: ``lr0.001-cosine-t3``."""
-    return f"lr{c.lr:g}-{c.scheduler}-t{c.trial}"
+    return trial_label(c.lr, c.scheduler, c.trial)
 
 
-__all__ = ["Checkpoint", "PlanResult", "prepare_phantom", "register_trials", "run_plan", "table2_label"]
+def trial_label(lr: float, scheduler: str, trial: int | str) -> str:
+    """The Table 2 label of a pretraining trial's checkpoint, from its lr, scheduler and trial number."""
+    return f"lr{lr:g}-{scheduler}-t{trial}"
+
+
+__all__ = ["Checkpoint", "PlanResult", "prepare_phantom", "register_trials", "run_plan", "table2_label", "trial_label"]

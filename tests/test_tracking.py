@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import mlflow
+import mlflow.data
+import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import ConfigError, TrackingError
@@ -27,8 +31,21 @@ def test_tags_are_prefixed_strings_and_drop_none():
 
 
 def test_every_design_tag_is_known():
-    design = ["kind", "backbone", "init", "protocol", "dataset", "task", "label_fraction", "draw",
-              "pretrain_run_id", "checkpoint_epoch", "optuna_study", "optuna_trial", "manifest_sha256"]
+    design = [
+        "kind",
+        "backbone",
+        "init",
+        "protocol",
+        "dataset",
+        "task",
+        "label_fraction",
+        "draw",
+        "pretrain_run_id",
+        "checkpoint_epoch",
+        "optuna_study",
+        "optuna_trial",
+        "manifest_sha256",
+    ]
     assert [mt.tag(k) for k in design] == [f"mococxr.{k}" for k in design]
 
 
@@ -57,7 +74,9 @@ def test_override_beats_environment(monkeypatch):
     assert mt.artifact_root("http://localhost:5000") is None
 
 
-@pytest.mark.parametrize("uri", ["mlruns", "./mlruns", "/tmp/x/mlruns", "file:///tmp/x/mlruns", "file:mlruns"])
+@pytest.mark.parametrize(
+    "uri", ["mlruns", "./mlruns", "/tmp/x/mlruns", "file:///tmp/x/mlruns", "file:mlruns"]
+)
 def test_file_store_is_refused(uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(TrackingError, match="file store.*sqlite:///"):
@@ -91,8 +110,13 @@ def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
     state = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(7)}
     with mt.start_run("unit/exp") as run:
         model_id = ma.log_state_dict_model(
-            state, name="toy", run_id=run.info.run_id, experiment_id=run.info.experiment_id, step=4,
-            info={"backbone": "toy"}, model_tags=mt.tags(kind="pretrain"),
+            state,
+            name="toy",
+            run_id=run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            step=4,
+            info={"backbone": "toy"},
+            model_tags=mt.tags(kind="pretrain"),
         )
     assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
     model = MlflowClient().get_logged_model(model_id)
@@ -104,6 +128,53 @@ def test_embedded_store_runs_and_models(tmp_path, monkeypatch):
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
+def test_runs_logging_the_same_new_dataset_together_all_link_to_it(tmp_path):
+    """MLflow's check-then-insert of a dataset loses a race between two runs (CI: a two-worker study);
+    ma.log_inputs retries the rolled-back transaction. Rounds of two threads behind a barrier, each with
+    a new digest: without the retry most rounds fail (26 of 30 measured)."""
+    mt.open_store(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = mt.ensure_experiment("unit/race")
+    client = MlflowClient()
+    frame = pd.DataFrame({"image_id": ["a", "b"]})
+    for round_ in range(8):
+        dataset = mlflow.data.from_pandas(
+            frame, source=str(tmp_path), name="pretrain", digest=f"d{round_:031d}"
+        )
+        run_ids = [client.create_run(exp_id).info.run_id for _ in range(2)]
+        barrier, errors = threading.Barrier(2), []
+
+        def log(run_id: str, dataset=dataset, barrier=barrier, errors=errors) -> None:
+            with mlflow.start_run(run_id=run_id):
+                barrier.wait()
+                try:
+                    ma.log_inputs([dataset], contexts=["pretrain"])
+                except Exception as exc:  # reported below, with the round
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in run_ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, f"round {round_}: {errors[0]}"
+        for run_id in run_ids:
+            [logged] = client.get_run(run_id).inputs.dataset_inputs
+            assert logged.dataset.digest == dataset.digest
+
+
+def test_only_the_dataset_race_is_retried(monkeypatch):
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: inputs.input_uuid")
+
+    monkeypatch.setattr(mlflow, "log_inputs", fail)
+    with pytest.raises(MlflowException, match="inputs.input_uuid"):
+        ma.log_inputs([object()], contexts=["train"])
+    assert len(calls) == 1
+
+
 # -- retention ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("keep", "expected"),
@@ -113,15 +184,19 @@ def test_parse_keep(keep, expected):
     assert checkpoints.parse_keep(keep) == expected
 
 
-@pytest.mark.parametrize("keep", ["", "some", "every", "every:0", "every:x", "every:2:3", "best:2", "best:0:loss",
-                                  "best:x:loss", "ALL"])
+@pytest.mark.parametrize(
+    "keep",
+    ["", "some", "every", "every:0", "every:x", "every:2:3", "best:2", "best:0:loss", "best:x:loss", "ALL"],
+)
 def test_parse_keep_errors(keep):
     with pytest.raises(ConfigError, match="every:K.*best:K:metric"):
         checkpoints.parse_keep(keep)
 
 
-HISTORY = {e: {"train/loss": 5.0 - 0.5 * e, "val/auc": auc} for e, auc in
-           zip(range(1, 8), [0.60, 0.75, 0.70, 0.80, 0.65, 0.72, 0.50], strict=True)}
+HISTORY = {
+    e: {"train/loss": 5.0 - 0.5 * e, "val/auc": auc}
+    for e, auc in zip(range(1, 8), [0.60, 0.75, 0.70, 0.80, 0.65, 0.72, 0.50], strict=True)
+}
 
 
 def test_retained_all_and_every():

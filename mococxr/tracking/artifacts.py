@@ -1,4 +1,4 @@
-"""Logging plain data to a run: JSON, DataFrames, and state dicts as MLflow 3 LoggedModels.
+"""Logging plain data to a run: JSON, DataFrames, dataset inputs, and state dicts as MLflow 3 LoggedModels.
 
 A copy into a local artifact folder that fails halfway (a full disk) leaves no truncated file behind,
 and a checkpoint whose copy failed is marked FAILED, so nothing reads it by its ``models:/`` URI.
@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
@@ -49,6 +51,31 @@ def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
     run_id = run_id or _active_run_id()
     with _no_partial_file(run_id, artifact_file):
         MlflowClient().log_dict(run_id, obj, artifact_file)
+
+
+def log_inputs(datasets: list, contexts: list[str], attempts: int = 5) -> None:
+    """``mlflow.log_inputs`` into the active run, safe when several runs log the same new dataset at once.
+
+    MLflow's SQL store looks a dataset up by (experiment, name, digest) and inserts it when missing, in
+    one transaction: two workers of a grid or study that log the same new dataset together both miss it,
+    and the second insert fails on the unique key (measured: 26 of 30 two-thread rounds on sqlite). The
+    failed transaction is rolled back, so trying again finds the other run's row and links to it.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(datasets))
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _lost_dataset_race(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _lost_dataset_race(exc: MlflowException) -> bool:
+    """A unique-key failure inserting into the datasets table (sqlite's or PostgreSQL's wording, locally or
+    relayed by a tracking server), nothing else."""
+    text = str(exc)
+    return "INSERT INTO datasets" in text and ("UNIQUE constraint failed" in text or "duplicate key" in text)
 
 
 @contextmanager

@@ -402,7 +402,7 @@ def _log_manifests(manifests: dict, parts: dict[str, pd.DataFrame], cfg: Finetun
             warnings.simplefilter("ignore", UserWarning)
             inputs.append(mlflow.data.from_pandas(frame, source=str(Path(cfg.data.root).resolve()),
                                                   name=names[name], digest=manifest.sha256[:16]))
-    mlflow.log_inputs(inputs, contexts=[MANIFEST_CONTEXTS[n] for n in manifests], tags_list=[None] * len(inputs))
+    ma.log_inputs(inputs, contexts=[MANIFEST_CONTEXTS[n] for n in manifests])
 
 
 def _log_csv(df: pd.DataFrame, artifact_file: str) -> None:

@@ -298,7 +298,7 @@ def _log_dataset(cfg: PretrainConfig, records: pd.DataFrame, manifest: Manifest)
     frame = records[["image_id", "patient_id"]].reset_index(drop=True)
     # MLflow stores at most 36 characters of a digest; the full hash is the manifest_sha256 tag
     dataset = from_pandas(frame, source=source, name="pretrain", digest=manifest.sha256[:32])
-    mlflow.log_input(dataset, context="pretrain")
+    ma.log_inputs([dataset], contexts=["pretrain"])
 
 
 def _reopen_run(run_scope: contextlib.ExitStack, t: Training, run_id: str, state: dict[str, Any] | None,

@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 # pip's own output is left on (one line per package, a progress bar per download): creating .venv takes
 # minutes and should never look stuck.
@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml Makefile  # a changed install line (e.g. a new extra) r
 demo: $(STAMP)
 	$(VENV)/bin/mococxr demo
 
+# The default run leaves out the tests marked slow (each longer than ~30 s: whole plans, demos, servers,
+# torchrun); .ci/run runs them after it, in `make test-slow`.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

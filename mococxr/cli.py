@@ -104,7 +104,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = from_flags(FinetuneConfig, args, yaml_path=args.config)
     result = finetune(cfg, store=_store(args))
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test.items()))
-    print(f"fine-tune run {result.run_id}: best epoch {result.best_epoch} (val AUC {result.val_auc:.4f}); {metrics}")
+    chosen = f", linear lr {result.lr_chosen:g} chosen on validation" if result.lr_chosen is not None else ""
+    print(f"fine-tune run {result.run_id}: best epoch {result.best_epoch} (val AUC {result.val_auc:.4f}{chosen}); "
+          f"{metrics}")
     return 0
 
 

@@ -132,3 +132,31 @@ def test_head_and_min_steps_flags():
         build(FinetuneConfig, {"min_steps": -1})
     with pytest.raises(ConfigError, match="head='mlp': expected one of standardized, plain"):
         build(FinetuneConfig, {"head": "mlp"})
+
+
+def test_linear_lr_and_epochs_rule_at_their_default_leave_the_hash_unchanged():
+    """Issue 18's fields: a config at their defaults keeps the hash of the runs already in users' stores."""
+    cfg = FinetuneConfig()
+    assert (cfg.linear_lr, cfg.linear_lrs, cfg.epochs_rule) == ("paper", (3e-5, 1e-4, 1e-3), "fraction")
+    explicit = build(FinetuneConfig, {"linear_lr": "paper", "linear_lrs": "3e-5,1e-4,1e-3", "epochs_rule": "fraction"})
+    assert explicit == cfg and config.config_hash(explicit) == DEFAULT_FINETUNE_HASH
+    changed = {config.config_hash(dataclasses.replace(cfg, **kw)) for kw in
+               ({"linear_lr": "select"}, {"linear_lrs": (1e-3,)}, {"epochs_rule": "size"})}
+    assert len(changed) == 3 and DEFAULT_FINETUNE_HASH not in changed
+    assert {"linear_lr": "paper", "epochs_rule": "fraction"}.items() <= config.flat_params(cfg).items()
+    assert config.LINEAR_LRS == ("paper", "select") and config.EPOCHS_RULES == ("fraction", "size")
+
+
+def test_linear_lrs_are_checked_and_have_flags():
+    args = build_parser().parse_args(["finetune", "--linear-lr", "select", "--linear-lrs", "1e-4,1e-2",
+                                      "--epochs-rule", "size"])
+    cfg = from_flags(FinetuneConfig, args)
+    assert (cfg.linear_lr, cfg.linear_lrs, cfg.epochs_rule) == ("select", (1e-4, 1e-2), "size")
+    for bad, match in (("", "linear_lrs is empty"), ("1e-3,0", "must be positive"),
+                       ("1e-3,-1e-2", "must be positive"), ("1e-3,1e-3", "listed twice")):
+        with pytest.raises(ConfigError, match=match):
+            build(FinetuneConfig, {"linear_lrs": bad})
+    with pytest.raises(ConfigError, match="linear_lr='best': expected one of paper, select"):
+        build(FinetuneConfig, {"linear_lr": "best"})
+    with pytest.raises(ConfigError, match="epochs_rule='steps': expected one of fraction, size"):
+        build(FinetuneConfig, {"epochs_rule": "steps"})

@@ -18,9 +18,10 @@ from mococxr.config import FinetuneConfig, override
 from mococxr.report.power import RHO, half_widths, power_lines
 from mococxr.report.published import APPENDIX_TABLE1, TABLE1
 from mococxr.sweep import cost_rate
-from mococxr.sweep.cost import Datasets, cell_line, validation_passes
+from mococxr.sweep.cost import Datasets, cell_line, lr_candidates, resolved_epochs, validation_passes
 from mococxr.sweep.cost_rate import Rate, Timing, timings
 from mococxr.sweep.plan import load_plan
+from mococxr.train.budget import epochs_for_fraction, training_budget
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM = REPO / "sweeps" / "paper_phantom.yaml"
@@ -74,7 +75,7 @@ def test_linear_runs_of_one_encoder_pay_its_val_and_test_features_once():
 
 def test_preset_none_trains_the_head_on_one_cached_pass():
     prep, data, shared = _prep(), Datasets(), set()
-    line = cell_line("shenzhen", "g", "imagenet", _cfg(preset="none"), prep, data, shared, lr_candidates=3)
+    line = cell_line("shenzhen", "g", "imagenet", _cfg(preset="none", linear_lr="select"), prep, data, shared)
     assert _work(line, "training") == (0, 0)
     assert _work(line, "features") == (0, N_VAL + N_TEST + N_TRAIN)
     assert line.images() == N_VAL + N_TEST + N_TRAIN  # nothing else: epochs and the 3 lrs are head-only
@@ -92,18 +93,39 @@ def test_val_every_counts_the_validated_epochs_and_the_last():
 
 
 def test_lr_candidates_repay_linear_training_only():
+    """A cell's own linear_lr prices it: select trains each of linear_lrs, paper one; e2e ignores both."""
     prep = _prep()
-    one = cell_line("c", "g", "imagenet", _cfg(), prep, Datasets(), set(), lr_candidates=1)
-    three = cell_line("c", "g", "imagenet", _cfg(), prep, Datasets(), set(), lr_candidates=3)
-    assert _work(three, "training") == (0, 3 * N_TRAIN * 10)
+    one = cell_line("c", "g", "imagenet", _cfg(), prep, Datasets(), set())
+    three = cell_line("c", "g", "imagenet", _cfg(linear_lr="select"), prep, Datasets(), set())
+    two = cell_line(
+        "c", "g", "imagenet", _cfg(linear_lr="select", linear_lrs="1e-4,1e-3"), prep, Datasets(), set()
+    )
+    assert lr_candidates(_cfg()) == 1 and lr_candidates(_cfg(linear_lr="select")) == 3
+    assert _work(one, "training") == (0, N_TRAIN * 10) and "lr" not in one.detail
+    assert _work(three, "training") == (0, 3 * N_TRAIN * 10) and "x 3 lr" in three.detail
+    assert _work(two, "training") == (0, 2 * N_TRAIN * 10)
     assert {k: _work(three, k) for k in ("validation", "test", "features")} == {
         k: _work(one, k) for k in ("validation", "test", "features")
     }
     e2e = [
-        cell_line("c", "g", "imagenet", _cfg(protocol="e2e"), prep, Datasets(), set(), lr_candidates=k)
-        for k in (1, 3)
+        cell_line("c", "g", "imagenet", _cfg(protocol="e2e", linear_lr=rule), prep, Datasets(), set())
+        for rule in ("paper", "select")
     ]
     assert e2e[0].work == e2e[1].work  # end-to-end runs keep their one learning rate
+
+
+def test_size_rule_prices_the_epochs_the_run_trains():
+    """--plan's epochs are the fine-tune budget's: under epochs_rule size, from the draw's image count."""
+    prep = _prep()
+    cfg = _cfg(protocol="e2e", epochs=None, epochs_rule="size", fraction=0.25)
+    n = round(0.25 * N_TRAIN)  # 40 images: below CheXpert's 0.1 % draw, so the paper's 220 epochs
+    assert resolved_epochs(cfg, n) == 220 == training_budget(cfg, n // 16, n).epochs
+    line = cell_line("c", "g", "imagenet", cfg, prep, Datasets(), set())
+    assert _work(line, "training") == (n * 220, 0) and f"{n} img x 220 ep" in line.detail
+    fraction = cell_line(
+        "c", "g", "imagenet", _cfg(protocol="e2e", epochs=None, fraction=0.25), prep, Datasets(), set()
+    )
+    assert f"x {epochs_for_fraction(0.25)} ep" in fraction.detail
 
 
 def test_without_the_cache_a_linear_run_is_todays_rule():
@@ -115,7 +137,7 @@ def test_without_the_cache_a_linear_run_is_todays_rule():
     )  # what --plan said before
     assert _work(line, "validation") == (0, epochs * N_VAL) and not line.pays
     three = cell_line(
-        "c", "g", "imagenet", _cfg(feature_cache=False), prep, Datasets(), set(), lr_candidates=3
+        "c", "g", "imagenet", _cfg(feature_cache=False, linear_lr="select"), prep, Datasets(), set()
     )
     assert _work(three, "validation") == (0, 3 * epochs * N_VAL) and _work(three, "test") == (0, N_TEST)
 
@@ -205,6 +227,8 @@ def test_plan_creates_nothing_in_a_fresh_store(tmp_path, monkeypatch, capsys):
     assert "does not exist yet: every run is to do" in out and "54 training runs, 0 done, 54 to do" in out
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "mlruns").exists()
     assert "WHAT THE TEST SETS CAN RESOLVE" in out and "within +-10 %" in out
+    # the rules line reads the cells' own configs: each linear cell trains the lrs its linear_lr says
+    assert "linear_lr select: 3 lr candidates per cell (3e-05/0.0001/0.001)" in out and "epochs_rule size" in out
 
 
 def test_plan_after_part_of_the_phantom_plan_shows_it_done_and_prices_the_rest(

@@ -175,6 +175,11 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     val_aucs = dict(history(client, res.run_id, "val/auc"))
     assert res.best_epoch == max(val_aucs, key=lambda e: (val_aucs[e], -e))
     assert res.val_auc == pytest.approx(val_aucs[res.best_epoch])
+    # linear_lr paper (the default): the head trained at lr alone, said as the chosen lr; best-at-last flag
+    assert params["linear_lr"] == "paper" and float(params["linear_lr_chosen"]) == cfg.lr
+    assert tags[mt.tag("linear_lr")] == f"{cfg.lr:g}" and not any(k.startswith("lr_select/") for k in run.data.metrics)
+    assert run.data.metrics["best/at_last_epoch"] == float(res.best_epoch == 2)
+    assert tags[mt.tag("best_at_last_epoch")] == ("true" if res.best_epoch == 2 else "false")
 
     predictions = download_predictions(res.run_id)
     assert len(predictions) == len(splits["test"]) and predictions["image_id"].is_unique
@@ -258,6 +263,9 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     assert mt.tag("pretrain_run_id") not in tags and mt.tag("registry_version") not in tags
     n_train = int(run.data.params["n_train"])
     assert 0 < n_train < len(splits["train"])
+    # one epoch: the best validated epoch is the last, flagged; e2e has no linear lr
+    assert run.data.metrics["best/at_last_epoch"] == 1.0 and tags[mt.tag("best_at_last_epoch")] == "true"
+    assert "linear_lr_chosen" not in run.data.params and mt.tag("linear_lr") not in tags
 
     # U-Ignore: an uncertain (-1) source label is NaN in the logged labels, and masked out of the loss
     predictions = download_predictions(res.run_id)

@@ -11,6 +11,7 @@ the fields (:func:`add_flags`), so a field is spelled once, here. The machinery 
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +44,8 @@ Head = Literal["standardized", "plain"]
 Stage = Literal["staging", "production"]
 ResumeState = Literal["until_done", "keep"]
 Amp = Literal["off", "bf16", "fp16"]
+LinearLr = Literal["paper", "select"]
+EpochsRule = Literal["fraction", "size"]
 
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
@@ -54,6 +57,8 @@ PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
 HEADS: tuple[str, ...] = typing.get_args(Head)
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 AMPS: tuple[str, ...] = typing.get_args(Amp)
+LINEAR_LRS: tuple[str, ...] = typing.get_args(LinearLr)
+EPOCHS_RULES: tuple[str, ...] = typing.get_args(EpochsRule)
 
 
 @dataclass(frozen=True)
@@ -136,10 +141,20 @@ class FinetuneConfig(Validated):
     draw: int = opt(0, "index of the random label-fraction draw", check="nonnegative")
     seed: int = opt(0, "seed of the draw, initialisation and shuffling")
     epochs: int | None = opt(None, "epochs (default: the label-fraction rule)", check="positive")
-    epochs_scale: float = opt(1.0, "multiplies the label-fraction epoch rule", check="positive")
+    epochs_rule: EpochsRule = opt("fraction", "epochs without --epochs: fraction (MoCo-CXR's CheXpert epochs by label "
+                                  "fraction) | size (the same schedule keyed to the number of labelled training "
+                                  "images, so a small dataset trains as long as CheXpert at that many labels)",
+                                  hash_default=False)
+    epochs_scale: float = opt(1.0, "multiplies the epoch rule (fraction or size)", check="positive")
     min_steps: int = opt(0, "at least this many optimizer steps: raises the epochs (--epochs or the label-fraction rule)"
                          " to ceil(min_steps / steps per epoch)", check="nonnegative", hash_default=False)
     lr: float = opt(3e-5, "learning rate", check="positive")
+    linear_lr: LinearLr = opt("paper", "linear protocol's learning rate: paper (the head trains once at --lr) | "
+                              "select (the head trains at each of --linear-lrs from one initialisation, the best "
+                              "validation AUC is kept and only it is scored on test); ignored by e2e",
+                              hash_default=False)
+    linear_lrs: tuple[float, ...] = opt((3e-5, 1e-4, 1e-3), "the learning rates linear_lr select tries, e.g. "
+                                        "3e-5,1e-4,1e-3 (the paper's 3e-5 among them)", hash_default=False)
     weight_decay: float = opt(0.0, "weight decay", check="nonnegative")
     batch_size: int = opt(16, "images per step", check="positive")
     image_size: int = opt(224, "input size in pixels", check="positive")
@@ -158,11 +173,19 @@ class FinetuneConfig(Validated):
     experiment: str = opt("mococxr-finetune", "MLflow experiment name")
     run_name: str | None = opt(None, "MLflow run name")
 
-
+    def validate(self) -> None:
+        if not self.linear_lrs:
+            raise ConfigError("linear_lrs is empty: linear_lr select needs at least one learning rate")
+        bad = [lr for lr in self.linear_lrs
+               if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0)]
+        if bad:
+            raise ConfigError(f"linear_lrs={self.linear_lrs!r}: every learning rate must be positive, not {bad}")
+        if len(set(self.linear_lrs)) < len(self.linear_lrs):
+            raise ConfigError(f"linear_lrs={self.linear_lrs!r}: a learning rate is listed twice")
 
 
 __all__ = [
-    "BACKBONES", "DATASETS", "HEADS", "OPTIMIZERS", "POLICIES", "PRESETS", "PROTOCOLS", "SCHEDULERS", "STAGES",
+    "BACKBONES", "DATASETS", "EPOCHS_RULES", "HEADS", "LINEAR_LRS", "OPTIMIZERS", "POLICIES", "PRESETS", "PROTOCOLS", "SCHEDULERS", "STAGES",
     "DataConfig", "FinetuneConfig", "PretrainConfig", "Validated", "add_flags", "build", "coerce", "config_hash",
     "flag_fields", "flag_name", "flat_params", "from_flags", "load_yaml", "opt", "override", "parse_keep", "to_dict",
 ]

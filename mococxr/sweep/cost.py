@@ -6,7 +6,8 @@ split them) and each run's resolved epochs, and split by kind of work:
     pretraining  MoCo steps (about 1.3 plain training steps: one extra key-encoder forward) and the
                  pretraining monitor's probe (frozen forwards over <= 2,000 train + every val image per epoch)
     training     end-to-end training steps; a linear run's frozen forwards over its draw every epoch (with
-                 augmentation), once per learning rate the per-arm selection tries (``cost.linear_lr_candidates``)
+                 augmentation), once per learning rate the cell's ``linear_lr`` trains (``select``: each of
+                 ``linear_lrs``; ``paper``: one)
     validation   forwards over the val split at the validated epochs (``val_every``, and always the last)
     test         one forward pass over the test split
     features     frozen-feature passes cached on disk and reused (``feature_cache``): the val and test
@@ -133,11 +134,7 @@ def plan_lines(plan: PaperPlan, only=None, *, data: Datasets | None = None, chec
             for label, cfg in grid.configs():
                 if config_hash(cfg) not in seen:
                     seen.add(config_hash(cfg))
-                    lines.append(
-                        cell_line(
-                            stage, grid.name, label, cfg, prep, data, shared, plan.cost.linear_lr_candidates
-                        )
-                    )
+                    lines.append(cell_line(stage, grid.name, label, cfg, prep, data, shared))
     return lines
 
 
@@ -199,12 +196,19 @@ def _pretrain_lines(plan: PaperPlan, prep) -> list[Line]:
 
 
 def resolved_epochs(cfg, n_train: int) -> int:
-    """The epochs a fine-tune run of ``n_train`` images will train: the fine-tune module's own budget rule."""
+    """The epochs a fine-tune run of ``n_train`` images will train: the fine-tune module's own budget rule
+    (by label fraction, or by the ``n_train`` labelled images under ``epochs_rule: size``)."""
     from mococxr.train.budget import training_budget
 
     # the loader drops a last short batch
     steps = n_train // cfg.batch_size if n_train > cfg.batch_size else 1
-    return training_budget(cfg, steps).epochs
+    return training_budget(cfg, steps, n_train).epochs
+
+
+def lr_candidates(cfg) -> int:
+    """Learning rates a cell's head trains at: each of ``linear_lrs`` under ``linear_lr: select``, else one
+    (end-to-end runs train at ``lr`` alone)."""
+    return len(cfg.linear_lrs) if cfg.protocol == "linear" and cfg.linear_lr == "select" else 1
 
 
 def validation_passes(epochs: int, every: int) -> int:
@@ -219,9 +223,7 @@ def draw_size(cfg, prep) -> int:
     return n if cfg.fraction == 1 else max(1, round(cfg.fraction * n))
 
 
-def cell_line(
-    stage: str, grid: str, label: str, cfg, prep, data: Datasets, shared: set[tuple], lr_candidates: int = 1
-) -> Line:
+def cell_line(stage: str, grid: str, label: str, cfg, prep, data: Datasets, shared: set[tuple]) -> Line:
     """A fine-tune cell's images by kind; cached feature passes not yet in ``shared`` are this cell's."""
     from mococxr.train.budget import percent
 
@@ -244,7 +246,7 @@ def cell_line(
         if val_passes != epochs:
             line.detail += f", val x{val_passes}"
         return line
-    lrs = max(1, lr_candidates)
+    lrs = lr_candidates(cfg)
     if lrs > 1:
         line.detail += f" x {lrs} lr"
     if not cfg.feature_cache:  # every image is a forward pass, every epoch (plus the probe's one pass)
@@ -330,6 +332,7 @@ __all__ = [
     "cell_line",
     "check_readable",
     "estimate",
+    "lr_candidates",
     "measure",
     "plan_lines",
     "power_inputs",

@@ -70,15 +70,22 @@ def rules(plan: PaperPlan, lines: list[Line]) -> str:
     for ln in lines:
         if ln.key and ln.key[0] == "cell":
             cfg = ln.key[2]
-            what = f"preset {cfg.preset}, val_every {cfg.val_every}" + (
-                f", feature_cache {'on' if cfg.feature_cache else 'off'}" if cfg.protocol == "linear" else ""
+            what = f"preset {cfg.preset}, val_every {cfg.val_every}, epochs_rule {cfg.epochs_rule}" + (
+                f", feature_cache {'on' if cfg.feature_cache else 'off'}, {_lr_rule(cfg)}"
+                if cfg.protocol == "linear"
+                else ""
             )
             seen.setdefault(cfg.protocol, set()).add(what)
     parts = [f"{protocol}: {' | '.join(sorted(values))}" for protocol, values in sorted(seen.items())]
-    parts.append(
-        f"linear lr candidates per cell {plan.cost.linear_lr_candidates} (cost.linear_lr_candidates)"
-    )
     return "rules: " + "; ".join(parts)
+
+
+def _lr_rule(cfg) -> str:
+    """A linear cell's learning rates: linear_lr paper (one, lr) or select (each of linear_lrs)."""
+    if cfg.linear_lr == "select":
+        lrs = "/".join(f"{lr:g}" for lr in cfg.linear_lrs)
+        return f"linear_lr select: {len(cfg.linear_lrs)} lr candidates per cell ({lrs})"
+    return f"linear_lr paper: 1 lr per cell ({cfg.lr:g})"
 
 
 def run_list(lines: list[Line], gpu: Mapping, cpu: Mapping) -> list[str]:

@@ -70,9 +70,6 @@ class Cost(Validated):
     gpu: str = opt("one NVIDIA GTX 1070-class GPU", "the GPU the gpu_img_s figures describe")
     gpu_img_s_resnet18: float = opt(400.0, "training img/s of ResNet18 at 224 px on that GPU", check="positive")
     gpu_img_s_densenet121: float = opt(130.0, "training img/s of DenseNet121 at 224 px", check="positive")
-    linear_lr_candidates: int = opt(1, "learning rates the per-arm linear lr selection trains per linear cell (the "
-                                    "best on validation is kept, test is scored once); today's runs train one",
-                                    check="positive")
 
 
 @dataclass(frozen=True)

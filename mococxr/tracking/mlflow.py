@@ -46,6 +46,8 @@ TAG_KEYS = frozenset(
         "owner", "heartbeat", "claim", "end_reason",  # run ownership: see start_run and tracking/runs.py
         "lr", "scheduler",  # a plan's registered trial checkpoints: the searched values (sweep/stages.py)
         "init_fallback",  # why init auto started a run from random weights (tracking/registry.py)
+        "linear_lr",  # the learning rate a linear fine-tune run's head trained at (train/linear_lr.py)
+        "best_at_last_epoch",  # true when a fine-tune run's best validated epoch was its last (train/finetune.py)
     }
 )
 

@@ -1,10 +1,17 @@
-"""How long a fine-tune run trains and when it validates: MoCo-CXR's label-fraction epochs, a floor in
-optimizer steps, and the validation cadence.
+"""How long a fine-tune run trains and when it validates: MoCo-CXR's epochs by label fraction or by the
+size of the labelled set, a floor in optimizer steps, and the validation cadence.
 
-The paper trains CheXpert runs for 220/95/41/18 epochs at 0.1/1/10/100 % labels; other fractions
-interpolate in log10(fraction). ``min_steps`` raises the epochs of a tiny draw until it makes that
-many optimizer steps. ``val_every`` validates every K epochs and always after the last, so the best
-epoch is the best of the validated ones (the paper states no cadence; K=1 is every epoch).
+The paper trains CheXpert runs for 220/95/41/18 epochs at 0.1/1/10/100 % labels, epochs that scale
+with the size of the labelled data. Rule ``fraction`` (``epochs_rule``, the default) keys them to the
+label fraction: other fractions interpolate in log10(fraction), and a small dataset gets CheXpert's epochs
+at the same fraction (Shenzhen 6.25 %, 29 images: 52 epochs of one step). Rule ``size`` keys them to the
+number of labelled training images n, with CheXpert's points at n = fraction x ``CHEXPERT_LABELLED``: a
+CheXpert run gets the paper's 220/95/41/18, and Shenzhen (about 29/116/463 labelled images at
+6.25/25/100 %, all within 3x of CheXpert's 0.1 % draw, 172) trains 220/220/167 epochs: at batch 16,
+220/1,540/~4,700 optimizer steps, which scale with its size. ``min_steps`` raises the epochs of a tiny
+draw until it makes that many optimizer steps, under either rule and either protocol. ``val_every``
+validates every K epochs and always after the last, so the best epoch is the best of the validated ones
+(the paper states no cadence; K=1 is every epoch).
 """
 
 from __future__ import annotations
@@ -21,6 +28,28 @@ from mococxr.errors import ConfigError
 # log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
 FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
 
+# Labelled CheXpert training images of the paper's setting: CheXpert v1.0's train.csv has 191,027 frontal
+# images; holding out 10 % of the patients for validation leaves about 90 % of them, ~172,000. Rule size
+# puts FRACTION_EPOCHS at n = fraction x CHEXPERT_LABELLED (172, 1,720, 17,200, 172,000 images).
+CHEXPERT_LABELLED = 172_000
+# The constant is an estimate (the paper gives neither its split nor its frontal filter): within +-5 % of
+# a CheXpert point n gets that point's epochs exactly, so a CheXpert run gets the paper's 220/95/41/18
+# whatever its split holds; between the plateaus epochs interpolate linearly in log10(n), continuously.
+SIZE_TOLERANCE = 1.05
+
+
+def epochs_for_size(n: int) -> int:
+    """The paper's epochs for a labelled set of ``n`` images (rule size; see ``CHEXPERT_LABELLED``):
+    clamped below 172 images (220) and above 172,000 (18)."""
+    if n < 1:
+        raise ConfigError(f"a labelled set needs at least one image, got {n}")
+    xs, ys = [], []
+    for fraction, epochs in FRACTION_EPOCHS:
+        centre = math.log10(fraction * CHEXPERT_LABELLED)
+        xs += [centre - math.log10(SIZE_TOLERANCE), centre + math.log10(SIZE_TOLERANCE)]
+        ys += [epochs, epochs]
+    return int(round(float(np.interp(math.log10(n), xs, ys))))
+
 
 def epochs_for_fraction(fraction: float) -> int:
     """The paper's epochs for a label fraction (see ``FRACTION_EPOCHS`` for the rule)."""
@@ -35,8 +64,8 @@ def epochs_for_fraction(fraction: float) -> int:
 class Budget:
     """How long a run trains: its epochs, the optimizer steps they make, and the rule that decided.
 
-    ``rule_epochs`` come from ``--epochs`` when set, else from MoCo-CXR's label-fraction schedule (times
-    ``epochs_scale``); ``min_steps`` is a floor on top of either: the run trains
+    ``rule_epochs`` come from ``--epochs`` when set, else from MoCo-CXR's schedule by label fraction or by
+    labelled-set size (``epochs_rule``, times ``epochs_scale``); ``min_steps`` is a floor on top of either: the run trains
     ``max(rule_epochs, ceil(min_steps / steps_per_epoch))`` epochs. ``steps_per_epoch`` is what the
     train loader yields (see :func:`train_loader`), so a tiny draw trains long enough to converge.
     """
@@ -63,10 +92,16 @@ class Budget:
         return f"{self.epochs} ({self.rule}{met}); {steps}"
 
 
-def training_budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
-    """The :class:`Budget` of ``cfg`` for a train loader of ``steps_per_epoch`` batches."""
+def training_budget(cfg: FinetuneConfig, steps_per_epoch: int, n_labelled: int | None = None) -> Budget:
+    """The :class:`Budget` of ``cfg`` for a train loader of ``steps_per_epoch`` batches over a draw of
+    ``n_labelled`` labelled training images (which rule ``size`` needs)."""
     if cfg.epochs:
         rule_epochs, rule = cfg.epochs, "set by --epochs"
+    elif cfg.epochs_rule == "size":
+        if n_labelled is None:
+            raise ConfigError("epochs_rule size keys the epochs to the labelled-set size: pass n_labelled")
+        rule_epochs = max(1, int(round(epochs_for_size(n_labelled) * cfg.epochs_scale)))
+        rule = _size_rule(cfg, n_labelled)
     else:
         rule_epochs, rule = max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale))), _epoch_rule(cfg)
     steps_per_epoch = max(1, steps_per_epoch)
@@ -77,6 +112,12 @@ def training_budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
 def _epoch_rule(cfg: FinetuneConfig) -> str:
     scale = f" x epochs_scale {cfg.epochs_scale:g}" if cfg.epochs_scale != 1 else ""
     return f"MoCo-CXR's label-fraction schedule for {percent(cfg.fraction)}{scale}"
+
+
+def _size_rule(cfg: FinetuneConfig, n: int) -> str:
+    scale = f" x epochs_scale {cfg.epochs_scale:g}" if cfg.epochs_scale != 1 else ""
+    return (f"MoCo-CXR's schedule by labelled-set size for {n:,} labelled images (CheXpert's "
+            f"{CHEXPERT_LABELLED:,} x 0.1/1/10/100 % -> 220/95/41/18 epochs, log-interpolated){scale}")
 
 
 def percent(fraction: float) -> str:

@@ -4,8 +4,10 @@ One call is one MLflow run: parameters and ``mococxr.*`` tags, per-epoch train a
 the split and draw manifests, and after training the test AUC/AUPRC per task and the per-image test
 predictions (``predictions/test.parquet``) from which the report module builds its tables.
 
-The best epoch is chosen by validation AUC alone; the test split is read once, after training, with
-the weights of that epoch. Nothing computed on the test set can change what was trained or chosen.
+The best epoch is chosen by validation AUC alone (and, with ``linear_lr: select``, the linear head's
+learning rate: ``train/linear_lr.py``); the test split is read once, after training, with the weights of
+that epoch. Nothing computed on the test set can change what was trained or chosen. A run whose best
+validated epoch is its last is flagged (``best/at_last_epoch``, tag ``mococxr.best_at_last_epoch``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mococxr.tracking.registry import resolve_init
 from mococxr.train.budget import percent, training_budget, validation_epochs
 from mococxr.train.features import FeatureCache, cache_root
 from mococxr.train.linear_eval import ProbeGap, probe_gap
+from mococxr.train.linear_lr import Choice, train_arm
 from mococxr.train.precision import Precision
 from mococxr.train.precision import resolve as resolve_precision
 from mococxr.train.run_notes import describe_run, init_label, result_line
@@ -199,6 +202,7 @@ class FinetuneResult:
     val_auc: float
     test: dict[str, float]
     predictions: pd.DataFrame
+    lr_chosen: float | None = None  # linear_lr select: the learning rate validation chose
 
 
 def _draw(cfg: FinetuneConfig, data: Prepared):
@@ -254,7 +258,7 @@ def finetune(
                                        standardize=cfg.head == "standardized"), device)
     cache = open_cache(cfg.data, pd.concat([train, val, test], ignore_index=True), cfg.image_size)
     inputs = model_inputs(cfg, model, train, tasks, cache, device, precision)
-    budget = training_budget(cfg, len(inputs.train))
+    budget = training_budget(cfg, len(inputs.train), len(train))
 
     phantom = is_phantom(cfg.data.root)
     sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
@@ -268,8 +272,9 @@ def finetune(
         ma.log_json(to_dict(cfg), "config.json")
         _log_manifests(manifests, {"train": train, "val": val, "test": test}, cfg, phantom=phantom, run_id=run_id)
         registry.log_model_input(run_id, origin)
-        best_epoch, best_auc = _fit(model, cfg, inputs, val, tasks, device=device, epochs=budget.epochs,
-                                    progress=progress, precision=precision)
+        choice = train_arm(_fit, model, cfg, inputs, val, tasks, device=device, epochs=budget.epochs,
+                           progress=progress, precision=precision)
+        best_epoch, best_auc = choice.best_epoch, choice.best_auc
         # a linear run's probe comes after training: its loaders never draw from the training RNG
         gap = probe_gap(model.encoder, train, val, tasks, best_auc, image_size=cfg.image_size, cache=cache,
                         workers=cfg.workers, device=device,
@@ -277,11 +282,13 @@ def finetune(
             if cfg.protocol == "linear" else None
 
         test_metrics, predictions = _score_test(inputs, test, tasks)
-        _log_outcome(best_epoch, best_auc, test_metrics, predictions, gap)
-        mlflow.set_tag(NOTE_TAG, note + result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
+        _log_outcome(choice, budget.epochs, test_metrics, predictions, gap)
+        mlflow.set_tag(NOTE_TAG, note + choice.describe()
+                       + result_line(best_epoch, budget.epochs, best_auc, test_metrics, gap))
     if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
         registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
-    return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions)
+    return FinetuneResult(run_id, best_epoch, best_auc, test_metrics, predictions,
+                          choice.lr if choice.rule == "select" else None)
 
 
 def _score_test(inputs: Inputs, test: pd.DataFrame, tasks: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
@@ -306,22 +313,31 @@ def _run_tags(cfg: FinetuneConfig, init_kind: str, origin: dict, manifests: dict
     ), **registry.fallback_tags(origin)}
 
 
-def _log_outcome(best_epoch: int, best_auc: float, test_metrics: dict[str, float], predictions: pd.DataFrame,
+def _log_outcome(choice: Choice, epochs: int, test_metrics: dict[str, float], predictions: pd.DataFrame,
                  gap: ProbeGap | None = None) -> None:
-    """Summary metrics (and the probe's, for a linear run) and the per-image test predictions of the
-    chosen epoch."""
+    """Summary metrics (the lr choice's and the probe's, for a linear run) and the per-image test
+    predictions of the chosen epoch. ``best/at_last_epoch`` (and its tag) flags a best validated epoch
+    that is the last one: the validation AUC was still rising, so the budget may be short."""
     # best/* are the summary a user reads in the runs table; best_epoch and val/best_auc are kept
     # under their old names for code and saved searches that read them.
+    best_epoch, best_auc, at_last = choice.best_epoch, choice.best_auc, choice.best_epoch == epochs
+    if choice.rule:
+        mlflow.log_params(choice.params())
+        mlflow.set_tag(mt.tag("linear_lr"), f"{choice.lr:g}")
+    mlflow.set_tag(mt.tag("best_at_last_epoch"), str(at_last).lower())
     mlflow.log_metrics({"best/epoch": best_epoch, "best/val_auc": best_auc, "best_epoch": best_epoch,
-                        "val/best_auc": best_auc, **test_metrics, **(gap.metrics() if gap else {})})
+                        "val/best_auc": best_auc, "best/at_last_epoch": float(at_last), **choice.metrics(),
+                        **test_metrics, **(gap.metrics() if gap else {})})
     ma.log_parquet(predictions, PREDICTIONS_PARQUET)  # what the report reads
     _log_csv(predictions, PREDICTIONS_CSV)  # what the MLflow UI previews as a table
 
 
 def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFrame, tasks: list[str], *,
-         device: torch.device, epochs: int, progress: bool, precision: Precision | None = None) -> tuple[int, float]:
+         device: torch.device, epochs: int, progress: bool, precision: Precision | None = None,
+         log: Callable[[dict[str, float], int], None] | None = None) -> tuple[int, float]:
     """Train for ``epochs`` over ``inputs.train``, validate on the cadence of ``cfg.val_every`` (always after
-    the last epoch), log each epoch's metrics, and leave ``model`` at the best validated epoch by val AUC.
+    the last epoch), log each epoch's metrics (to the run, or to ``log(metrics, epoch)``), and leave ``model``
+    at the best validated epoch by val AUC.
 
     Returns (best epoch, its val AUC). The validation split is the only thing that chooses.
     """
@@ -359,7 +375,10 @@ def _fit(model: Classifier, cfg: FinetuneConfig, inputs: Inputs, val: pd.DataFra
                 best_auc, best_epoch = val_auc, epoch
                 best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(val_auc=f"{val_auc:.3f}", best=best_epoch)
-        mlflow.log_metrics(metrics, step=epoch)
+        if log is None:
+            mlflow.log_metrics(metrics, step=epoch)
+        else:
+            log(metrics, epoch)
     if best_state is None:
         raise DataError("validation AUC was undefined at every validated epoch (single-class val split?)")
     model.load_state_dict(best_state)

@@ -28,8 +28,8 @@ def describe_run(
     fallback = f" ({origin['init_fallback']})" if origin.get("init_fallback") else ""
     lines = [
         f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
-        f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam lr "
-        f"{cfg.lr:g}, batch {cfg.batch_size}.",
+        f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam "
+        f"{lr_text(cfg)}, batch {cfg.batch_size}.",
         f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
         f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
         f"test {sizes['n_test']} images.",
@@ -40,6 +40,14 @@ def describe_run(
         "scored once, with that epoch's weights (`test/*`, per-image scores in `predictions/test.csv`).",
     ]
     return "\n\n".join(lines)
+
+
+def lr_text(cfg: FinetuneConfig) -> str:
+    """The learning rate as the run used it: one lr, or (linear_lr select) the candidates it chose among."""
+    if cfg.protocol == "linear" and cfg.linear_lr == "select":
+        lrs = ", ".join(f"{lr:g}" for lr in cfg.linear_lrs)
+        return f"lr chosen on validation among {lrs} (linear_lr select; each from the same initial head)"
+    return f"lr {cfg.lr:g}"
 
 
 def _checkpoint_text(init: str, origin: dict) -> str:
@@ -57,7 +65,10 @@ def _checkpoint_text(init: str, origin: dict) -> str:
 def result_line(
     best_epoch: int, epochs: int, best_auc: float, test: dict[str, float], gap: ProbeGap | None = None
 ) -> str:
-    text = f"\n\n**Result**: best epoch {best_epoch} of {epochs} (validation AUC {best_auc:.4f})"
+    last = (
+        ", the last: validation AUC was still rising, the budget may be short" if best_epoch == epochs else ""
+    )
+    text = f"\n\n**Result**: best epoch {best_epoch} of {epochs}{last} (validation AUC {best_auc:.4f})"
     if "test/auc" in test:
         text += f"; test AUC {test['test/auc']:.4f}, AUPRC {test['test/auprc']:.4f}"
     return text + "." + (f"\n\n{gap.describe()}" if gap else "")

@@ -31,17 +31,16 @@ from mlflow.tracking import MlflowClient
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.report import published as pub
 from mococxr.report.describe import summary_metrics
+from mococxr.report.paper_captions import caption_markdown, comparison_for, protocol_lines, published_lines
 from mococxr.report.paper_figures import figure_item
+from mococxr.report.paper_params import caption_params
 from mococxr.report.paper_tables import (
     TREATMENT,
     absolute_layout,
     arch,
     baseline_heading,
-    caption_markdown,
     competition_layout,
     improvement_layout,
-    protocol_lines,
-    published_lines,
     table2_layout,
 )
 from mococxr.report.record import log_report, report_key
@@ -79,6 +78,7 @@ class Table2Row:
     registered_model: str
     version: str
     epoch: int  # the checkpoint epoch
+    val_objective: float | None = None  # the trial's validation objective (val/linear_auc of its selected epoch)
 
 
 @dataclass
@@ -133,14 +133,15 @@ def _two_protocol_family(experiment, name, *, notes, out, n_replicates, seed, st
     lines = protocol_lines(ctx, fam.params, r.absolute, notes, n_replicates=n_replicates, paper_epochs=paper_epochs)
     base = baseline_heading(notes.baseline)
     (istem, iname, itable), (astem, aname, atable) = improvement, absolute
+    icmp, acmp = comparison_for(notes, phantom=ctx.phantom), comparison_for(notes, phantom=ctx.phantom)
+    itab = improvement_layout(r.improvement, notes.baseline, itable, paper_fractions, icmp)
+    atab = absolute_layout(r.absolute, notes.baseline, atable, paper_fractions, comparison=acmp)
     items = [
         _table_item(out, istem, f"{iname}. AUC improvement of MoCo-CXR-pretrained over {base} models, task "
-                    f"{ctx.task}: paired differences (95% CI).",
-                    improvement_layout(r.improvement, notes.baseline, itable, paper_fractions),
-                    lines, published_lines(iname, notes, phantom=ctx.phantom)),
+                    f"{ctx.task}: paired differences (95% CI).", itab,
+                    lines, published_lines(iname, notes, phantom=ctx.phantom, comparison=icmp)),
         _table_item(out, astem, f"{aname}. AUC of MoCo-CXR-pretrained and {base} models, task {ctx.task} (95% CI).",
-                    absolute_layout(r.absolute, notes.baseline, atable, paper_fractions),
-                    lines, published_lines(aname, notes, phantom=ctx.phantom)),
+                    atab, lines, published_lines(aname, notes, phantom=ctx.phantom, comparison=acmp)),
     ]
     for stem, title, metric, protocols in figures:
         items.append(figure_item(out, stem, title, r.absolute, metric=metric, protocols=protocols,
@@ -178,10 +179,12 @@ def competition_family(experiment: str, tasks: Sequence[str], *, notes: PaperNot
     items = []
     for stem, item, protocol, what in (("appendix_table4", "Appendix Table 4", "linear", "linear"),
                                        ("appendix_table5", "Appendix Table 5", "e2e", "end-to-end")):
+        cmp = comparison_for(notes, phantom=phantom)
         items.append(_table_item(
             out, stem, f"{item}. AUC of {what} models on the CheXpert competition tasks: baseline "
                        f"({baseline_heading(notes.baseline)}), MoCo-CXR and their paired difference (95% CI).",
-            competition_layout(tables, notes.baseline, protocol), lines, published_lines(item, notes, phantom=phantom)))
+            competition_layout(tables, notes.baseline, protocol, cmp), lines,
+            published_lines(item, notes, phantom=phantom, comparison=cmp, tasks=list(tasks))))
     metrics = {f"{_key(t)}/{k}": v for t, f in families.items()
                for k, v in summary_metrics(f.report.context, f.report.absolute, f.report.improvement).items()}
     settings = {"paper": "paper-competition", "n_replicates": n_replicates, "seed": seed, "baseline": notes.baseline,
@@ -192,11 +195,13 @@ def competition_family(experiment: str, tasks: Sequence[str], *, notes: PaperNot
 
 def table2_report(experiment: str, rows: Sequence[Table2Row], *, notes: PaperNotes, out: str | os.PathLike,
                   n_replicates: int = 500, seed: int = 0, store: mt.Store | None = None) -> str:
-    """Table 2: the AUC of each pretraining trial's linear fine-tune at 100% labels, linked to its trial.
+    """Table 2: the AUC of a linear fine-tune at 100% labels per pretraining learning rate, linked to its trial.
 
     Each row's init ``label`` names its fine-tune runs in ``experiment``; the row's pretraining run must
-    exist (its experiment id makes the link) and match the runs' ``mococxr.pretrain_run_id``. Returns the
-    id of the ``paper-table2`` report run in ``experiment``.
+    exist (its experiment id makes the link) and match the runs' ``mococxr.pretrain_run_id``. Of the rows
+    sharing a learning rate (one per scheduler), ``table2.md`` shows the one with the best validation score
+    (its ``val_objective``, else its runs' ``best/val_auc``); ``table2.csv`` and ``table2.json`` keep them
+    all, with ``chosen``. Returns the id of the ``paper-table2`` report run in ``experiment``.
     """
     if not rows:
         raise ConfigError("table2_report: no rows given")
@@ -205,21 +210,24 @@ def table2_report(experiment: str, rows: Sequence[Table2Row], *, notes: PaperNot
                   store=store, treatment=None, inits=sorted({r.label for r in rows}), protocols=["linear"])
     ctx = fam.report.context
     links = {r.pretrain_run_id: _run_link(r.pretrain_run_id, r.label) for r in rows}
-    table, records = table2_layout(fam.report.absolute, fam.report.runs, rows, links, experiment=experiment)
+    cmp = comparison_for(notes, phantom=ctx.phantom, baseline=False)
+    table, records, choice = table2_layout(fam.report.absolute, fam.report.runs, fam.params, rows, links,
+                                           experiment=experiment, comparison=cmp)
     epochs = pub.PAPER_EPOCHS if ctx.dataset == "chexpert" else None
     lines = protocol_lines(ctx, fam.params, fam.report.absolute, notes, n_replicates=n_replicates,
                            paper_epochs=epochs, baseline=False)
     backbones = sorted({r["backbone"] for r in records})
     md = table.assign(**{"pretraining run": [f"[{i}]({link})" for i, link in zip(table["pretraining run"],
                                                                                    table["link"], strict=True)]})
+    own = [choice, *published_lines("Table 2", notes, phantom=ctx.phantom, baseline=False, comparison=cmp)]
     items = [_table_item(out, "table2", f"Table 2. AUC of {', '.join(map(arch, backbones))} linear models fine-tuned "
-                         f"on 100% of the labels from the MoCo checkpoint of each pretraining trial (95% CI).",
-                         table, lines, published_lines("Table 2", notes, phantom=ctx.phantom, baseline=False),
-                         markdown=md.drop(columns=["link"]))]
+                         f"on 100% of the labels from the MoCo checkpoint of each pretraining learning rate (95% CI).",
+                         table, lines, own, markdown=md[md["chosen"]].drop(columns=["link", "chosen"]))]
     rows_json = out / "table2.json"
     rows_json.write_text(json.dumps({"experiment": experiment, "rows": records}, indent=1))
     items.append(([rows_json], ""))
     metrics = {f"table2/auc_lr{r['lr']:g}_{r['scheduler']}": r["auc"] for r in records}
+    metrics |= {f"table2/auc_lr{r['lr']:g}": r["auc"] for r in records if r["chosen"]}
     settings = {"paper": "paper-table2", "n_replicates": n_replicates, "seed": seed,
                 "labels": sorted({r.label for r in rows})}
     return _publish(experiment, out, "paper-table2", items, lines, [fam], settings, notes,
@@ -248,30 +256,7 @@ def _gather(experiment: str, name: str, *, out: Path, notes: PaperNotes, n_repli
     report = build_report(experiment, out=build, task=task, backbone=backbone, n_replicates=n_replicates, seed=seed,
                           treatment=treatment, baseline=notes.baseline, log_to_mlflow=False,
                           cache_dir=out / ".cache" / "predictions", store=store, progress=False)
-    return _Family(report, _run_params(experiment, report.runs))
-
-
-_PARAM_DEFAULTS = {"head": "standardized", "min_steps": "", "epochs_resolved": "", "lr": "", "batch_size": "",
-                   "val_every": "1", "preset": "cxr"}
-
-
-def _run_params(experiment: str, runs: pd.DataFrame) -> pd.DataFrame:
-    """The caption params of each run (``head`` absent: standardized, the only head older runs had)."""
-    client = MlflowClient()
-    exp_id = client.get_experiment_by_name(experiment).experiment_id
-    ids, found = list(runs["run_id"]), {}
-    for start in range(0, len(ids), 100):
-        chunk = ", ".join(f"'{i}'" for i in ids[start:start + 100])
-        token = None
-        while True:
-            page = client.search_runs([exp_id], f"attributes.run_id IN ({chunk})", max_results=1000, page_token=token)
-            found.update({r.info.run_id: r.data.params for r in page})
-            token = page.token
-            if not token:
-                break
-    rows = [{k: found.get(rid, {}).get(k, d) for k, d in _PARAM_DEFAULTS.items()} for rid in ids]
-    return pd.concat([runs[["run_id", "backbone", "init", "protocol", "fraction"]].reset_index(drop=True),
-                      pd.DataFrame(rows, columns=list(_PARAM_DEFAULTS))], axis=1)
+    return _Family(report, caption_params(experiment, report.runs))
 
 
 def _run_link(run_id: str, label: str) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mococxr.report.paper_tables import backbones, baseline_heading, caption_markdown
+from mococxr.report.paper_captions import caption_markdown, comparable_reasons
+from mococxr.report.paper_tables import backbones, baseline_heading
 from mococxr.report.plots import NAMES, plot_curves
 from mococxr.report.published import Published
 
@@ -38,7 +39,7 @@ def figure_item(out: Path, stem: str, title: str, absolute: pd.DataFrame, *, met
     points, extra = None, []
     if published is not None:
         points = published_points(published, order, protocols)
-        comparable = notes.baseline == "imagenet" and not phantom
+        comparable = not comparable_reasons(notes, phantom=phantom)
         extra = [f"Hollow markers with dotted error bars: the published values ({source})"
                  + ("." if comparable else "; shown for layout only, not comparable with these runs.")]
     what = _PROTOCOL_WORDS.get(tuple(protocols), "linear and end-to-end models")

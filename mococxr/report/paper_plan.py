@@ -34,6 +34,11 @@ def notes(plan: PaperPlan, *extra: str):
              f"{study.base.batch_size}, {len(study.search_space)}-way search over "
              f"{', '.join(study.search_space)} ({study.budget.n_trials} trials, pruner {study.pruner.name}); "
              f"the best trial by {study.metric} is the MoCo checkpoint."]
+    pre = study.base.data
+    if pre.dataset == "chexpert":
+        lines.append("MoCo pretraining data: " + (
+            "frontal images only (the paper pretrains on CheXpert, whose 224k images include laterals, and does not "
+            "say it left them out)." if pre.frontal_only else "every training image, laterals included."))
     if plan.phantom is not None:
         lines.append("Data: synthetic phantom radiographs made by the plan, not real images.")
     return PaperNotes(baseline=plan.baseline, moco_start=plan.moco_start, extra=tuple(lines) + tuple(extra))
@@ -55,7 +60,7 @@ def paper_reports(plan: PaperPlan, ctx: dict[str, Any], out: Path) -> dict[str, 
     if plan.table2 is not None:
         rows = [paper.Table2Row(label=table2_label(c), lr=c.lr, scheduler=c.scheduler, trial=c.trial,
                                 pretrain_run_id=c.pretrain_run_id, registered_model=c.registered_model,
-                                version=c.version, epoch=c.epoch)
+                                version=c.version, epoch=c.epoch, val_objective=c.value)
                 for c in ctx["checkpoints"].get(plan.table2.backbone, [])]
         if not rows:
             raise ConfigError(f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage")

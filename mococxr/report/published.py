@@ -159,6 +159,24 @@ _COMPETITION_ROWS = {
         ((0.898, 0.872, 0.921), (0.915, 0.885, 0.937), (0.017, 0.003, 0.031)),
         ((0.942, 0.920, 0.961), (0.942, 0.921, 0.962), (0.000, -0.009, 0.009))],
 }
+# The two published cells above that differ from what appendix Table 5 prints, for the captions' footnote.
+class Correction(NamedTuple):
+    item: str  # the table that prints the cell
+    task: str
+    protocol: str
+    fraction: float
+    column: str  # baseline | moco | improvement
+    printed: Published  # as the table prints it
+    used: Published  # what this project compares with
+    source: str  # where the used number comes from
+
+
+CORRECTIONS = (
+    Correction("Appendix Table 5", "Pleural Effusion", "e2e", 0.01, "baseline", Published(0.858, 0.856, 0.886),
+               Published(0.858, 0.828, 0.886), "Appendix Table 1"),
+    Correction("Appendix Table 5", "Pleural Effusion", "e2e", 1.0, "moco", Published(0.942, 0.921, 0.921),
+               Published(0.942, 0.921, 0.962), "Appendix Table 1"),
+)
 COMPETITION = {
     (*key, f): {"baseline": Published(*b), "moco": Published(*m), "improvement": Published(*d)}
     for key, rows in _COMPETITION_ROWS.items() for f, (b, m, d) in zip(CHEXPERT_FRACTIONS, rows, strict=True)

@@ -56,6 +56,23 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
     assert "| ResNet18 |" in table1 and "| DenseNet121 |" in table1 and "Random-init" in table1
     assert "layout only" in table1 and "Linear head: a plain linear layer on the frozen features, as in the paper" in table1
     assert "| DenseNet121 |" in Path(f"reports/{plan.name}/shenzhen/appendix_table3.md").read_text()
+    # every deviation named (issue 18): the per-cell linear lr, epochs in numeric order, augmentation,
+    # pretraining data, policy, probe gap, best-at-last counts; no mark where nothing is comparable
+    for line in ("- Linear: learning rate chosen per run (backbone x init x fraction x draw) on validation AUC "
+                 "from {3e-5, 1e-4, 1e-3}, the test set read for the chosen one only:",
+                 "- Linear: augmentation none", "- End-to-end: augmentation random rotation",
+                 "- MoCo pretraining data: frontal images only", "- Uncertainty policy (data.policy): ignore",
+                 "- Linear: largest probe gap", "- Linear: the best validation epoch was the last one in",
+                 "- End-to-end: the best validation epoch was the last one in",
+                 "- Test set: 69 images of 59 patients", "no cell is marked."):
+        assert line in table1, line
+    assert re.search(r"- Linear: epochs per label fraction \(set per fraction by the spec's epochs\): "
+                     r"10%: \d+ \(\d+ steps\), 100%: \d+ \(\d+ steps\)", table1)
+    assert "≠" not in table1 and "†" not in table1
+    linear_runs = [r for r in _runs(plan.experiment("chexpert"), "finetune") if r.data.tags["mococxr.protocol"] == "linear"]
+    assert linear_runs and all(r.data.params["linear_lr"] == "select" and "lr_select/val_auc/3e-05" in r.data.metrics
+                               and float(r.data.params["linear_lr_chosen"]) in (3e-5, 1e-4, 1e-3) for r in linear_runs)
+    assert "Corrected published cells" in Path(f"reports/{plan.name}/competition/appendix_table5.md").read_text()
     table4 = Path(f"reports/{plan.name}/competition/appendix_table4.md").read_text()  # ResNet18 only, as the paper
     assert "| Cardiomegaly |" in table4 and "| pleural_effusion |" in table4 and "DenseNet121" not in table4
 
@@ -64,6 +81,9 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
               if r.data.tags.get("mococxr.optuna_study") == plan.study_name("resnet18")}
     rows = yaml.safe_load(Path(f"reports/{plan.name}/table2/table2.json").read_text())["rows"]
     assert len(rows) == 2 and {r["pretrain_run_id"] for r in rows} == set(trials)
+    # one Markdown row per learning rate, in the paper's order (largest first)
+    table2 = Path(f"reports/{plan.name}/table2/table2.md").read_text()
+    assert re.findall(r"^\| (1e-\d) \|", table2, flags=re.M) == ["1e-3", "1e-4"]
     assert {(r["lr"], r["scheduler"]) for r in rows} == {(1e-3, "cosine"), (1e-4, "cosine")}
     # every trial's checkpoint is registered with its values; production is the study's best
     versions = client.search_model_versions(f"name = '{plan.registered_model('resnet18')}'")
@@ -187,6 +207,31 @@ def test_shipped_plans_are_valid_and_the_paper_spec_is_the_papers():
     chexpert = {config_hash(c) for g in paper.grid_specs("chexpert") for _, c in g.configs()}
     effusion = [g for g in paper.grid_specs("competition") if g.base.data.task == "pleural_effusion"][0]
     assert {config_hash(c) for _, c in effusion.configs()} <= chexpert
+
+
+PROTOCOL_FIELDS = ("protocol", "head", "lr", "linear_lr", "linear_lrs", "epochs_rule", "min_steps", "preset", "val_every",
+                   "batch_size", "image_size", "epochs", "epochs_scale", "weight_decay", "fraction", "draw", "seed")
+DATA_FIELDS = ("dataset", "csv", "test_csv", "task", "policy", "frontal_only", "val", "test", "split_seed")
+
+
+@pytest.mark.parametrize(("grid_file", "stage"), [("finetune_grid.yaml", "chexpert"),
+                                                  ("finetune_grid_shenzhen.yaml", "shenzhen")])
+def test_standalone_grids_run_the_paper_specs_protocol(grid_file, stage):
+    """The README's real-data recipe (the standalone grids) trains every cell exactly as sweeps/paper.yaml's
+    stage does, init aside: same head, learning-rate rule, budget rule, floor, augmentation and cadence."""
+    from mococxr.sweep.spec import load_grid
+
+    def cells(configs):
+        return {(c.protocol, c.fraction, c.draw): c for _, c in configs}
+
+    paper = next(g for g in load_plan(PAPER).grid_specs(stage) if g.base.backbone == "resnet18")
+    ours, theirs = cells(load_grid(REPO / "sweeps" / grid_file).configs()), cells(paper.configs())
+    assert set(ours) == set(theirs)
+    for key, cfg in ours.items():
+        for name in PROTOCOL_FIELDS:
+            assert getattr(cfg, name) == getattr(theirs[key], name), (grid_file, key, name)
+        for name in DATA_FIELDS:
+            assert getattr(cfg.data, name) == getattr(theirs[key].data, name), (grid_file, key, f"data.{name}")
 
 
 def test_grid_sampler_visits_every_point_once(tmp_path):

@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from linear_runs import history, linear_cfg
 from mlflow.tracking import MlflowClient
 
-from mococxr.config import DataConfig, FinetuneConfig
+from mococxr.config import FinetuneConfig
 from mococxr.data.phantom import synthesize
 from mococxr.data.prepare import prepare
 from mococxr.models.backbones import build_encoder
@@ -30,20 +31,7 @@ def phantom(tmp_path_factory) -> str:
 
 
 def make_cfg(root: str, **kw) -> FinetuneConfig:
-    data = DataConfig(dataset="chexpert", root=root, task="pleural_effusion", val=0.25, test=0.2)
-    base = {
-        "image_size": 64,
-        "batch_size": 16,
-        "epochs": 4,
-        "lr": 3e-3,
-        "experiment": "test-features",
-        "protocol": "linear",
-    }
-    return FinetuneConfig(data=data, **{**base, **kw})
-
-
-def history(run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+    return linear_cfg(root, "test-features", **{"image_size": 64, "epochs": 4, **kw})
 
 
 @pytest.mark.parametrize("preset", ["cxr", "none"])

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from linear_runs import history, linear_cfg
 from mlflow.tracking import MlflowClient
 
 from mococxr.config import DataConfig, FinetuneConfig
@@ -26,20 +27,7 @@ def phantom(tmp_path_factory) -> str:
 
 
 def make_cfg(root: str, **kw) -> FinetuneConfig:
-    data = DataConfig(dataset="chexpert", root=root, task="pleural_effusion", val=0.25, test=0.2)
-    base = {
-        "image_size": 32,
-        "batch_size": 16,
-        "epochs": 3,
-        "lr": 3e-3,
-        "protocol": "linear",
-        "experiment": "test-linear-lr",
-    }
-    return FinetuneConfig(data=data, **{**base, **kw})
-
-
-def history(run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+    return linear_cfg(root, "test-linear-lr", **kw)
 
 
 @pytest.fixture()

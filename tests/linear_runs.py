@@ -12,8 +12,14 @@ def linear_cfg(root: str, experiment: str, **kw) -> FinetuneConfig:
     """A linear run on the phantom at ``root`` (25 % val, 20 % test patients), lr 3e-3, batch 16; ``kw``
     override any field."""
     data = DataConfig(dataset="chexpert", root=root, task="pleural_effusion", val=0.25, test=0.2)
-    base = {"image_size": 32, "batch_size": 16, "epochs": 3, "lr": 3e-3, "protocol": "linear",
-            "experiment": experiment}
+    base = {
+        "image_size": 32,
+        "batch_size": 16,
+        "epochs": 3,
+        "lr": 3e-3,
+        "protocol": "linear",
+        "experiment": experiment,
+    }
     return FinetuneConfig(data=data, **{**base, **kw})
 
 

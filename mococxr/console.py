@@ -36,6 +36,7 @@ def mococxr(*words: str) -> str:
     """``mococxr <words>`` spelled so it runs from the current folder (``.venv/bin/mococxr ...``)."""
     return " ".join([script("mococxr") or "mococxr", *words])
 
+
 class PlainProgress:
     """Iterates like tqdm and prints ``desc: n/total (rate) postfix`` at most every ``every_s`` seconds."""
 
@@ -75,8 +76,15 @@ def _len(iterable: Iterable[Any]) -> int | None:
         return None
 
 
-def progress(iterable: Iterable[Any], desc: str, *, enabled: bool = True, total: int | None = None,
-             every_s: float = 10.0, file: TextIO | None = None) -> Any:
+def progress(
+    iterable: Iterable[Any],
+    desc: str,
+    *,
+    enabled: bool = True,
+    total: int | None = None,
+    every_s: float = 10.0,
+    file: TextIO | None = None,
+) -> Any:
     """``iterable`` wrapped to show progress: a tqdm bar when ``file`` (stderr) is a terminal, else a
     :class:`PlainProgress` line at most every ``every_s`` seconds; nothing when not ``enabled``.
 

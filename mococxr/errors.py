@@ -31,10 +31,10 @@ class InterruptedBySignal(KeyboardInterrupt):
 _CORRUPT_DB = ("file is not a database", "database disk image is malformed", "database or disk is full")
 _OS_ADVICE = {
     "ENOSPC": "no space left on the device holding {path}: free space there, or point MOCOCXR_ARTIFACT_ROOT "
-              "(artifacts), --out or --cache at another disk, then rerun",
+    "(artifacts), --out or --cache at another disk, then rerun",
     "EDQUOT": "disk quota exceeded writing {path}: free space or write elsewhere, then rerun",
     "EROFS": "{path} is on a read-only file system: point MOCOCXR_ARTIFACT_ROOT, --tracking-uri or --out at a "
-             "writable folder",
+    "writable folder",
     "EACCES": "permission denied on {path}: make it writable/readable for this user or choose another folder",
     "EPERM": "operation not permitted on {path}: make it writable for this user or choose another folder",
     "ENOTDIR": "{path}: a file stands where a folder is expected; remove it or choose another folder",
@@ -63,15 +63,20 @@ def _raised_in(exc: BaseException, folder: str) -> bool:
     """Whether any frame of the exception or its causes ran code under ``folder`` (e.g. a package)."""
     import traceback
 
-    return any(folder in frame.f_code.co_filename
-               for e in _chain(exc) for frame, _ in traceback.walk_tb(e.__traceback__))
+    return any(
+        folder in frame.f_code.co_filename
+        for e in _chain(exc)
+        for frame, _ in traceback.walk_tb(e.__traceback__)
+    )
 
 
 def _without_sql_noise(message: str) -> str:
     """Drop SQLAlchemy's trailing ``[SQL: ...]`` and ``(Background on this error at: ...)`` lines, which a
     message that quotes a database error carries and which say nothing to a user."""
     lines = message.splitlines()
-    kept = [line for line in lines if not line.lstrip().startswith(("[SQL:", "[parameters:", "(Background on"))]
+    kept = [
+        line for line in lines if not line.lstrip().startswith(("[SQL:", "[parameters:", "(Background on"))
+    ]
     return "\n".join(kept) if kept else message
 
 
@@ -114,8 +119,14 @@ def user_message(exc: BaseException, tracking_uri: str | None = None) -> str | N
         if isinstance(e, MococxrError):
             # ours, unless it wraps a damaged database (`raise ... from exc`: a run whose logging hit a
             # damaged store); a message raised `from None` has said what it means
-            raw = next((str(c) for c in _causes(e) if not isinstance(c, MococxrError)
-                        and any(s in str(c) for s in _CORRUPT_DB[:2])), None)
+            raw = next(
+                (
+                    str(c)
+                    for c in _causes(e)
+                    if not isinstance(c, MococxrError) and any(s in str(c) for s in _CORRUPT_DB[:2])
+                ),
+                None,
+            )
             return _store_message(exc, raw, tracking_uri) if raw else _without_sql_noise(text)
         if any(s in text for s in _CORRUPT_DB):
             return _store_message(exc, text, tracking_uri)

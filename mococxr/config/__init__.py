@@ -70,7 +70,9 @@ class DataConfig(Validated):
     csv: str | None = opt(None, "label CSV (default: the dataset's usual file under --root)")
     test_csv: str | None = opt(None, "a CSV whose images form the test set (CheXpert: valid.csv)")
     frontal_only: bool = opt(True, "CheXpert: keep frontal views only")
-    task: str = opt("pleural_effusion", "task set (pleural_effusion, competition5, tb, pneumonia, ...) or columns")
+    task: str = opt(
+        "pleural_effusion", "task set (pleural_effusion, competition5, tb, pneumonia, ...) or columns"
+    )
     policy: Policy = opt("ignore", "CheXpert uncertainty policy")
     val: float = opt(0.1, "fraction of patients for validation", check="fraction")
     test: float = opt(0.2, "fraction of patients for test (without --test-csv)", check="fraction")
@@ -84,8 +86,11 @@ class PretrainConfig(Validated):
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: Backbone = opt("resnet18", "encoder architecture")
-    init: str = opt("auto", "auto (imagenet when its weights file is present, else random, said on stderr and in "
-                    "tag mococxr.init_fallback) | random | imagenet | checkpoint path | models:/ or runs:/ URI")
+    init: str = opt(
+        "auto",
+        "auto (imagenet when its weights file is present, else random, said on stderr and in "
+        "tag mococxr.init_fallback) | random | imagenet | checkpoint path | models:/ or runs:/ URI",
+    )
     image_size: int = opt(224, "input size in pixels", check="positive")
     batch_size: int = opt(16, "images per step", check="positive")
     epochs: int = opt(20, "pretraining epochs", check="positive")
@@ -102,16 +107,26 @@ class PretrainConfig(Validated):
     mlp: bool = opt(True, "MoCo v2's 2-layer projection head")
     shuffle: Shuffle = opt("auto", "shuffle-BN: auto (ddp under torchrun, else split_bn)")
     preset: Preset = opt("cxr", "augmentation preset (MoCo needs one: cxr or mocov2)")
-    amp: Amp = opt("off", "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
-                   "where it is ignored", hash_default=False)
-    channels_last: bool = opt(True, "channels_last memory format (6-20 %% faster ResNet18 steps on CPU, and with amp on "
-                              "CUDA)", hash_default=False)
+    amp: Amp = opt(
+        "off",
+        "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
+        "where it is ignored",
+        hash_default=False,
+    )
+    channels_last: bool = opt(
+        True,
+        "channels_last memory format (6-20 %% faster ResNet18 steps on CPU, and with amp on CUDA)",
+        hash_default=False,
+    )
     workers: int = opt(1, "DataLoader workers (0-1 recommended on CPU)", check="nonnegative")
     seed: int = opt(0, "seed of initialisation, augmentation and shuffling")
     keep: str = opt("all", "checkpoint retention: all | every:K | best:K:metric", check="keep")
-    resume_state: ResumeState = opt("until_done", "resume state (~4x the encoder's size): until_done deletes it "
-                                    "when the run finishes or is pruned (it can then not be extended with "
-                                    "--resume); keep keeps it. Epoch checkpoints are kept either way")
+    resume_state: ResumeState = opt(
+        "until_done",
+        "resume state (~4x the encoder's size): until_done deletes it "
+        "when the run finishes or is pruned (it can then not be extended with "
+        "--resume); keep keeps it. Epoch checkpoints are kept either way",
+    )
     experiment: str = opt("mococxr-pretrain", "MLflow experiment name")
     run_name: str | None = opt(None, "MLflow run name")
     monitor: bool = opt(False, "log val/linear_auc (fast linear evaluation on --task) after every epoch")
@@ -123,7 +138,9 @@ class PretrainConfig(Validated):
                 f"whole batches; try moco_k={self.moco_k // self.batch_size * self.batch_size or self.batch_size}"
             )
         if self.preset == "none":
-            raise ConfigError("preset='none': MoCo learns from two augmented views of an image; use cxr or mocov2")
+            raise ConfigError(
+                "preset='none': MoCo learns from two augmented views of an image; use cxr or mocov2"
+            )
 
 
 @dataclass(frozen=True)
@@ -132,43 +149,81 @@ class FinetuneConfig(Validated):
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: Backbone = opt("resnet18", "encoder architecture")
-    init: str = opt("random", "random | imagenet | auto (imagenet if its weights file is present, else random, said on "
-                    "stderr and in tag mococxr.init_fallback) | checkpoint path | models:/NAME@production | runs:/ URI")
+    init: str = opt(
+        "random",
+        "random | imagenet | auto (imagenet if its weights file is present, else random, said on "
+        "stderr and in tag mococxr.init_fallback) | checkpoint path | models:/NAME@production | runs:/ URI",
+    )
     protocol: Protocol = opt("linear", "linear (frozen backbone in eval mode, new head) | e2e (all layers)")
-    head: Head = opt("standardized", "linear protocol's head: standardized (parameter-free BatchNorm, then linear) | "
-                     "plain (the paper's: linear on the frozen features)", hash_default=False)
+    head: Head = opt(
+        "standardized",
+        "linear protocol's head: standardized (parameter-free BatchNorm, then linear) | "
+        "plain (the paper's: linear on the frozen features)",
+        hash_default=False,
+    )
     fraction: float = opt(1.0, "label fraction of the train split (0-1]", check="label_fraction")
     draw: int = opt(0, "index of the random label-fraction draw", check="nonnegative")
     seed: int = opt(0, "seed of the draw, initialisation and shuffling")
     epochs: int | None = opt(None, "epochs (default: the label-fraction rule)", check="positive")
-    epochs_rule: EpochsRule = opt("fraction", "epochs without --epochs: fraction (MoCo-CXR's CheXpert epochs by label "
-                                  "fraction) | size (the same schedule keyed to the number of labelled training "
-                                  "images, so a small dataset trains as long as CheXpert at that many labels)",
-                                  hash_default=False)
+    epochs_rule: EpochsRule = opt(
+        "fraction",
+        "epochs without --epochs: fraction (MoCo-CXR's CheXpert epochs by label "
+        "fraction) | size (the same schedule keyed to the number of labelled training "
+        "images, so a small dataset trains as long as CheXpert at that many labels)",
+        hash_default=False,
+    )
     epochs_scale: float = opt(1.0, "multiplies the epoch rule (fraction or size)", check="positive")
-    min_steps: int = opt(0, "at least this many optimizer steps: raises the epochs (--epochs or the label-fraction rule)"
-                         " to ceil(min_steps / steps per epoch)", check="nonnegative", hash_default=False)
+    min_steps: int = opt(
+        0,
+        "at least this many optimizer steps: raises the epochs (--epochs or the label-fraction rule)"
+        " to ceil(min_steps / steps per epoch)",
+        check="nonnegative",
+        hash_default=False,
+    )
     lr: float = opt(3e-5, "learning rate", check="positive")
-    linear_lr: LinearLr = opt("paper", "linear protocol's learning rate: paper (the head trains once at --lr) | "
-                              "select (the head trains at each of --linear-lrs from one initialisation, the best "
-                              "validation AUC is kept and only it is scored on test); ignored by e2e",
-                              hash_default=False)
-    linear_lrs: tuple[float, ...] = opt((3e-5, 1e-4, 1e-3), "the learning rates linear_lr select tries, e.g. "
-                                        "3e-5,1e-4,1e-3 (the paper's 3e-5 among them)", hash_default=False)
+    linear_lr: LinearLr = opt(
+        "paper",
+        "linear protocol's learning rate: paper (the head trains once at --lr) | "
+        "select (the head trains at each of --linear-lrs from one initialisation, the best "
+        "validation AUC is kept and only it is scored on test); ignored by e2e",
+        hash_default=False,
+    )
+    linear_lrs: tuple[float, ...] = opt(
+        (3e-5, 1e-4, 1e-3),
+        "the learning rates linear_lr select tries, e.g. 3e-5,1e-4,1e-3 (the paper's 3e-5 among them)",
+        hash_default=False,
+    )
     weight_decay: float = opt(0.0, "weight decay", check="nonnegative")
     batch_size: int = opt(16, "images per step", check="positive")
     image_size: int = opt(224, "input size in pixels", check="positive")
-    preset: Preset = opt("cxr", "fine-tune augmentation preset: cxr (rotation + flip) | mocov2 | none (the eval "
-                         "resize only; a linear run then trains its head on cached features)")
-    amp: Amp = opt("off", "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
-                   "where it is ignored", hash_default=False)
-    channels_last: bool = opt(False, "channels_last memory format (faster convolutions on CUDA with amp)",
-                              hash_default=False)
-    val_every: int = opt(1, "validate every K epochs (and always after the last); the best epoch is the best of "
-                         "the validated ones", check="positive", hash_default=False)
-    feature_cache: bool = opt(True, "linear protocol: compute the frozen encoder's val/test features (and, with "
-                              "preset none, its training features) once per checkpoint and image set and reuse them "
-                              "in every epoch and run; false recomputes them every epoch", hash=False)
+    preset: Preset = opt(
+        "cxr",
+        "fine-tune augmentation preset: cxr (rotation + flip) | mocov2 | none (the eval "
+        "resize only; a linear run then trains its head on cached features)",
+    )
+    amp: Amp = opt(
+        "off",
+        "mixed precision on CUDA: bf16 | fp16 autocast (fp16 with a gradient scaler); off on CPU, "
+        "where it is ignored",
+        hash_default=False,
+    )
+    channels_last: bool = opt(
+        False, "channels_last memory format (faster convolutions on CUDA with amp)", hash_default=False
+    )
+    val_every: int = opt(
+        1,
+        "validate every K epochs (and always after the last); the best epoch is the best of "
+        "the validated ones",
+        check="positive",
+        hash_default=False,
+    )
+    feature_cache: bool = opt(
+        True,
+        "linear protocol: compute the frozen encoder's val/test features (and, with "
+        "preset none, its training features) once per checkpoint and image set and reuse them "
+        "in every epoch and run; false recomputes them every epoch",
+        hash=False,
+    )
     workers: int = opt(0, "DataLoader workers (0-1 recommended on CPU)", check="nonnegative")
     experiment: str = opt("mococxr-finetune", "MLflow experiment name")
     run_name: str | None = opt(None, "MLflow run name")
@@ -176,16 +231,46 @@ class FinetuneConfig(Validated):
     def validate(self) -> None:
         if not self.linear_lrs:
             raise ConfigError("linear_lrs is empty: linear_lr select needs at least one learning rate")
-        bad = [lr for lr in self.linear_lrs
-               if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0)]
+        bad = [
+            lr
+            for lr in self.linear_lrs
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0)
+        ]
         if bad:
-            raise ConfigError(f"linear_lrs={self.linear_lrs!r}: every learning rate must be positive, not {bad}")
+            raise ConfigError(
+                f"linear_lrs={self.linear_lrs!r}: every learning rate must be positive, not {bad}"
+            )
         if len(set(self.linear_lrs)) < len(self.linear_lrs):
             raise ConfigError(f"linear_lrs={self.linear_lrs!r}: a learning rate is listed twice")
 
 
 __all__ = [
-    "BACKBONES", "DATASETS", "EPOCHS_RULES", "HEADS", "LINEAR_LRS", "OPTIMIZERS", "POLICIES", "PRESETS", "PROTOCOLS", "SCHEDULERS", "STAGES",
-    "DataConfig", "FinetuneConfig", "PretrainConfig", "Validated", "add_flags", "build", "coerce", "config_hash",
-    "flag_fields", "flag_name", "flat_params", "from_flags", "load_yaml", "opt", "override", "parse_keep", "to_dict",
+    "BACKBONES",
+    "DATASETS",
+    "EPOCHS_RULES",
+    "HEADS",
+    "LINEAR_LRS",
+    "OPTIMIZERS",
+    "POLICIES",
+    "PRESETS",
+    "PROTOCOLS",
+    "SCHEDULERS",
+    "STAGES",
+    "DataConfig",
+    "FinetuneConfig",
+    "PretrainConfig",
+    "Validated",
+    "add_flags",
+    "build",
+    "coerce",
+    "config_hash",
+    "flag_fields",
+    "flag_name",
+    "flat_params",
+    "from_flags",
+    "load_yaml",
+    "opt",
+    "override",
+    "parse_keep",
+    "to_dict",
 ]

@@ -38,7 +38,9 @@ def flag_name(key: str) -> str:
     return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
-def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, show_defaults: bool = True) -> None:
+def add_flags(
+    parser: Any, cls: type, only: tuple[str, ...] | None = None, *, show_defaults: bool = True
+) -> None:
     """One ``--flag`` per config field (``data.root`` -> ``--root``), help and choices from the field.
 
     ``show_defaults=False`` where the defaults come from elsewhere (a grid's base)."""
@@ -56,12 +58,16 @@ def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, *, sh
             kwargs["choices"] = typing.get_args(base)
         else:
             kwargs["metavar"] = {int: "N", float: "X"}.get(base, key.rsplit(".", 1)[-1].upper())
-        parser.add_argument(flag, help=f"{help_text} (default: {default})" if default is not None and show_defaults else help_text,
-                            **kwargs)
+        parser.add_argument(
+            flag,
+            help=f"{help_text} (default: {default})" if default is not None and show_defaults else help_text,
+            **kwargs,
+        )
 
 
-def from_flags(cls: type[T], args: Any, *, yaml_path: str | None = None,
-               only: tuple[str, ...] | None = None) -> T:
+def from_flags(
+    cls: type[T], args: Any, *, yaml_path: str | None = None, only: tuple[str, ...] | None = None
+) -> T:
     """The config the command line asks for: the YAML (if any), then every flag that was given."""
     flags: dict[str, Any] = {}
     for key, _, _ in flag_fields(cls, only):
@@ -74,8 +80,12 @@ def from_flags(cls: type[T], args: Any, *, yaml_path: str | None = None,
     data = _merge(load_yaml(yaml_path), flags) if yaml_path else flags
     try:
         return build(cls, data, where=yaml_path or "flags")
-    except ConfigError as exc:  # name a flag's value as the user typed it: --batch-size=0, not flags.batch_size
-        raise ConfigError(re.sub(r"^flags\.((?:\w+\.)*\w+)=", lambda m: flag_name(m.group(1)) + "=", str(exc))) from None
+    except (
+        ConfigError
+    ) as exc:  # name a flag's value as the user typed it: --batch-size=0, not flags.batch_size
+        raise ConfigError(
+            re.sub(r"^flags\.((?:\w+\.)*\w+)=", lambda m: flag_name(m.group(1)) + "=", str(exc))
+        ) from None
 
 
 def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,15 @@ from mococxr.errors import ConfigError
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, *, check: str | None = None, flag: bool = True, hash_default: bool = True,
-        hash: bool = True) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    check: str | None = None,
+    flag: bool = True,
+    hash_default: bool = True,
+    hash: bool = True,
+) -> Any:
     """A config field: its default, the help text its CLI flag shows, and a range ``check``.
 
     ``check`` is one of ``positive``, ``nonnegative``, ``fraction`` (0 <= x < 1), ``label_fraction``
@@ -45,7 +52,9 @@ _KEEP = re.compile(r"^(all|every:[1-9]\d*|best:[1-9]\d*:\S+)$")
 def parse_keep(keep: str) -> tuple[str, int, str | None]:
     """``all`` | ``every:K`` | ``best:K:metric`` -> (mode, k, metric)."""
     if not isinstance(keep, str) or not _KEEP.match(keep):
-        raise ConfigError(f"keep={keep!r}: use all, every:K (e.g. every:5) or best:K:metric (e.g. best:3:val/auc)")
+        raise ConfigError(
+            f"keep={keep!r}: use all, every:K (e.g. every:5) or best:K:metric (e.g. best:3:val/auc)"
+        )
     parts = keep.split(":", 2)
     if parts[0] == "all":
         return "all", 0, None
@@ -78,7 +87,9 @@ class Validated:
         hints = _hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            problem = _type_problem(value, hints[f.name]) or _check_range(f.name, value, f.metadata.get("check"))
+            problem = _type_problem(value, hints[f.name]) or _check_range(
+                f.name, value, f.metadata.get("check")
+            )
             if problem:
                 raise ConfigError(f"{f.name}={value!r}: {problem}")
         self.validate()
@@ -166,9 +177,9 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(value)
         return str(value)
     except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(base, "a list of numbers"
-                                                                                if typing.get_origin(base) is tuple
-                                                                                else "text")
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            base, "a list of numbers" if typing.get_origin(base) is tuple else "text"
+        )
         raise ConfigError(f"{where}={value!r}: expected {kind}") from None
 
 
@@ -179,7 +190,9 @@ def build(cls: type[T], data: Mapping[str, Any] | None = None, *, where: str = "
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -248,7 +261,9 @@ def _hashed(cfg: Any, data: dict[str, Any]) -> dict[str, Any]:
     for f in fields(cfg):
         if dataclasses.is_dataclass(value := getattr(cfg, f.name)):
             _hashed(value, data[f.name])
-        elif not f.metadata.get("hash", True) or (not f.metadata.get("hash_default", True) and value == f.default):
+        elif not f.metadata.get("hash", True) or (
+            not f.metadata.get("hash_default", True) and value == f.default
+        ):
             del data[f.name]
     return data
 

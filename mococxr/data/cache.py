@@ -100,7 +100,9 @@ def _read_json(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise DataError(f"image cache file {path} is unreadable ({exc}); delete the directory and rebuild") from exc
+        raise DataError(
+            f"image cache file {path} is unreadable ({exc}); delete the directory and rebuild"
+        ) from exc
 
 
 def _validate_records(records: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -108,7 +110,9 @@ def _validate_records(records: pd.DataFrame) -> tuple[list[str], list[str]]:
         raise DataError(f"records must be a pandas DataFrame, got {type(records).__name__}")
     for column in ("image_id", "path"):
         if column not in records.columns:
-            raise DataError(f"records have no '{column}' column (columns: {', '.join(map(str, records.columns))})")
+            raise DataError(
+                f"records have no '{column}' column (columns: {', '.join(map(str, records.columns))})"
+            )
         missing = records[column].isna().to_numpy().nonzero()[0]
         if len(missing):
             raise DataError(f"records row {missing[0]}: field '{column}' is empty")
@@ -146,15 +150,21 @@ class ImageCache:
         if index is None:
             raise DataError(f"no image cache at {path}: build it with ImageCache.build(records, '{path}')")
         if index.get("format") != FORMAT:
-            raise DataError(f"image cache {path} has format {index.get('format')}, expected {FORMAT}; rebuild it")
+            raise DataError(
+                f"image cache {path} has format {index.get('format')}, expected {FORMAT}; rebuild it"
+            )
         n, size = len(index["image_ids"]), int(index["size"])
         done = (_read_json(path / PROGRESS) or {}).get("done", 0)
         if done != n:
-            raise DataError(f"image cache {path} is incomplete ({done} of {n} images); rerun the build to resume")
+            raise DataError(
+                f"image cache {path} is incomplete ({done} of {n} images); rerun the build to resume"
+            )
         expected = n * size * size
         actual = (path / IMAGES).stat().st_size if (path / IMAGES).is_file() else -1
         if actual != expected:
-            raise DataError(f"image cache file {path / IMAGES} has {actual} bytes, expected {expected}; rebuild it")
+            raise DataError(
+                f"image cache file {path / IMAGES} has {actual} bytes, expected {expected}; rebuild it"
+            )
         return cls(path, index["image_ids"], size)
 
     def _array(self) -> np.memmap:
@@ -222,13 +232,21 @@ class ImageCache:
         if index is not None and cls._covers(index, ids, paths, size):
             done = (_read_json(path / PROGRESS) or {}).get("done", 0)
             if done != len(index["image_ids"]) or not cls._data_ok(path, index):
-                cls._fill(path, index["paths"], size, start=done if cls._data_ok(path, index) else None,
-                          workers=workers, progress=progress)
+                cls._fill(
+                    path,
+                    index["paths"],
+                    size,
+                    start=done if cls._data_ok(path, index) else None,
+                    workers=workers,
+                    progress=progress,
+                )
             return cls.open(path)
 
         path.mkdir(parents=True, exist_ok=True)
         (path / PROGRESS).unlink(missing_ok=True)  # before the index: a stale "done" must never match it
-        _write_json(path / INDEX, {"format": FORMAT, "size": size, "resize": RESIZE, "image_ids": ids, "paths": paths})
+        _write_json(
+            path / INDEX, {"format": FORMAT, "size": size, "resize": RESIZE, "image_ids": ids, "paths": paths}
+        )
         cls._fill(path, paths, size, start=None, workers=workers, progress=progress)
         return cls.open(path)
 
@@ -246,7 +264,9 @@ class ImageCache:
         return (path / IMAGES).is_file() and (path / IMAGES).stat().st_size == expected
 
     @staticmethod
-    def _fill(path: Path, paths: list[str], size: int, *, start: int | None, workers: int, progress: bool) -> None:
+    def _fill(
+        path: Path, paths: list[str], size: int, *, start: int | None, workers: int, progress: bool
+    ) -> None:
         """Write rows ``start..n-1`` of ``images.u8`` (``start=None``: a fresh file), checkpointing as it goes."""
         n = len(paths)
         if start is None:
@@ -259,9 +279,16 @@ class ImageCache:
         done = start
         try:
             # The pool first, then the bar: no progress-bar thread exists when the workers fork.
-            with _decoder(workers, len(todo)) as imap, tqdm(
-                total=n, initial=start, desc=f"caching images at {size}px", unit="img", disable=None if progress else True  # None: off when not a terminal
-            ) as bar:
+            with (
+                _decoder(workers, len(todo)) as imap,
+                tqdm(
+                    total=n,
+                    initial=start,
+                    desc=f"caching images at {size}px",
+                    unit="img",
+                    disable=None if progress else True,  # None: off when not a terminal
+                ) as bar,
+            ):
                 for row, array in enumerate(imap(partial(_load_row, size=size), todo), start=start):
                     images[row] = array
                     done = row + 1

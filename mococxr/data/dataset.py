@@ -44,14 +44,20 @@ class CXRDataset(Dataset):
         needed = ["image_id"] if cache is not None else ["image_id", "path"]
         for column in needed:
             if column not in records.columns:
-                raise DataError(f"records have no '{column}' column (columns: {', '.join(map(str, records.columns))})")
+                raise DataError(
+                    f"records have no '{column}' column (columns: {', '.join(map(str, records.columns))})"
+                )
         self.tasks = list(tasks) if tasks is not None else []
         missing = [task for task in self.tasks if task not in records.columns]
         if missing:
-            raise DataError(f"task column(s) {missing} not in records (columns: {', '.join(map(str, records.columns))})")
+            raise DataError(
+                f"task column(s) {missing} not in records (columns: {', '.join(map(str, records.columns))})"
+            )
         # Plain lists and one tensor, not the DataFrame: cheap to index, and workers do not copy pandas.
         self.image_ids = records["image_id"].astype(str).tolist()
-        self.paths = records["path"].astype(str).tolist() if "path" in records.columns else [""] * len(records)
+        self.paths = (
+            records["path"].astype(str).tolist() if "path" in records.columns else [""] * len(records)
+        )
         if cache is not None:
             absent = [i for i, image_id in enumerate(self.image_ids) if image_id not in cache]
             if absent:

@@ -46,7 +46,9 @@ def resolve_tasks(spec: str | Sequence[str], records: pd.DataFrame | None = None
     missing one and lists the columns that exist.
     """
     if isinstance(spec, str):
-        names = list(TASK_SETS[spec]) if spec in TASK_SETS else [t.strip() for t in spec.split(",") if t.strip()]
+        names = (
+            list(TASK_SETS[spec]) if spec in TASK_SETS else [t.strip() for t in spec.split(",") if t.strip()]
+        )
     else:
         names = [str(t) for t in spec]
     if not names:
@@ -57,17 +59,22 @@ def resolve_tasks(spec: str | Sequence[str], records: pd.DataFrame | None = None
     if records is not None:
         available = task_columns(records)
         if isinstance(spec, str) and spec in TASK_SETS:
-            names = [next((alt for alt in SYNONYMS.get(n, ()) if alt in available and n not in available), n)
-                     for n in names]
+            names = [
+                next((alt for alt in SYNONYMS.get(n, ()) if alt in available and n not in available), n)
+                for n in names
+            ]
         for name in names:
             if name not in available:
-                raise DataError(f"no label column {name!r} in the records (task {spec!r}); label columns: "
-                                f"{', '.join(available) or 'none'}")
+                raise DataError(
+                    f"no label column {name!r} in the records (task {spec!r}); label columns: "
+                    f"{', '.join(available) or 'none'}"
+                )
     return names
 
 
-def _per_task(value: str | Mapping[str, str], tasks: Sequence[str], allowed: Sequence[str], default: str,
-              what: str) -> dict[str, str]:
+def _per_task(
+    value: str | Mapping[str, str], tasks: Sequence[str], allowed: Sequence[str], default: str, what: str
+) -> dict[str, str]:
     """A choice per task from one value or a dict task -> value (tasks it omits get ``default``)."""
 
     def normalise(v: str) -> str:
@@ -93,14 +100,21 @@ def _values(records: pd.DataFrame, task: str) -> np.ndarray:
     bad = ~(np.isnan(values) | np.isin(values, (1.0, 0.0, -1.0)))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"label column {task!r} holds {float(values[i])!r} at table row {i} "
-                        f"(image {records['image_id'].iat[i] if 'image_id' in records else i}); "
-                        "expected 1, 0, -1 or NaN")
+        raise DataError(
+            f"label column {task!r} holds {float(values[i])!r} at table row {i} "
+            f"(image {records['image_id'].iat[i] if 'image_id' in records else i}); "
+            "expected 1, 0, -1 or NaN"
+        )
     return values
 
 
-def apply_policy(records: pd.DataFrame, tasks: str | Sequence[str], policy: str | Mapping[str, str] = "ignore",
-                 *, blank: str | Mapping[str, str] = "negative") -> pd.DataFrame:
+def apply_policy(
+    records: pd.DataFrame,
+    tasks: str | Sequence[str],
+    policy: str | Mapping[str, str] = "ignore",
+    *,
+    blank: str | Mapping[str, str] = "negative",
+) -> pd.DataFrame:
     """A copy of ``records`` whose task columns hold only 1, 0 or NaN (masked).
 
     ``policy`` maps uncertain (-1) labels: "ignore" -> NaN, "ones" -> 1, "zeros" -> 0 ("U-Ones" style
@@ -133,7 +147,9 @@ def label_matrix(records: pd.DataFrame, tasks: str | Sequence[str]) -> np.ndarra
     for task, values in zip(tasks, columns, strict=True):
         n = int((values == -1.0).sum())
         if n:
-            raise DataError(f"label column {task!r} still holds {n} uncertain (-1) labels; "
-                            "apply_policy(records, tasks, policy=...) first")
+            raise DataError(
+                f"label column {task!r} still holds {n} uncertain (-1) labels; "
+                "apply_policy(records, tasks, policy=...) first"
+            )
     matrix = np.stack(columns, axis=1) if columns else np.zeros((len(records), 0))
     return np.ascontiguousarray(matrix, dtype=np.float32)

@@ -65,8 +65,9 @@ def prepare(cfg: DataConfig, records: pd.DataFrame | None = None) -> Prepared:
     stratify = tasks[0] if tasks else None
     if cfg.test_csv:
         test = read(cfg, csv=cfg.test_csv)
-        raw = split_patients(records, val=cfg.val, test=0.0, seed=cfg.split_seed, stratify=stratify,
-                             test_records=test)
+        raw = split_patients(
+            records, val=cfg.val, test=0.0, seed=cfg.split_seed, stratify=stratify, test_records=test
+        )
         raw["test"] = test
         pretrain = records.reset_index(drop=True)
     else:

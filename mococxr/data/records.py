@@ -58,9 +58,22 @@ from mococxr.data.readers import (
 from mococxr.errors import ConfigError, DataError
 
 __all__ = [
-    "BASE_COLUMNS", "CHEXPERT_OBSERVATIONS", "DATASETS", "NIH_FINDINGS", "DatasetError", "Problem",
-    "check_dataset", "decode_error", "format_problems", "read_chexpert", "read_csv_records", "read_nih",
-    "read_records", "read_tb", "summarize", "task_columns",
+    "BASE_COLUMNS",
+    "CHEXPERT_OBSERVATIONS",
+    "DATASETS",
+    "NIH_FINDINGS",
+    "DatasetError",
+    "Problem",
+    "check_dataset",
+    "decode_error",
+    "format_problems",
+    "read_chexpert",
+    "read_csv_records",
+    "read_nih",
+    "read_records",
+    "read_tb",
+    "summarize",
+    "task_columns",
 ]
 
 
@@ -73,6 +86,7 @@ def _tb(dataset: str) -> Callable[..., Parsed]:
         if csv is not None:
             raise ConfigError(f"dataset {dataset!r} takes no CSV (labels are in the file names); got {csv}")
         return parse_tb(root, source=None if dataset == "tb" else dataset, **kw)
+
     return parse
 
 
@@ -103,8 +117,9 @@ def _parse(dataset: str, root, csv=None, **kw) -> Parsed:
     return parse(root, csv, **kw)
 
 
-def read_records(dataset: str, root, csv=None, *, verify_images: bool = False, require_images: bool = True,
-                 **kw) -> pd.DataFrame:
+def read_records(
+    dataset: str, root, csv=None, *, verify_images: bool = False, require_images: bool = True, **kw
+) -> pd.DataFrame:
     """Read any supported dataset by name (one of :data:`DATASETS`) into a records table.
 
     For "csv", ``csv`` is the label file and ``root`` the folder its paths are relative to; with
@@ -124,8 +139,12 @@ def check_dataset(dataset: str, root, csv=None, *, verify_images: bool = True, *
         parsed = _parse(dataset, root, csv, **kw)
     except DatasetError as e:
         return e.problems
-    problems = (parsed.problems + duplicate_problems(parsed) + empty_problems(parsed)
-                + image_problems(parsed, verify=verify_images))
+    problems = (
+        parsed.problems
+        + duplicate_problems(parsed)
+        + empty_problems(parsed)
+        + image_problems(parsed, verify=verify_images)
+    )
     return ordered(problems)
 
 
@@ -146,23 +165,36 @@ def summarize(records: pd.DataFrame, tasks: Sequence[str] | None = None) -> str:
     tasks = task_columns(records) if tasks is None else list(tasks)
     missing = [t for t in tasks if t not in records.columns]
     if missing:
-        raise DataError(f"summarize: no column {missing[0]!r} in the records (task columns: "
-                        f"{', '.join(task_columns(records)) or 'none'})")
-    lines = [f"images {len(records)}, patients {records['patient_id'].nunique()}, "
-             f"studies {records['study_id'].nunique()}"]
+        raise DataError(
+            f"summarize: no column {missing[0]!r} in the records (task columns: "
+            f"{', '.join(task_columns(records)) or 'none'})"
+        )
+    lines = [
+        f"images {len(records)}, patients {records['patient_id'].nunique()}, "
+        f"studies {records['study_id'].nunique()}"
+    ]
     if tasks:
         rows = []
         for t in tasks:
             v = records[t].to_numpy(float)
-            rows.append({"task": t, "1": int((v == 1).sum()), "0": int((v == 0).sum()),
-                         "-1": int((v == -1).sum()), "NaN": int(np.isnan(v).sum())})
+            rows.append(
+                {
+                    "task": t,
+                    "1": int((v == 1).sum()),
+                    "0": int((v == 0).sum()),
+                    "-1": int((v == -1).sum()),
+                    "NaN": int(np.isnan(v).sum()),
+                }
+            )
         lines += ["", pd.DataFrame(rows).set_index("task").rename_axis(None).to_string(), ""]
     lines.append(f"view: {_counts(records['view'])}")
     lines.append(f"sex: {_counts(records['sex'])}")
     age = records["age"]
     if age.notna().any():
-        lines.append(f"age: median {age.median():g}, range {age.min():g}-{age.max():g}, "
-                     f"unknown {int(age.isna().sum())}")
+        lines.append(
+            f"age: median {age.median():g}, range {age.min():g}-{age.max():g}, "
+            f"unknown {int(age.isna().sum())}"
+        )
     else:
         lines.append("age: unknown")
     return "\n".join(lines)

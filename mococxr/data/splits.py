@@ -60,16 +60,15 @@ _DRAW_STREAM = 1
 # validation and patient-level bookkeeping
 
 
-def _check_records(records: pd.DataFrame, what: str, columns: tuple[str, ...] = (), *,
-                   allow_empty: bool = False) -> None:
+def _check_records(
+    records: pd.DataFrame, what: str, columns: tuple[str, ...] = (), *, allow_empty: bool = False
+) -> None:
     if not isinstance(records, pd.DataFrame):
         raise DataError(f"{what}: expected a records DataFrame, got {type(records).__name__}")
     needed = ("image_id", "patient_id", *columns)
     missing = [c for c in needed if c not in records.columns]
     if missing:
-        raise DataError(
-            f"{what}: missing column(s) {missing}; columns present: {list(records.columns)}"
-        )
+        raise DataError(f"{what}: missing column(s) {missing}; columns present: {list(records.columns)}")
     if len(records) == 0 and not allow_empty:
         raise DataError(f"{what}: the records table is empty")
     bad = records["patient_id"].isna() | (records["patient_id"].astype(str) == "")
@@ -92,9 +91,7 @@ def _positive_mask(records: pd.DataFrame, task: str, what: str) -> np.ndarray:
     try:
         values = pd.to_numeric(records[task]).to_numpy(dtype=float, na_value=np.nan)
     except (TypeError, ValueError) as exc:
-        raise DataError(
-            f"{what}: field {task!r} must hold numbers (1.0, 0.0, -1.0 or NaN): {exc}"
-        ) from exc
+        raise DataError(f"{what}: field {task!r} must hold numbers (1.0, 0.0, -1.0 or NaN): {exc}") from exc
     return values == 1.0
 
 
@@ -302,8 +299,9 @@ def _check_both_classes(selected: pd.DataFrame, train: pd.DataFrame, task: str, 
 # manifests
 
 
-def _canonical_json(name: str, image_ids: list[str], patient_ids: list[str], seed: int,
-                    fraction: float, draw: int) -> bytes:
+def _canonical_json(
+    name: str, image_ids: list[str], patient_ids: list[str], seed: int, fraction: float, draw: int
+) -> bytes:
     content = {
         "name": name,
         "image_ids": image_ids,
@@ -343,8 +341,9 @@ class Manifest:
 
     def content_hash(self) -> str:
         """The SHA-256 hex digest of the canonical JSON of every field except ``sha256``."""
-        payload = _canonical_json(self.name, list(self.image_ids), list(self.patient_ids),
-                                  self.seed, self.fraction, self.draw)
+        payload = _canonical_json(
+            self.name, list(self.image_ids), list(self.patient_ids), self.seed, self.fraction, self.draw
+        )
         return hashlib.sha256(payload).hexdigest()
 
     def to_dict(self) -> dict:
@@ -367,8 +366,15 @@ class Manifest:
             raise DataError(f"{path}: manifest file not found") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: not a readable JSON manifest: {exc}") from exc
-        fields = {"name": str, "image_ids": list, "patient_ids": list, "seed": int,
-                  "fraction": (int, float), "draw": int, "sha256": str}
+        fields = {
+            "name": str,
+            "image_ids": list,
+            "patient_ids": list,
+            "seed": int,
+            "fraction": (int, float),
+            "draw": int,
+            "sha256": str,
+        }
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object with fields {sorted(fields)}")
         for field, kind in fields.items():
@@ -394,8 +400,9 @@ class Manifest:
         return _rows(records, mask)
 
 
-def make_manifest(name: str, records: pd.DataFrame, *, seed: int, fraction: float = 1.0,
-                  draw: int = 0) -> Manifest:
+def make_manifest(
+    name: str, records: pd.DataFrame, *, seed: int, fraction: float = 1.0, draw: int = 0
+) -> Manifest:
     """Record ``records`` (a split or a draw) with the seed, fraction and draw that produced it."""
     what = f"manifest {name!r}"
     _check_records(records, what, allow_empty=True)
@@ -410,6 +417,8 @@ def make_manifest(name: str, records: pd.DataFrame, *, seed: int, fraction: floa
     return Manifest(name, image_ids, patient_ids, seed, fraction, draw, digest)
 
 
-def _split_manifests(splits: Mapping[str, pd.DataFrame], *, seed: int, prefix: str = "") -> dict[str, Manifest]:
+def _split_manifests(
+    splits: Mapping[str, pd.DataFrame], *, seed: int, prefix: str = ""
+) -> dict[str, Manifest]:
     """One manifest per split, named ``f"{prefix}{split}"`` (fraction 1.0, draw 0)."""
     return {split: make_manifest(f"{prefix}{split}", frame, seed=seed) for split, frame in splits.items()}

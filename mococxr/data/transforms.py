@@ -120,7 +120,9 @@ def _mean_std(normalize: Normalize) -> tuple[tuple[float, ...], tuple[float, ...
         if any(s <= 0 for s in std):
             raise ConfigError(f"normalize std must be positive, got {std}")
         return mean, std
-    raise ConfigError(f"normalize={normalize!r} is not valid: expected 'imagenet', 'none' or a (mean, std) pair")
+    raise ConfigError(
+        f"normalize={normalize!r} is not valid: expected 'imagenet', 'none' or a (mean, std) pair"
+    )
 
 
 def _three(value: Any, name: str) -> tuple[float, float, float]:

@@ -127,10 +127,14 @@ def load_state_dict_file(
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or pickled objects: refuse rather than unpickle
         where = what if str(path) in what else f"{what} ({path})"
-        raise DataError(f"{where} is not a usable checkpoint: {_load_problem(path, e)}; expected a file "
-                        "written by torch.save(model.state_dict())") from None
+        raise DataError(
+            f"{where} is not a usable checkpoint: {_load_problem(path, e)}; expected a file "
+            "written by torch.save(model.state_dict())"
+        ) from None
     if not isinstance(obj, Mapping):
-        raise DataError(f"{what} {path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
+        raise DataError(
+            f"{what} {path} holds a {type(obj).__name__}, expected a state dict (a dict of tensors)"
+        )
     if not nested or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
         return dict(obj)
     for key in NESTED_STATE_KEYS:
@@ -150,12 +154,18 @@ def _load_problem(path: Path, error: Exception) -> str:
         kind = next((k for magic, k in _OTHER_FORMATS if head.startswith(magic)), "")
         return f"it is not a PyTorch file{f' (it is {kind})' if kind else ''}"
     if "Weights only load failed" in str(error) or "WeightsUnpickler" in str(error):
-        return "it holds pickled Python objects, which are never unpickled from a file (only tensors are read)"
+        return (
+            "it holds pickled Python objects, which are never unpickled from a file (only tensors are read)"
+        )
     return f"it is corrupt or truncated ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
 
 
-_OTHER_FORMATS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF"),
-                  (b"\x89HDF", "an HDF5 file, e.g. Keras weights"))
+_OTHER_FORMATS = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"%PDF", "a PDF"),
+    (b"\x89HDF", "an HDF5 file, e.g. Keras weights"),
+)
 
 
 def _strip_wrappers(key: str) -> str:
@@ -248,8 +258,9 @@ def build_encoder(
     encoder = Encoder(name, trunk, feature_dim)
     if init == "imagenet":
         path = require_imagenet_weights(name, weights_path)
-        _load_trunk(encoder, load_state_dict_file(path, what="ImageNet weights file"),
-                    f"ImageNet weights file {path}")
+        _load_trunk(
+            encoder, load_state_dict_file(path, what="ImageNet weights file"), f"ImageNet weights file {path}"
+        )
     elif init == "checkpoint":
         _load_trunk(encoder, state_dict, "checkpoint state dict")
     return encoder

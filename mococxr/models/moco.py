@@ -114,7 +114,9 @@ class MoCo(nn.Module):
             keys = concat_all_gather(keys)  # every process enqueues the global batch: the queues stay equal
         n = keys.shape[0]
         if n > self.K:
-            raise ConfigError(f"batch of {n} keys is larger than the queue (K={self.K}); choose K >= batch size")
+            raise ConfigError(
+                f"batch of {n} keys is larger than the queue (K={self.K}); choose K >= batch size"
+            )
         keys = keys.to(self.queue.dtype)  # under autocast keys arrive as float16/bfloat16
         ptr = int(self.queue_ptr)
         if ptr + n <= self.K:
@@ -131,7 +133,9 @@ class MoCo(nn.Module):
         if self.shuffle == "auto":
             return "ddp" if ddp else "split_bn"
         if self.shuffle == "ddp" and not ddp:
-            raise ConfigError("shuffle='ddp' needs torch.distributed with more than one process; use 'split_bn'")
+            raise ConfigError(
+                "shuffle='ddp' needs torch.distributed with more than one process; use 'split_bn'"
+            )
         return self.shuffle
 
     @torch.no_grad()

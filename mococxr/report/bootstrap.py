@@ -37,8 +37,15 @@ from mococxr.errors import DataError
 from mococxr.report.intervals import BootstrapResult, Difference, Interval
 
 __all__ = [
-    "METRICS", "BootstrapResult", "Difference", "Interval", "auc_replicates", "auprc_replicates",
-    "bootstrap_counts", "indices_to_counts", "paired_bootstrap",
+    "METRICS",
+    "BootstrapResult",
+    "Difference",
+    "Interval",
+    "auc_replicates",
+    "auprc_replicates",
+    "bootstrap_counts",
+    "indices_to_counts",
+    "paired_bootstrap",
 ]
 
 METRICS = ("auc", "auprc")
@@ -301,7 +308,9 @@ def _as_draws(value) -> list:
     return list(arr) if arr.ndim == 2 else [arr]
 
 
-def _check_arguments(y, scores: Mapping[str, object], metrics: Sequence[str], ci: float) -> tuple[np.ndarray, tuple]:
+def _check_arguments(
+    y, scores: Mapping[str, object], metrics: Sequence[str], ci: float
+) -> tuple[np.ndarray, tuple]:
     """The labels as booleans and the metrics as a tuple, or a DataError saying what is wrong."""
     y = _check_labels(y)
     metrics = tuple(metrics)

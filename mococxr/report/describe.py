@@ -49,28 +49,39 @@ class ReportContext:
         counts = {lo for lo, hi in self.draws.values()} | {hi for lo, hi in self.draws.values()}
         if len(counts) == 1:
             n = counts.pop()
-            return f"each cell is the mean over {n} draw{'s' if n != 1 else ''} (random label-fraction samples)"
-        per = ", ".join(f"{lo if lo == hi else f'{lo}-{hi}'} at {percent(f)}" for f, (lo, hi) in sorted(self.draws.items()))
+            return (
+                f"each cell is the mean over {n} draw{'s' if n != 1 else ''} (random label-fraction samples)"
+            )
+        per = ", ".join(
+            f"{lo if lo == hi else f'{lo}-{hi}'} at {percent(f)}"
+            for f, (lo, hi) in sorted(self.draws.items())
+        )
         return f"draws (random label-fraction samples) averaged per cell: {per}"
 
     def test_text(self) -> str:
-        return (f"test set: {self.n_test_images} images of {self.n_test_patients} patients, from {self.test_source}; "
-                "the same images score every cell")
+        return (
+            f"test set: {self.n_test_images} images of {self.n_test_patients} patients, from {self.test_source}; "
+            "the same images score every cell"
+        )
 
     def lines(self) -> list[str]:
         """The report's preamble, one fact per line."""
-        lines = [f"Task {self.task} on dataset {self.dataset_text} (MLflow experiment {self.experiment}).",
-                 "Columns are label fractions: the share of the training split's labelled images each "
-                 "fine-tune used.",
-                 self.draws_text()[0].upper() + self.draws_text()[1:] + ".",
-                 self.test_text()[0].upper() + self.test_text()[1:] + ".",
-                 f"{self.n_runs} fine-tune runs in {self.n_cells} cells."]
+        lines = [
+            f"Task {self.task} on dataset {self.dataset_text} (MLflow experiment {self.experiment}).",
+            "Columns are label fractions: the share of the training split's labelled images each "
+            "fine-tune used.",
+            self.draws_text()[0].upper() + self.draws_text()[1:] + ".",
+            self.test_text()[0].upper() + self.test_text()[1:] + ".",
+            f"{self.n_runs} fine-tune runs in {self.n_cells} cells.",
+        ]
         lines += [f"Init {c}." for c in self.checkpoints]
         return lines
 
     def plot_title(self) -> str:
-        return (f"{self.task} on {self.dataset_text}\n{self.test_text().split(';')[0]}; "
-                f"{self.draws_text().split(' (')[0]}")
+        return (
+            f"{self.task} on {self.dataset_text}\n{self.test_text().split(';')[0]}; "
+            f"{self.draws_text().split(' (')[0]}"
+        )
 
 
 def report_context(experiment: str, runs: pd.DataFrame, image_ids, patient_ids) -> ReportContext:
@@ -81,11 +92,17 @@ def report_context(experiment: str, runs: pd.DataFrame, image_ids, patient_ids) 
         draws[float(fraction)] = (int(sizes.min()), int(sizes.max()))
     sources = sorted(set(runs["test_source"])) if "test_source" in runs else ["unknown"]
     return ReportContext(
-        experiment=experiment, task=str(runs["task"].iloc[0]), dataset=str(runs["dataset"].iloc[0]),
+        experiment=experiment,
+        task=str(runs["task"].iloc[0]),
+        dataset=str(runs["dataset"].iloc[0]),
         phantom=bool(runs["phantom"].any()) if "phantom" in runs else False,
-        n_test_images=len(image_ids), n_test_patients=len(set(patient_ids)), test_source="; ".join(sources),
-        n_runs=len(runs), n_cells=len(runs[["backbone", "init", "protocol", "fraction"]].drop_duplicates()),
-        draws=draws, checkpoints=checkpoint_lines(runs),
+        n_test_images=len(image_ids),
+        n_test_patients=len(set(patient_ids)),
+        test_source="; ".join(sources),
+        n_runs=len(runs),
+        n_cells=len(runs[["backbone", "init", "protocol", "fraction"]].drop_duplicates()),
+        draws=draws,
+        checkpoints=checkpoint_lines(runs),
     )
 
 
@@ -93,7 +110,11 @@ def checkpoint_lines(runs: pd.DataFrame) -> list[str]:
     """Which checkpoint each pretrained init is: ``moco = registered model X version 3 (pretraining run R, epoch 5)``."""
     lines = []
     pretrained = runs[~runs["init"].isin(BUILTIN_INITS)]
-    cols = [c for c in ("registered_model", "registry_version", "pretrain_run_id", "checkpoint_epoch") if c in runs]
+    cols = [
+        c
+        for c in ("registered_model", "registry_version", "pretrain_run_id", "checkpoint_epoch")
+        if c in runs
+    ]
     for init, group in pretrained.groupby("init", sort=False):
         origins = []
         for row in group[cols].drop_duplicates().to_dict(orient="records"):
@@ -102,7 +123,9 @@ def checkpoint_lines(runs: pd.DataFrame) -> list[str]:
                 epoch = f", epoch {row['checkpoint_epoch']}" if row.get("checkpoint_epoch") else ""
                 run = f"pretraining run {row['pretrain_run_id']}{epoch}"
             if row.get("registry_version"):
-                version = f"registered model {row.get('registered_model') or '?'} version {row['registry_version']}"
+                version = (
+                    f"registered model {row.get('registered_model') or '?'} version {row['registry_version']}"
+                )
                 run = f"{version} ({run})" if run else version
             origins.append(run or "a checkpoint the runs do not name")
         lines.append(f"{init} = " + "; ".join(origins))
@@ -114,21 +137,29 @@ def _key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", str(text))
 
 
-def summary_metrics(context: ReportContext, absolute: pd.DataFrame, improvement: pd.DataFrame) -> dict[str, float]:
+def summary_metrics(
+    context: ReportContext, absolute: pd.DataFrame, improvement: pd.DataFrame
+) -> dict[str, float]:
     """The report run's metrics: its size, each cell's AUC and each paired AUC difference per label fraction.
 
     Names: ``absolute/<init>_<protocol>/auc_frac0.01`` and ``improvement/<protocol>_vs_<baseline>/auc_frac0.01``
     (``..._vs_<baseline>_<protocol>`` when the protocols differ), prefixed by the backbone when the
     report holds several.
     """
-    out = {"report/n_runs": context.n_runs, "report/n_cells": context.n_cells,
-           "report/n_test_images": context.n_test_images, "report/n_test_patients": context.n_test_patients}
+    out = {
+        "report/n_runs": context.n_runs,
+        "report/n_cells": context.n_cells,
+        "report/n_test_images": context.n_test_images,
+        "report/n_test_patients": context.n_test_patients,
+    }
     several = absolute["backbone"].nunique() > 1 if len(absolute) else False
     for r in absolute[absolute["metric"] == "auc"].itertuples():
         arch = f"{_key(r.backbone)}/" if several else ""
         out[f"absolute/{arch}{_key(r.init)}_{_key(r.protocol)}/auc_frac{r.fraction:g}"] = float(r.point)
     for r in improvement[improvement["metric"] == "auc"].itertuples():
         arch = f"{_key(r.backbone)}/" if several else ""
-        pair = f"{_key(r.protocol_a)}_vs_{_key(r.baseline)}" + ("" if r.protocol_a == r.protocol_b else f"_{r.protocol_b}")
+        pair = f"{_key(r.protocol_a)}_vs_{_key(r.baseline)}" + (
+            "" if r.protocol_a == r.protocol_b else f"_{r.protocol_b}"
+        )
         out[f"improvement/{arch}{pair}/auc_frac{r.fraction:g}"] = float(r.point)
     return out

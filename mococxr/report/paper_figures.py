@@ -20,17 +20,33 @@ from mococxr.report.published import Published
 _PROTOCOL_WORDS = {("linear",): "linear models (frozen backbone)", ("e2e",): "models fine-tuned end-to-end"}
 
 
-def published_points(published: Mapping[tuple, Published], backbones: Sequence[str],
-                     protocols: Sequence[str]) -> pd.DataFrame:
+def published_points(
+    published: Mapping[tuple, Published], backbones: Sequence[str], protocols: Sequence[str]
+) -> pd.DataFrame:
     """A table keyed ``(backbone, init, protocol, fraction)`` as tidy rows for ``plot_curves``."""
-    rows = [{"backbone": b, "init": i, "protocol": p, "fraction": f, "point": v.point, "lo": v.lo, "hi": v.hi}
-            for (b, i, p, f), v in published.items() if b in backbones and p in protocols]
+    rows = [
+        {"backbone": b, "init": i, "protocol": p, "fraction": f, "point": v.point, "lo": v.lo, "hi": v.hi}
+        for (b, i, p, f), v in published.items()
+        if b in backbones and p in protocols
+    ]
     return pd.DataFrame(rows, columns=["backbone", "init", "protocol", "fraction", "point", "lo", "hi"])
 
 
-def figure_item(out: Path, stem: str, title: str, absolute: pd.DataFrame, *, metric: str,
-                protocols: Sequence[str], inits: Sequence[str], lines: Sequence[str], notes,
-                published: Mapping[tuple, Published] | None, phantom: bool, source: str) -> tuple[list[Path], str]:
+def figure_item(
+    out: Path,
+    stem: str,
+    title: str,
+    absolute: pd.DataFrame,
+    *,
+    metric: str,
+    protocols: Sequence[str],
+    inits: Sequence[str],
+    lines: Sequence[str],
+    notes,
+    published: Mapping[tuple, Published] | None,
+    phantom: bool,
+    source: str,
+) -> tuple[list[Path], str]:
     """Draw ``<stem>.png`` captioned with ``lines``; returns its path and its ``report.md`` section (heading,
     the figure's own caption lines, image: ``report.md`` says the family's ``lines`` once at the top)."""
     data = absolute[absolute["init"].isin(inits) & absolute["protocol"].isin(protocols)]
@@ -40,13 +56,18 @@ def figure_item(out: Path, stem: str, title: str, absolute: pd.DataFrame, *, met
     if published is not None:
         points = published_points(published, order, protocols)
         comparable = not comparable_reasons(notes, phantom=phantom)
-        extra = [f"Hollow markers with dotted error bars: the published values ({source})"
-                 + ("." if comparable else "; shown for layout only, not comparable with these runs.")]
+        extra = [
+            f"Hollow markers with dotted error bars: the published values ({source})"
+            + ("." if comparable else "; shown for layout only, not comparable with these runs.")
+        ]
     what = _PROTOCOL_WORDS.get(tuple(protocols), "linear and end-to-end models")
-    heading = (f"{title}. Test {NAMES.get(metric, metric)} against label fraction, {what}: MoCo-CXR-pretrained "
-               f"and {baseline_heading(notes.baseline)}, 95% CI bands.")
-    path = plot_curves(data, out / f"{stem}.png", metric=metric, title=heading, published=points,
-                       caption=[*lines, *extra])
+    heading = (
+        f"{title}. Test {NAMES.get(metric, metric)} against label fraction, {what}: MoCo-CXR-pretrained "
+        f"and {baseline_heading(notes.baseline)}, 95% CI bands."
+    )
+    path = plot_curves(
+        data, out / f"{stem}.png", metric=metric, title=heading, published=points, caption=[*lines, *extra]
+    )
     parts = [f"## {heading}", caption_markdown(extra), f"![{title}]({stem}.png)"]
     section = "\n\n".join(p for p in parts if p) + "\n"
     return [path], section

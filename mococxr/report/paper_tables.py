@@ -55,7 +55,9 @@ def baseline_name(baseline: str) -> str:
 
 
 def baseline_heading(baseline: str) -> str:
-    return {"imagenet": "ImageNet-pretrained", "random": "Random-init"}.get(baseline, f"{baseline}-pretrained")
+    return {"imagenet": "ImageNet-pretrained", "random": "Random-init"}.get(
+        baseline, f"{baseline}-pretrained"
+    )
 
 
 def ours(row, *, signed: bool = False) -> str:
@@ -65,7 +67,9 @@ def ours(row, *, signed: bool = False) -> str:
     return f"{row.point:{'+' if signed else ''}.3f} ({row.lo:.3f}, {row.hi:.3f})"
 
 
-def theirs(published: Published | None, row, comparison: Comparison | None = None, *, signed: bool = False) -> str:
+def theirs(
+    published: Published | None, row, comparison: Comparison | None = None, *, signed: bool = False
+) -> str:
     """The published number, marked where it and ours (``row``) differ; ``comparison`` None: not comparable,
     never marked."""
     if published is None:
@@ -88,8 +92,15 @@ def _pick(tidy: pd.DataFrame, fraction: float, **match):
     return next(rows.itertuples()) if len(rows) else None
 
 
-def _fraction_cells(tidy: pd.DataFrame, fractions: Sequence[float], paper: Callable[[float], Published | None],
-                    comparison: Comparison | None, *, signed: bool = False, **match) -> dict[str, str]:
+def _fraction_cells(
+    tidy: pd.DataFrame,
+    fractions: Sequence[float],
+    paper: Callable[[float], Published | None],
+    comparison: Comparison | None,
+    *,
+    signed: bool = False,
+    **match,
+) -> dict[str, str]:
     cells = {}
     for f in fractions:
         row = _pick(tidy, f, **match)
@@ -98,27 +109,49 @@ def _fraction_cells(tidy: pd.DataFrame, fractions: Sequence[float], paper: Calla
     return cells
 
 
-def improvement_layout(improvement: pd.DataFrame, baseline: str, published: Mapping[tuple, Published],
-                       paper_fractions: Sequence[float], comparison: Comparison | None = None) -> pd.DataFrame:
+def improvement_layout(
+    improvement: pd.DataFrame,
+    baseline: str,
+    published: Mapping[tuple, Published],
+    paper_fractions: Sequence[float],
+    comparison: Comparison | None = None,
+) -> pd.DataFrame:
     """Table 1's shape: per architecture, e2e vs e2e, linear vs linear, linear vs e2e; cells are AUC differences."""
     tidy = improvement[(improvement["metric"] == "auc") & (improvement["baseline"] == baseline)]
     fractions = _fractions(tidy, paper_fractions)
     rows = []
     for backbone in backbones(tidy):
         for pa, pb in COMPARISON_ROWS:
-            mine = tidy[(tidy["backbone"] == backbone) & (tidy["protocol_a"] == pa) & (tidy["protocol_b"] == pb)]
+            mine = tidy[
+                (tidy["backbone"] == backbone) & (tidy["protocol_a"] == pa) & (tidy["protocol_b"] == pb)
+            ]
             if mine.empty:
                 continue
-            rows.append({"Architecture": arch(backbone), "MoCo-CXR-pretrained": FINE_TUNING[pa],
-                         baseline_heading(baseline): FINE_TUNING[pb],
-                         **_fraction_cells(mine, fractions, lambda f, k=(backbone, pa, pb): lookup(published, *k, f),
-                                           comparison, signed=True)})
+            rows.append(
+                {
+                    "Architecture": arch(backbone),
+                    "MoCo-CXR-pretrained": FINE_TUNING[pa],
+                    baseline_heading(baseline): FINE_TUNING[pb],
+                    **_fraction_cells(
+                        mine,
+                        fractions,
+                        lambda f, k=(backbone, pa, pb): lookup(published, *k, f),
+                        comparison,
+                        signed=True,
+                    ),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def absolute_layout(absolute: pd.DataFrame, baseline: str, published: Mapping[tuple, Published],
-                    paper_fractions: Sequence[float], metric: str = "auc",
-                    comparison: Comparison | None = None) -> pd.DataFrame:
+def absolute_layout(
+    absolute: pd.DataFrame,
+    baseline: str,
+    published: Mapping[tuple, Published],
+    paper_fractions: Sequence[float],
+    metric: str = "auc",
+    comparison: Comparison | None = None,
+) -> pd.DataFrame:
     """Appendix Table 1's shape: Pretraining | Architecture | Fine tuning | one AUC cell per fraction.
 
     The published numbers are looked up under ``imagenet`` for the baseline rows whatever the
@@ -129,18 +162,35 @@ def absolute_layout(absolute: pd.DataFrame, baseline: str, published: Mapping[tu
     rows = []
     for protocol in [p for p in PROTOCOL_ORDER if p in set(tidy["protocol"])]:
         for backbone in backbones(tidy):
-            for init, paper_init, name in ((TREATMENT, "moco", "MoCo"), (baseline, "imagenet", baseline_name(baseline))):
-                mine = tidy[(tidy["backbone"] == backbone) & (tidy["protocol"] == protocol) & (tidy["init"] == init)]
+            for init, paper_init, name in (
+                (TREATMENT, "moco", "MoCo"),
+                (baseline, "imagenet", baseline_name(baseline)),
+            ):
+                mine = tidy[
+                    (tidy["backbone"] == backbone) & (tidy["protocol"] == protocol) & (tidy["init"] == init)
+                ]
                 if mine.empty:
                     continue
                 key = (backbone, paper_init, protocol)
-                rows.append({"Pretraining": name, "Architecture": arch(backbone), "Fine tuning": FINE_TUNING[protocol],
-                             **_fraction_cells(mine, fractions, lambda f, k=key: lookup(published, *k, f), comparison)})
+                rows.append(
+                    {
+                        "Pretraining": name,
+                        "Architecture": arch(backbone),
+                        "Fine tuning": FINE_TUNING[protocol],
+                        **_fraction_cells(
+                            mine, fractions, lambda f, k=key: lookup(published, *k, f), comparison
+                        ),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def competition_layout(tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], baseline: str,
-                       protocol: str, comparison: Comparison | None = None) -> pd.DataFrame:
+def competition_layout(
+    tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    baseline: str,
+    protocol: str,
+    comparison: Comparison | None = None,
+) -> pd.DataFrame:
     """Appendix Tables 4 (linear) and 5 (e2e): per task and fraction, baseline, MoCo-CXR and improvement.
 
     ``tables`` maps each task (as the runs name it) to its (absolute, improvement) tidy tables. An
@@ -150,8 +200,12 @@ def competition_layout(tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], 
     heading = f"Baseline ({baseline_name(baseline)})"
     for task, (absolute, improvement) in tables.items():
         a = absolute[(absolute["metric"] == "auc") & (absolute["protocol"] == protocol)]
-        d = improvement[(improvement["metric"] == "auc") & (improvement["protocol_a"] == protocol)
-                        & (improvement["protocol_b"] == protocol) & (improvement["baseline"] == baseline)]
+        d = improvement[
+            (improvement["metric"] == "auc")
+            & (improvement["protocol_a"] == protocol)
+            & (improvement["protocol_b"] == protocol)
+            & (improvement["baseline"] == baseline)
+        ]
         present = backbones(a)
         paper = [f for (t, p, f) in _competition_keys(task, protocol)]
         for backbone in present:
@@ -161,12 +215,20 @@ def competition_layout(tables: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], 
                 moco = _pick(a, f, backbone=backbone, init=TREATMENT)
                 diff = _pick(d, f, backbone=backbone)
                 row = {"Task": task} | ({"Architecture": arch(backbone)} if len(present) > 1 else {})
-                rows.append(row | {
-                    heading: ours(base), f"{heading} paper": theirs(pub and pub["baseline"], base, comparison),
-                    "MoCo-CXR": ours(moco), "MoCo-CXR paper": theirs(pub and pub["moco"], moco, comparison),
-                    "Improvement": ours(diff, signed=True),
-                    "Improvement paper": theirs(pub and pub["improvement"], diff, comparison, signed=True),
-                    "Label fraction": percent(f)})
+                rows.append(
+                    row
+                    | {
+                        heading: ours(base),
+                        f"{heading} paper": theirs(pub and pub["baseline"], base, comparison),
+                        "MoCo-CXR": ours(moco),
+                        "MoCo-CXR paper": theirs(pub and pub["moco"], moco, comparison),
+                        "Improvement": ours(diff, signed=True),
+                        "Improvement paper": theirs(
+                            pub and pub["improvement"], diff, comparison, signed=True
+                        ),
+                        "Label fraction": percent(f),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -180,11 +242,11 @@ def lr_text(lr: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-
-
 # --------------------------------------------------------------------------- Table 2
 
-OBJECTIVE = "val/linear_auc"  # a pretraining trial's validation objective at its selected epoch (picks checkpoints)
+OBJECTIVE = (
+    "val/linear_auc"  # a pretraining trial's validation objective at its selected epoch (picks checkpoints)
+)
 FALLBACK_OBJECTIVE = "best/val_auc"  # the row's linear fine-tune runs' best validation AUC (validation only)
 
 
@@ -224,16 +286,24 @@ def scheduler_line(rows: Sequence, choices: Sequence[Choice]) -> str:
     for i in sorted(range(len(rows)), key=lambda i: -rows[i].lr):
         if not choices[i].chosen:
             continue
-        others = [f"{rows[j].scheduler} {_shown(choices[j].score)}" for j in range(len(rows))
-                  if j != i and lr_text(rows[j].lr) == lr_text(rows[i].lr)]
-        said = (f"{choices[i].criterion} {_shown(choices[i].score)} against {', '.join(others)}" if others
-                else "the only trial")
+        others = [
+            f"{rows[j].scheduler} {_shown(choices[j].score)}"
+            for j in range(len(rows))
+            if j != i and lr_text(rows[j].lr) == lr_text(rows[i].lr)
+        ]
+        said = (
+            f"{choices[i].criterion} {_shown(choices[i].score)} against {', '.join(others)}"
+            if others
+            else "the only trial"
+        )
         per.append(f"{lr_text(rows[i].lr)}: {rows[i].scheduler} ({said})")
-    return (f"One row per pretraining learning rate, as the paper's Table 2; where several trials share a rate, "
-            f"the row is the trial with the higher validation score, the criterion that picks checkpoints "
-            f"({OBJECTIVE} at the trial's selected epoch; where a trial lacks it, the fine-tune runs' "
-            f"{FALLBACK_OBJECTIVE}; never the test AUC): {'; '.join(per)}. The paper does not say which scheduler "
-            "its Table 2 used. The other trials' rows are kept in table2.csv and table2.json (chosen false).")
+    return (
+        f"One row per pretraining learning rate, as the paper's Table 2; where several trials share a rate, "
+        f"the row is the trial with the higher validation score, the criterion that picks checkpoints "
+        f"({OBJECTIVE} at the trial's selected epoch; where a trial lacks it, the fine-tune runs' "
+        f"{FALLBACK_OBJECTIVE}; never the test AUC): {'; '.join(per)}. The paper does not say which scheduler "
+        "its Table 2 used. The other trials' rows are kept in table2.csv and table2.json (chosen false)."
+    )
 
 
 def _shown(score: float | None) -> str:
@@ -256,20 +326,31 @@ def _table2_cell(auc: pd.DataFrame, runs: pd.DataFrame, row, experiment: str):
     mine = auc[auc["init"] == row.label]
     where = f"paper-table2: experiment {experiment!r}, row lr={row.lr:g} (init {row.label!r})"
     if mine.empty:
-        raise DataError(f"{where}: no linear fine-tune runs at 100% of the labels; inits with such runs: "
-                        f"{sorted(set(auc['init']))}")
+        raise DataError(
+            f"{where}: no linear fine-tune runs at 100% of the labels; inits with such runs: "
+            f"{sorted(set(auc['init']))}"
+        )
     if len(mine) > 1:
         raise DataError(f"{where}: runs on several backbones {sorted(mine['backbone'])}; one table needs one")
     claimed = {p for p in runs.loc[runs["init"] == row.label, "pretrain_run_id"] if p} - {row.pretrain_run_id}
     if claimed:
-        raise DataError(f"{where}: its fine-tune runs came from pretraining run(s) {sorted(claimed)}, the row "
-                        f"names {row.pretrain_run_id!r}")
+        raise DataError(
+            f"{where}: its fine-tune runs came from pretraining run(s) {sorted(claimed)}, the row "
+            f"names {row.pretrain_run_id!r}"
+        )
     return next(mine.itertuples())
 
 
-def table2_layout(absolute: pd.DataFrame, runs: pd.DataFrame, params: pd.DataFrame, rows: Sequence,
-                  links: Mapping[str, str], *, experiment: str,
-                  comparison: Comparison | None = None) -> tuple[pd.DataFrame, list[dict], str]:
+def table2_layout(
+    absolute: pd.DataFrame,
+    runs: pd.DataFrame,
+    params: pd.DataFrame,
+    rows: Sequence,
+    links: Mapping[str, str],
+    *,
+    experiment: str,
+    comparison: Comparison | None = None,
+) -> tuple[pd.DataFrame, list[dict], str]:
     """Table 2: every pretraining trial (``rows``: ``Table2Row``) with the AUC of its label's linear runs at
     100% of the labels, sorted as the paper (learning rate from the largest), the chosen trial of each rate
     (:func:`choose_schedulers`) first and alone in carrying the published number; the same rows as records
@@ -278,8 +359,11 @@ def table2_layout(absolute: pd.DataFrame, runs: pd.DataFrame, params: pd.DataFra
     A row whose label has no such runs, has them on several backbones, or whose runs name another
     pretraining run is a DataError naming the row.
     """
-    auc = absolute[(absolute["metric"] == "auc") & (absolute["protocol"] == "linear")
-                   & (absolute["fraction"].map(fraction_key) == 1.0)]
+    auc = absolute[
+        (absolute["metric"] == "auc")
+        & (absolute["protocol"] == "linear")
+        & (absolute["fraction"].map(fraction_key) == 1.0)
+    ]
     choices = choose_schedulers(rows, _fallback_scores(params))
     table, records = [], []
     for i in sorted(range(len(rows)), key=lambda i: (-rows[i].lr, not choices[i].chosen, rows[i].trial)):
@@ -287,11 +371,33 @@ def table2_layout(absolute: pd.DataFrame, runs: pd.DataFrame, params: pd.DataFra
         r = _table2_cell(auc, runs, row, experiment)
         paper = table2(row.lr) if choice.chosen else None
         link = links[row.pretrain_run_id]
-        table.append({"Learning rate": lr_text(row.lr), "Scheduler": row.scheduler, "AUC (lo, hi)": ours(r),
-                      "paper": theirs(paper, r, comparison), "validation": _validation(choice),
-                      "chosen": choice.chosen, "pretraining run": row.pretrain_run_id, "trial": row.trial,
-                      "checkpoint": f"{row.registered_model} v{row.version}, epoch {row.epoch}", "link": link})
-        records.append({**asdict(row), "backbone": r.backbone, "auc": r.point, "lo": r.lo, "hi": r.hi,
-                        "chosen": choice.chosen, "criterion": choice.criterion, "validation": choice.score,
-                        "paper": paper._asdict() if paper else None, "link": link, "run_ids": r.run_ids.split()})
+        table.append(
+            {
+                "Learning rate": lr_text(row.lr),
+                "Scheduler": row.scheduler,
+                "AUC (lo, hi)": ours(r),
+                "paper": theirs(paper, r, comparison),
+                "validation": _validation(choice),
+                "chosen": choice.chosen,
+                "pretraining run": row.pretrain_run_id,
+                "trial": row.trial,
+                "checkpoint": f"{row.registered_model} v{row.version}, epoch {row.epoch}",
+                "link": link,
+            }
+        )
+        records.append(
+            {
+                **asdict(row),
+                "backbone": r.backbone,
+                "auc": r.point,
+                "lo": r.lo,
+                "hi": r.hi,
+                "chosen": choice.chosen,
+                "criterion": choice.criterion,
+                "validation": choice.score,
+                "paper": paper._asdict() if paper else None,
+                "link": link,
+                "run_ids": r.run_ids.split(),
+            }
+        )
     return pd.DataFrame(table), records, scheduler_line(rows, choices)

@@ -80,7 +80,9 @@ def find_runs(
         clauses.append(f"tags.`{mt.tag(key)}` = '{value}'")
     found, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
+        page = client.search_runs(
+            [exp.experiment_id], " and ".join(clauses), max_results=1000, page_token=token
+        )
         found.extend(page)
         token = page.token
         if not token:
@@ -96,20 +98,33 @@ def _run_row(run) -> dict:
     rid = run.info.run_id
     missing = [k for k in _REQUIRED_TAGS if mt.tag(k) not in t]
     if missing:
-        raise DataError(f"run {rid}: missing tag(s) {[mt.tag(k) for k in missing]}; was it logged by finetune?")
+        raise DataError(
+            f"run {rid}: missing tag(s) {[mt.tag(k) for k in missing]}; was it logged by finetune?"
+        )
     try:
         fraction, draw = float(t[mt.tag("label_fraction")]), int(t[mt.tag("draw")])
     except ValueError as exc:
-        raise DataError(f"run {rid}: tags {mt.tag('label_fraction')}/{mt.tag('draw')} are not numbers: {exc}") from exc
+        raise DataError(
+            f"run {rid}: tags {mt.tag('label_fraction')}/{mt.tag('draw')} are not numbers: {exc}"
+        ) from exc
     row = {"run_id": rid, "run_name": run.info.run_name or ""}
     for key in ("backbone", "init", "protocol", "dataset", "task"):
         row[key] = t.get(mt.tag(key), "")
     row.update(fraction=fraction, draw=draw)
-    for key in ("test_manifest_sha256", "config_hash", "pretrain_run_id", "registry_version", "checkpoint_epoch"):
+    for key in (
+        "test_manifest_sha256",
+        "config_hash",
+        "pretrain_run_id",
+        "registry_version",
+        "checkpoint_epoch",
+    ):
         row[key] = t.get(mt.tag(key), "")
     p = run.data.params
-    row.update(registered_model=p.get("init_registered_model", ""), phantom=_is_phantom(p),
-               test_source=_test_source(p))
+    row.update(
+        registered_model=p.get("init_registered_model", ""),
+        phantom=_is_phantom(p),
+        test_source=_test_source(p),
+    )
     return row
 
 
@@ -128,8 +143,10 @@ def _test_source(params: Mapping[str, str]) -> str:
     if params.get("data.test_csv", "None") not in ("None", ""):
         return f"the images of {params['data.test_csv']}"
     if "data.test" in params:
-        return (f"a patient-level split ({params['data.test']} of patients, split seed "
-                f"{params.get('data.split_seed', '?')})")
+        return (
+            f"a patient-level split ({params['data.test']} of patients, split seed "
+            f"{params.get('data.split_seed', '?')})"
+        )
     return "unknown (the runs log no data params)"
 
 
@@ -139,8 +156,10 @@ def cell_name(backbone: str, init: str, protocol: str, fraction: float) -> str:
 
 
 def _listing(runs: pd.DataFrame, limit: int = 6) -> str:
-    ids = [f"{r.run_id} ({cell_name(r.backbone, r.init, r.protocol, r.fraction)} draw {r.draw})"
-           for r in runs.itertuples()]
+    ids = [
+        f"{r.run_id} ({cell_name(r.backbone, r.init, r.protocol, r.fraction)} draw {r.draw})"
+        for r in runs.itertuples()
+    ]
     more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
     return ", ".join(ids[:limit]) + more
 
@@ -154,11 +173,15 @@ def check_runs(runs: pd.DataFrame) -> None:
         values = sorted(runs[key].unique())
         if len(values) > 1:
             groups = "; ".join(f"{key}={v!r}: {_listing(runs[runs[key] == v], 3)}" for v in values)
-            raise DataError(f"runs mix several {key}s, which cannot share a table; pick one with {flag}. {groups}")
+            raise DataError(
+                f"runs mix several {key}s, which cannot share a table; pick one with {flag}. {groups}"
+            )
     shas = sorted(runs["test_manifest_sha256"].unique())
     if len(shas) > 1:
-        groups = "; ".join(f"test manifest {s[:12] or '(untagged)'}: {_listing(runs[runs.test_manifest_sha256 == s], 3)}"
-                           for s in shas)
+        groups = "; ".join(
+            f"test manifest {s[:12] or '(untagged)'}: {_listing(runs[runs.test_manifest_sha256 == s], 3)}"
+            for s in shas
+        )
         raise DataError(f"runs were scored on different test sets and cannot be compared: {groups}")
 
     dup = runs[runs.duplicated(CELL + ["draw"], keep=False)]
@@ -173,10 +196,14 @@ def check_runs(runs: pd.DataFrame) -> None:
     for fraction, at_f in runs.groupby("fraction"):
         draws = set(at_f["draw"])
         for row in rows.itertuples(index=False):
-            cell = at_f[(at_f.backbone == row.backbone) & (at_f.init == row.init) & (at_f.protocol == row.protocol)]
+            cell = at_f[
+                (at_f.backbone == row.backbone) & (at_f.init == row.init) & (at_f.protocol == row.protocol)
+            ]
             name = cell_name(row.backbone, row.init, row.protocol, fraction)
             if cell.empty:
-                problems.append(f"{name}: no runs (other cells at fraction {fraction:g}: {_listing(at_f, 3)})")
+                problems.append(
+                    f"{name}: no runs (other cells at fraction {fraction:g}: {_listing(at_f, 3)})"
+                )
             elif set(cell["draw"]) != draws:
                 missing = sorted(draws - set(cell["draw"]))
                 problems.append(f"{name}: draws {missing} missing (has {_listing(cell, 3)})")
@@ -198,11 +225,15 @@ def check_comparison(runs: pd.DataFrame, treatment: str | None, baselines: Seque
         return []
     hint = "; set treatment/baseline to labels among these (treatment=None: absolute numbers only)"
     if treatment not in inits:
-        raise ConfigError(f"no run carries the treatment init {treatment!r}; the runs carry inits {inits}{hint}")
+        raise ConfigError(
+            f"no run carries the treatment init {treatment!r}; the runs carry inits {inits}{hint}"
+        )
     present = [b for b in baselines if b in inits and b != treatment]
     if not present:
-        raise ConfigError(f"no run carries any of the baseline inits {list(baselines)} to compare "
-                          f"{treatment!r} against; the runs carry inits {inits}{hint}")
+        raise ConfigError(
+            f"no run carries any of the baseline inits {list(baselines)} to compare "
+            f"{treatment!r} against; the runs carry inits {inits}{hint}"
+        )
     return present
 
 
@@ -275,8 +306,10 @@ def align_predictions(predictions: Mapping[str, pd.DataFrame]) -> Aligned:
         run_tasks = [c.removeprefix("label:") for c in df.columns if c.startswith("label:")]
         missing = [t for t in run_tasks if f"score:{t}" not in df.columns]
         if not run_tasks or missing:
-            raise DataError(f"run {rid}: {PREDICTIONS_ARTIFACT} needs label:<task> and score:<task> columns; "
-                            f"has {list(df.columns)}")
+            raise DataError(
+                f"run {rid}: {PREDICTIONS_ARTIFACT} needs label:<task> and score:<task> columns; "
+                f"has {list(df.columns)}"
+            )
         labels = df[[f"label:{t}" for t in run_tasks]].to_numpy(np.float64)
         if ref_id is None:
             ref_id, ref, tasks, aligned_labels = rid, df, run_tasks, labels
@@ -302,5 +335,7 @@ def _check_same_test_set(ref_id, ref, tasks, ref_labels, rid, df, run_tasks, lab
     same = (ref_labels == labels) | (np.isnan(ref_labels) & np.isnan(labels))
     if not same.all():
         i, j = np.argwhere(~same)[0]
-        raise DataError(f"runs {ref_id} and {rid} disagree on label:{tasks[j]} of image {a[i]!r} "
-                        f"({ref_labels[i, j]} vs {labels[i, j]}): different label policy or data?")
+        raise DataError(
+            f"runs {ref_id} and {rid} disagree on label:{tasks[j]} of image {a[i]!r} "
+            f"({ref_labels[i, j]} vs {labels[i, j]}): different label policy or data?"
+        )

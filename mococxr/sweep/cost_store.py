@@ -89,8 +89,11 @@ class StoreView:
             ]
             for v in sorted(versions, key=lambda v: int(v.tags.get(mt.tag("optuna_trial"), "0"))):
                 t = v.tags
-                label = trial_label(float(t.get(mt.tag("lr"), "nan")), t.get(mt.tag("scheduler")),
-                                    t.get(mt.tag("optuna_trial")))
+                label = trial_label(
+                    float(t.get(mt.tag("lr"), "nan")),
+                    t.get(mt.tag("scheduler")),
+                    t.get(mt.tag("optuna_trial")),
+                )
                 inits[label] = f"models:/{name}/{v.version}"
         for i in range(len(inits) + 1, n + 1):
             inits[f"trial {i} (not registered)"] = f"models:/{name}/pending-{i}"

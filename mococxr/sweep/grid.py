@@ -71,11 +71,13 @@ def describe_grid(spec: GridSpec, counts: str = "") -> str:
     draws = ", ".join(f"{f:g}: {spec.draws[f]}" for f in spec.fractions)
     inits = ", ".join(f"{label} = {init}" for label, init in spec.inits.items())
     n = len(spec.configs())
-    return (f"Fine-tune grid **{spec.name}**: {n} runs = inits ({inits}) x protocols ({', '.join(spec.protocols)})"
-            f" x label fractions with draws ({draws}), backbone {spec.base.backbone}, dataset "
-            f"{spec.base.data.dataset}, task {spec.base.data.task}. {counts}\n\nRe-run it with the same "
-            "`mococxr grid SPEC.yaml` (or demo) command: finished cells are skipped, failed or missing ones run; "
-            "several processes may run it at once, each cell has one owner.")
+    return (
+        f"Fine-tune grid **{spec.name}**: {n} runs = inits ({inits}) x protocols ({', '.join(spec.protocols)})"
+        f" x label fractions with draws ({draws}), backbone {spec.base.backbone}, dataset "
+        f"{spec.base.data.dataset}, task {spec.base.data.task}. {counts}\n\nRe-run it with the same "
+        "`mococxr grid SPEC.yaml` (or demo) command: finished cells are skipped, failed or missing ones run; "
+        "several processes may run it at once, each cell has one owner."
+    )
 
 
 def parent_run(spec: GridSpec, spec_hash: str) -> str:
@@ -83,19 +85,39 @@ def parent_run(spec: GridSpec, spec_hash: str) -> str:
     base = spec.base
 
     def describe(run_id: str) -> None:
-        ma.log_json({"inits": spec.inits, "protocols": spec.protocols, "fractions": spec.fractions,
-                     "draws": spec.draws, "epochs": spec.epochs}, "grid.json", run_id=run_id)
+        ma.log_json(
+            {
+                "inits": spec.inits,
+                "protocols": spec.protocols,
+                "fractions": spec.fractions,
+                "draws": spec.draws,
+                "epochs": spec.epochs,
+            },
+            "grid.json",
+            run_id=run_id,
+        )
 
     return runs.parent_run(
-        spec.experiment, key=mt.tags(kind="grid", config_hash=spec_hash), run_name=f"grid-{spec.name}",
-        tags={**mt.tags(dataset=base.data.dataset, task=base.data.task, backbone=base.backbone, grid=spec.name),
-              NOTE: describe_grid(spec)},
-        describe=describe, running=True,
+        spec.experiment,
+        key=mt.tags(kind="grid", config_hash=spec_hash),
+        run_name=f"grid-{spec.name}",
+        tags={
+            **mt.tags(dataset=base.data.dataset, task=base.data.task, backbone=base.backbone, grid=spec.name),
+            NOTE: describe_grid(spec),
+        },
+        describe=describe,
+        running=True,
     )
 
 
-def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True,
-             store: mt.Store | None = None, data: Prepared | None = None) -> GridResult:
+def run_grid(
+    spec: GridSpec,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    store: mt.Store | None = None,
+    data: Prepared | None = None,
+) -> GridResult:
     """Run every missing cell of the grid; returns what ran, what was skipped and what failed.
 
     ``store`` is the MLflow store (the one in force when not given); ``data`` the base data already
@@ -103,8 +125,9 @@ def run_grid(spec: GridSpec, *, dry_run: bool = False, progress: bool = True,
     run and writes nothing to the store.
     """
     if data is not None and data.config != spec.base.data:
-        raise ConfigError(f"grid {spec.name}: the prepared data is for {data.config}, the grid's base is "
-                          f"{spec.base.data}")
+        raise ConfigError(
+            f"grid {spec.name}: the prepared data is for {data.config}, the grid's base is {spec.base.data}"
+        )
     store = mt.current_store(store)
     spec = replace(spec, inits={label: pin_init(init) for label, init in spec.inits.items()})
     jobs = spec.configs()
@@ -139,14 +162,26 @@ def _head(i: int, n: int, label: str, cfg) -> str:
     return f"[{i}/{n}] {label:>8} {cfg.protocol:>6} fraction {cfg.fraction:g} draw {cfg.draw}"
 
 
-def _run_cell(spec: GridSpec, label: str, cfg, cfg_hash: str, head: str, result: GridResult, *, data: Prepared,
-              store: mt.Store, progress: bool) -> None:
+def _run_cell(
+    spec: GridSpec,
+    label: str,
+    cfg,
+    cfg_hash: str,
+    head: str,
+    result: GridResult,
+    *,
+    data: Prepared,
+    store: mt.Store,
+    progress: bool,
+) -> None:
     """Claim one cell and fine-tune it in the claimed run; a failed cell is recorded, not raised."""
     from mococxr.train.finetune import finetune
 
     cell = mt.tags(grid=spec.name, init=label)  # the grid's own label is what the report groups by
     run_id, holder = runs.claim_run(
-        spec.experiment, mt.tags(kind="finetune", config_hash=cfg_hash), parent_run_id=result.parent_run_id,
+        spec.experiment,
+        mt.tags(kind="finetune", config_hash=cfg_hash),
+        parent_run_id=result.parent_run_id,
         run_name=f"{spec.name}-{label}-{cfg.protocol}-f{cfg.fraction:g}-d{cfg.draw}",
         tags={**cell, **mt.tags(protocol=cfg.protocol, label_fraction=cfg.fraction, draw=cfg.draw)},
     )
@@ -163,8 +198,14 @@ def _run_cell(spec: GridSpec, label: str, cfg, cfg_hash: str, head: str, result:
     t0 = time.perf_counter()
     try:
         with mt.claimed_run(run_id):
-            res = finetune(cfg, data=data, store=store, parent_run_id=result.parent_run_id, progress=progress,
-                           extra_tags=cell)
+            res = finetune(
+                cfg,
+                data=data,
+                store=store,
+                parent_run_id=result.parent_run_id,
+                progress=progress,
+                extra_tags=cell,
+            )
     except KeyboardInterrupt:
         _end(run_id, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
         raise
@@ -176,7 +217,10 @@ def _run_cell(spec: GridSpec, label: str, cfg, cfg_hash: str, head: str, result:
     result.started += 1
     result.run_ids.append(res.run_id)
     auc = res.test.get("test/auc", float("nan"))
-    print(f"{head}: test AUC {auc:.4f} (best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"{head}: test AUC {auc:.4f} (best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
 
 def _end(run_id: str, status: str, reason: str) -> None:
@@ -194,13 +238,23 @@ def _close(spec: GridSpec, jobs: list, result: GridResult, status: str) -> None:
     done = runs.finished_hashes(spec.experiment)
     n_finished = sum(config_hash(c) in done for _, c in jobs)
     exp_id = client.get_run(parent).info.experiment_id
-    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'")
+    children = client.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
+    )
     others = [r for r in children if runs.is_stale(r) is None]
     if status == "FINISHED" and n_finished < len(jobs):
         status = "FAILED"
-    counts = {"n_cells": len(jobs), "n_finished": n_finished, "n_started": result.started,
-              "n_skipped": result.skipped, "n_failed": len(result.failed), "n_elsewhere": result.elsewhere}
-    client.log_batch(parent, metrics=[Metric(f"grid/{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()])
+    counts = {
+        "n_cells": len(jobs),
+        "n_finished": n_finished,
+        "n_started": result.started,
+        "n_skipped": result.skipped,
+        "n_failed": len(result.failed),
+        "n_elsewhere": result.elsewhere,
+    }
+    client.log_batch(
+        parent, metrics=[Metric(f"grid/{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()]
+    )
     state = f"{len(others)} cell(s) still running elsewhere" if others else f"ended {status}"
     client.set_tag(parent, NOTE, describe_grid(spec, f"{n_finished} of {len(jobs)} cells finished; {state}."))
     if not others:
@@ -212,20 +266,26 @@ def _dry_run(spec: GridSpec, jobs: list) -> GridResult:
     result = GridResult(parent_run_id="", total=len(jobs))
     for i, (label, cfg) in enumerate(jobs, 1):
         head = _head(i, len(jobs), label, cfg)
-        finished, live = runs.cell_runs(spec.experiment, mt.tags(kind="finetune", config_hash=config_hash(cfg)),
-                                        fix_stale=False)
+        finished, live = runs.cell_runs(
+            spec.experiment, mt.tags(kind="finetune", config_hash=config_hash(cfg)), fix_stale=False
+        )
         if finished:
             result.skipped += 1
             result.run_ids.append(finished[0].info.run_id)
             print(f"{head}: finished (run {finished[0].info.run_id[:8]}), would skip", flush=True)
         elif live:
             result.elsewhere += 1
-            print(f"{head}: running in {live[0].data.tags.get(mt.tag('owner'), 'another process')}", flush=True)
+            print(
+                f"{head}: running in {live[0].data.tags.get(mt.tag('owner'), 'another process')}", flush=True
+            )
         else:
             result.would_run += 1
             print(f"{head}: would run", flush=True)
-    print(f"dry run of grid {spec.name}: {result.would_run} of {len(jobs)} cells would run, {result.skipped} "
-          f"finished, {result.elsewhere} running elsewhere; nothing was written to the store", flush=True)
+    print(
+        f"dry run of grid {spec.name}: {result.would_run} of {len(jobs)} cells would run, {result.skipped} "
+        f"finished, {result.elsewhere} running elsewhere; nothing was written to the store",
+        flush=True,
+    )
     return result
 
 

@@ -68,7 +68,9 @@ class Cost(Validated):
     """What ``--plan`` assumes of a GPU (stated figures); the CPU figures are measured when it runs."""
 
     gpu: str = opt("one NVIDIA GTX 1070-class GPU", "the GPU the gpu_img_s figures describe")
-    gpu_img_s_resnet18: float = opt(400.0, "training img/s of ResNet18 at 224 px on that GPU", check="positive")
+    gpu_img_s_resnet18: float = opt(
+        400.0, "training img/s of ResNet18 at 224 px on that GPU", check="positive"
+    )
     gpu_img_s_densenet121: float = opt(130.0, "training img/s of DenseNet121 at 224 px", check="positive")
 
 
@@ -126,9 +128,17 @@ class PaperPlan:
         return str(self.study.get("base", {}).get("init", "auto"))
 
     def study_spec(self, backbone: str, storage: str | None = None) -> StudySpec:
-        raw = {**self.study, "name": self.study_name(backbone), "experiment": self.experiment("pretrain"),
-               "registered_model": self.registered_model(backbone)}
-        raw["base"] = {**self.study.get("base", {}), "data": to_dict(self.data["chexpert"]), "backbone": backbone}
+        raw = {
+            **self.study,
+            "name": self.study_name(backbone),
+            "experiment": self.experiment("pretrain"),
+            "registered_model": self.registered_model(backbone),
+        }
+        raw["base"] = {
+            **self.study.get("base", {}),
+            "data": to_dict(self.data["chexpert"]),
+            "backbone": backbone,
+        }
         if storage:
             raw["storage"] = storage
         return parse_spec(raw, source=f"{self.source}: pretrain ({backbone})")
@@ -138,30 +148,66 @@ class PaperPlan:
         st = self.grids[stage]
         out = []
         for backbone in st.backbones:
-            for task, policy in (st.tasks.items() if st.tasks else [(None, None)]):
+            for task, policy in st.tasks.items() if st.tasks else [(None, None)]:
                 data = self.data[st.dataset]
                 if task is not None:
                     data = replace(data, task=task, policy=policy)
                 label = _slug(task) if task else backbone
-                out.append(self._grid(f"{self.name}-{stage}-{label}", stage, data, backbone,
-                                      {self.baseline: self.baseline,
-                                       "moco": f"models:/{self.registered_model(backbone)}@production"},
-                                      st.fractions, st.draws, st.epochs))
+                out.append(
+                    self._grid(
+                        f"{self.name}-{stage}-{label}",
+                        stage,
+                        data,
+                        backbone,
+                        {
+                            self.baseline: self.baseline,
+                            "moco": f"models:/{self.registered_model(backbone)}@production",
+                        },
+                        st.fractions,
+                        st.draws,
+                        st.epochs,
+                    )
+                )
         return out
 
     def table2_grid(self, inits: Mapping[str, str]) -> GridSpec:
         """The Table 2 grid: each registered ResNet18 trial checkpoint, one label per checkpoint."""
         t2 = self.table2
-        grid = self._grid(f"{self.name}-table2", "table2", self.data["shenzhen"], t2.backbone, dict(inits),
-                          [t2.fraction], {t2.fraction: 1}, {t2.fraction: t2.epochs} if t2.epochs else {})
+        grid = self._grid(
+            f"{self.name}-table2",
+            "table2",
+            self.data["shenzhen"],
+            t2.backbone,
+            dict(inits),
+            [t2.fraction],
+            {t2.fraction: 1},
+            {t2.fraction: t2.epochs} if t2.epochs else {},
+        )
         return replace(grid, protocols=[t2.protocol])
 
-    def _grid(self, name: str, stage: str, data: DataConfig, backbone: str, inits: dict[str, str],
-              fractions: list[float], draws: dict[float, int], epochs: dict[float, int]) -> GridSpec:
+    def _grid(
+        self,
+        name: str,
+        stage: str,
+        data: DataConfig,
+        backbone: str,
+        inits: dict[str, str],
+        fractions: list[float],
+        draws: dict[float, int],
+        epochs: dict[float, int],
+    ) -> GridSpec:
         base = replace(self.finetune, data=data, backbone=backbone)
-        return GridSpec(name=name, experiment=self.experiment(stage), base=base, inits=inits,
-                        protocols=["linear", "e2e"], fractions=list(fractions), draws=dict(draws),
-                        epochs=dict(epochs), protocol_overrides=self.protocol_overrides)
+        return GridSpec(
+            name=name,
+            experiment=self.experiment(stage),
+            base=base,
+            inits=inits,
+            protocols=["linear", "e2e"],
+            fractions=list(fractions),
+            draws=dict(draws),
+            epochs=dict(epochs),
+            protocol_overrides=self.protocol_overrides,
+        )
 
     def imagenet_needed(self) -> list[str]:
         """Backbones whose ImageNet weights some stage loads (MoCo's start or the baseline)."""
@@ -175,8 +221,9 @@ def load_plan(path: str | Path, *, roots: Mapping[str, str | None] | None = None
     return parse_plan(raw, source=str(path), roots=roots)
 
 
-def parse_plan(raw: Mapping[str, Any], *, source: str = "<plan>",
-               roots: Mapping[str, str | None] | None = None) -> PaperPlan:
+def parse_plan(
+    raw: Mapping[str, Any], *, source: str = "<plan>", roots: Mapping[str, str | None] | None = None
+) -> PaperPlan:
     _check_keys(raw, _PLAN_KEYS, ("name", "data", "pretrain", "finetune", "stages"), f"{source}")
     name = str(raw["name"])
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
@@ -199,12 +246,23 @@ def parse_plan(raw: Mapping[str, Any], *, source: str = "<plan>",
         raise ConfigError(f"{source}: finetune.baseline={baseline!r}: expected imagenet or random")
     stages = _mapping(raw, "stages", source)
     _check_keys(stages, set(GRID_STAGES) | {"table2"}, (), f"{source}: stages")
-    grids = {s: _grid_stage(s, stages[s], backbones, f"{source}: stages.{s}") for s in GRID_STAGES if s in stages}
+    grids = {
+        s: _grid_stage(s, stages[s], backbones, f"{source}: stages.{s}") for s in GRID_STAGES if s in stages
+    }
     table2 = _table2(stages.get("table2"), backbones, f"{source}: stages.table2")
     rep = _mapping(raw, "report", source)
     plan = PaperPlan(
-        name=name, source=source, data=data, phantom=phantom, backbones=backbones, study=study,
-        finetune=finetune, protocol_overrides=overrides, baseline=baseline, grids=grids, table2=table2,
+        name=name,
+        source=source,
+        data=data,
+        phantom=phantom,
+        backbones=backbones,
+        study=study,
+        finetune=finetune,
+        protocol_overrides=overrides,
+        baseline=baseline,
+        grids=grids,
+        table2=table2,
         replicates=coerce(rep.get("replicates", 500), int, f"{source}: report.replicates"),
         cost=build(Cost, raw.get("cost") or {}, where=f"{source}: cost"),
     )
@@ -231,20 +289,27 @@ def _grid_stage(name: str, raw: Any, backbones: tuple[str, ...], where: str) -> 
     stage_backbones = _backbones(raw.get("backbones", list(backbones)), f"{where}.backbones")
     missing = [b for b in stage_backbones if b not in backbones]
     if missing:
-        raise ConfigError(f"{where}.backbones: {missing} are not pretrained by this plan (pretrain.backbones)")
+        raise ConfigError(
+            f"{where}.backbones: {missing} are not pretrained by this plan (pretrain.backbones)"
+        )
     fractions = _fractions(raw["fractions"], where)
     tasks: dict[str, str] = {}
     if name == "competition":
         if not isinstance(raw.get("tasks"), Mapping) or not raw["tasks"]:
-            raise ConfigError(f"{where}.tasks: expected a mapping task -> uncertainty policy (ignore, ones, zeros)")
-        tasks = {str(t): coerce(p, Policy, f"{where}.tasks.{t}")
-                 for t, p in raw["tasks"].items()}
+            raise ConfigError(
+                f"{where}.tasks: expected a mapping task -> uncertainty policy (ignore, ones, zeros)"
+            )
+        tasks = {str(t): coerce(p, Policy, f"{where}.tasks.{t}") for t, p in raw["tasks"].items()}
     elif "tasks" in raw:
         raise ConfigError(f"{where}.tasks: only the competition stage has per-task policies")
     return GridStage(
-        name=name, dataset="shenzhen" if name == "shenzhen" else "chexpert", backbones=stage_backbones,
-        fractions=fractions, draws=_per_fraction(raw.get("draws", 1), fractions, f"{where}.draws", complete=True),
-        epochs=_per_fraction(raw.get("epochs") or {}, fractions, f"{where}.epochs", complete=False), tasks=tasks,
+        name=name,
+        dataset="shenzhen" if name == "shenzhen" else "chexpert",
+        backbones=stage_backbones,
+        fractions=fractions,
+        draws=_per_fraction(raw.get("draws", 1), fractions, f"{where}.draws", complete=True),
+        epochs=_per_fraction(raw.get("epochs") or {}, fractions, f"{where}.epochs", complete=False),
+        tasks=tasks,
     )
 
 
@@ -254,10 +319,12 @@ def _table2(raw: Any, backbones: tuple[str, ...], where: str) -> Table2Stage | N
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping (backbone, fraction, protocol)")
     _check_keys(raw, {"backbone", "fraction", "protocol", "epochs"}, (), where)
-    t2 = Table2Stage(backbone=str(raw.get("backbone", "resnet18")),
-                     fraction=coerce(raw.get("fraction", 1.0), float, f"{where}.fraction"),
-                     protocol=str(raw.get("protocol", "linear")),
-                     epochs=coerce(raw["epochs"], int, f"{where}.epochs") if raw.get("epochs") else None)
+    t2 = Table2Stage(
+        backbone=str(raw.get("backbone", "resnet18")),
+        fraction=coerce(raw.get("fraction", 1.0), float, f"{where}.fraction"),
+        protocol=str(raw.get("protocol", "linear")),
+        epochs=coerce(raw["epochs"], int, f"{where}.epochs") if raw.get("epochs") else None,
+    )
     if t2.backbone not in backbones:
         raise ConfigError(f"{where}.backbone={t2.backbone!r} is not pretrained by this plan")
     if t2.protocol not in ("linear", "e2e") or not 0 < t2.fraction <= 1:
@@ -289,5 +356,15 @@ def select_stages(only: Sequence[str] | None) -> list[str]:
 
 ReportHook = Callable[["PaperPlan", dict[str, Any]], dict[str, str]]
 
-__all__ = ["STAGE_NAMES", "Cost", "GridStage", "PaperPlan", "Phantom", "ReportHook", "Table2Stage", "load_plan",
-           "parse_plan", "select_stages"]
+__all__ = [
+    "STAGE_NAMES",
+    "Cost",
+    "GridStage",
+    "PaperPlan",
+    "Phantom",
+    "ReportHook",
+    "Table2Stage",
+    "load_plan",
+    "parse_plan",
+    "select_stages",
+]

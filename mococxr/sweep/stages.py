@@ -49,8 +49,13 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def run_plan(plan: PaperPlan, *, only: Sequence[str] | None = None, report: ReportHook | None = None,
-             store: mt.Store | None = None) -> PlanResult:
+def run_plan(
+    plan: PaperPlan,
+    *,
+    only: Sequence[str] | None = None,
+    report: ReportHook | None = None,
+    store: mt.Store | None = None,
+) -> PlanResult:
     """Run the plan's stages in order (all, or ``only``); returns what each made or found."""
     store = mt.current_store(store)
     stages = select_stages(only)
@@ -77,8 +82,10 @@ def run_plan(plan: PaperPlan, *, only: Sequence[str] | None = None, report: Repo
         else:
             _say(f"stage {stage}: not in {plan.source}, skipped")
     result.seconds = time.perf_counter() - t0
-    _say(f"\nplan {plan.name}: {', '.join(stages)} done in {result.seconds:.0f} s; {result.started} training "
-         "run(s) started by this call")
+    _say(
+        f"\nplan {plan.name}: {', '.join(stages)} done in {result.seconds:.0f} s; {result.started} training "
+        "run(s) started by this call"
+    )
     return result
 
 
@@ -121,7 +128,9 @@ def _stage_data(plan: PaperPlan) -> None:
     for key, cfg in plan.data.items():
         problems = check_dataset(cfg.dataset, cfg.root, cfg.csv)
         if problems:
-            raise ConfigError(f"{key} data under {cfg.root}: {len(problems)} problem(s), first: {problems[0]}")
+            raise ConfigError(
+                f"{key} data under {cfg.root}: {len(problems)} problem(s), first: {problems[0]}"
+            )
 
 
 def _prepared(cfg: DataConfig, cache: dict):
@@ -138,8 +147,10 @@ def _stage_pretrain(plan: PaperPlan, result: PlanResult, store: mt.Store, prepar
 
     for backbone in plan.backbones:
         spec = plan.study_spec(backbone, storage=store.optuna_storage)
-        _say(f"-- pretraining study {spec.name}: {study_budget(spec)} trial(s) of {spec.epochs} epochs, "
-             f"pruner {spec.pruner.name}")
+        _say(
+            f"-- pretraining study {spec.name}: {study_budget(spec)} trial(s) of {spec.epochs} epochs, "
+            f"pruner {spec.pruner.name}"
+        )
         res = run_study(spec, store=store, data=_prepared(spec.base.data, prepared))
         result.started += len(res.trials_run)
         checkpoints = register_trials(plan, backbone, spec)
@@ -156,22 +167,50 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
 
     name = plan.registered_model(backbone)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
-    known = {(mv.tags.get(mt.tag("optuna_study")), mv.tags.get(mt.tag("optuna_trial")),
-              mv.tags.get(mt.TAG_PREFIX + "model_id")): str(mv.version)
-             for mv in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")}  # [] for a new name
+    known = {
+        (
+            mv.tags.get(mt.tag("optuna_study")),
+            mv.tags.get(mt.tag("optuna_trial")),
+            mv.tags.get(mt.TAG_PREFIX + "model_id"),
+        ): str(mv.version)
+        for mv in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")
+    }  # [] for a new name
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         model_id, epoch = t.user_attrs.get("best_model_id"), t.user_attrs.get("best_epoch")
         if not model_id or epoch is None:
             continue
-        lr, scheduler = float(t.params.get("lr", spec.base.lr)), str(t.params.get("scheduler", spec.base.scheduler))
+        lr, scheduler = (
+            float(t.params.get("lr", spec.base.lr)),
+            str(t.params.get("scheduler", spec.base.scheduler)),
+        )
         version = known.get((spec.name, str(t.number), model_id))
         if version is None:
-            version = register(name, model_id=model_id, extra_tags=mt.tags(
-                backbone=backbone, optuna_study=spec.name, optuna_trial=t.number, lr=lr, scheduler=scheduler))
+            version = register(
+                name,
+                model_id=model_id,
+                extra_tags=mt.tags(
+                    backbone=backbone,
+                    optuna_study=spec.name,
+                    optuna_trial=t.number,
+                    lr=lr,
+                    scheduler=scheduler,
+                ),
+            )
             _say(f"registered trial {t.number} epoch {epoch} as {name} version {version}")
-        out.append(Checkpoint(backbone, name, version, t.number, lr, scheduler,
-                              str(t.user_attrs.get("mlflow_run_id", "")), int(epoch), float(t.value)))
+        out.append(
+            Checkpoint(
+                backbone,
+                name,
+                version,
+                t.number,
+                lr,
+                scheduler,
+                str(t.user_attrs.get("mlflow_run_id", "")),
+                int(epoch),
+                float(t.value),
+            )
+        )
     return out
 
 
@@ -179,12 +218,16 @@ def _promote_best(plan: PaperPlan, backbone: str, checkpoints: list[Checkpoint],
     from mococxr.tracking.registry import alias_version, promote
 
     if not checkpoints:
-        raise ConfigError(f"study {plan.study_name(backbone)} has no complete trial to promote; see its trials")
+        raise ConfigError(
+            f"study {plan.study_name(backbone)} has no complete trial to promote; see its trials"
+        )
     best = (max if direction == "maximize" else min)(checkpoints, key=lambda c: c.value)
     name = plan.registered_model(backbone)
     if alias_version(name, "production") != best.version:
         promote(name, best.version, "production")
-        _say(f"{name} version {best.version} (trial {best.trial}, lr {best.lr:g}, {best.scheduler}) -> production")
+        _say(
+            f"{name} version {best.version} (trial {best.trial}, lr {best.lr:g}, {best.scheduler}) -> production"
+        )
     return f"models:/{name}/{best.version}"
 
 
@@ -217,7 +260,9 @@ def _stage_table2(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared
     _collect_checkpoints(plan, result)
     checkpoints = result.checkpoints.get(plan.table2.backbone) or []
     if not checkpoints:
-        raise ConfigError(f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage")
+        raise ConfigError(
+            f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage"
+        )
     inits = {table2_label(c): f"models:/{c.registered_model}/{c.version}" for c in checkpoints}
     _run_one_grid(plan.table2_grid(inits), result, store, prepared)
 
@@ -232,4 +277,12 @@ def trial_label(lr: float, scheduler: str, trial: int | str) -> str:
     return f"lr{lr:g}-{scheduler}-t{trial}"
 
 
-__all__ = ["Checkpoint", "PlanResult", "prepare_phantom", "register_trials", "run_plan", "table2_label", "trial_label"]
+__all__ = [
+    "Checkpoint",
+    "PlanResult",
+    "prepare_phantom",
+    "register_trials",
+    "run_plan",
+    "table2_label",
+    "trial_label",
+]

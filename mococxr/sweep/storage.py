@@ -39,8 +39,10 @@ def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats, so a dead worker's trial is failed and retried with the same params."""
     url = storage_url(spec)
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
-        raise ConfigError(f"storage {mask_password(url)!r}: use sqlite:///PATH for one machine or "
-                          "postgresql://USER:PASSWORD@HOST/DB for several")
+        raise ConfigError(
+            f"storage {mask_password(url)!r}: use sqlite:///PATH for one machine or "
+            "postgresql://USER:PASSWORD@HOST/DB for several"
+        )
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
@@ -52,7 +54,9 @@ def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
         for attempt in range(3):  # workers starting together on a new database race to create its tables
             try:
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=spec.heartbeat.interval,
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=spec.heartbeat.interval,
                     grace_period=spec.heartbeat.grace,
                     heartbeat_stale_trial_callback=_StaleTrialHandler(retry, spec.experiment),
                 )
@@ -71,16 +75,20 @@ class _StaleTrialHandler:
         self.experiment = experiment
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id") or trial_run_id(self.experiment, study.study_name,
-                                                                       trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id") or trial_run_id(
+            self.experiment, study.study_name, trial.number
+        )
         if run_id:
             client = MlflowClient()
             client.set_tag(run_id, mt.tag("optuna_state"), TrialState.FAIL.name)
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, "FAILED")
-        print(f"trial {trial.number}: its worker stopped sending heartbeats; marked FAIL"
-              + (f" (MLflow run {run_id} FAILED)" if run_id else "") + ", queued a retry with the same params",
-              flush=True)
+        print(
+            f"trial {trial.number}: its worker stopped sending heartbeats; marked FAIL"
+            + (f" (MLflow run {run_id} FAILED)" if run_id else "")
+            + ", queued a retry with the same params",
+            flush=True,
+        )
         self.retry(study, trial)
 
 

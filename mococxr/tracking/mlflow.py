@@ -34,17 +34,40 @@ TAG_PREFIX = "mococxr."
 DEFAULT_STORE_DIR = "mlruns"
 # Database schemes (with an optional +driver) and tracking servers; MLflow's file store is refused.
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens "custom_model_development" in Model training mode
+EXPERIMENT_KIND_TAG = (
+    "mlflow.experimentKind"  # the UI opens "custom_model_development" in Model training mode
+)
 NOTE_TAG = "mlflow.note.content"
 
 # Tag keys (without the prefix) that DESIGN.md fixes; anything else is a bug in the caller.
 TAG_KEYS = frozenset(
     {
-        "kind", "backbone", "init", "protocol", "dataset", "task", "label_fraction", "draw",
-        "pretrain_run_id", "checkpoint_epoch", "optuna_study", "optuna_trial", "optuna_state",
-        "manifest_sha256", "test_manifest_sha256", "config_hash", "registry_version", "grid", "preset", "image_size",
-        "owner", "heartbeat", "claim", "end_reason",  # run ownership: see start_run and tracking/runs.py
-        "lr", "scheduler",  # a plan's registered trial checkpoints: the searched values (sweep/stages.py)
+        "kind",
+        "backbone",
+        "init",
+        "protocol",
+        "dataset",
+        "task",
+        "label_fraction",
+        "draw",
+        "pretrain_run_id",
+        "checkpoint_epoch",
+        "optuna_study",
+        "optuna_trial",
+        "optuna_state",
+        "manifest_sha256",
+        "test_manifest_sha256",
+        "config_hash",
+        "registry_version",
+        "grid",
+        "preset",
+        "image_size",
+        "owner",
+        "heartbeat",
+        "claim",
+        "end_reason",  # run ownership: see start_run and tracking/runs.py
+        "lr",
+        "scheduler",  # a plan's registered trial checkpoints: the searched values (sweep/stages.py)
         "init_fallback",  # why init auto started a run from random weights (tracking/registry.py)
         "linear_lr",  # the learning rate a linear fine-tune run's head trained at (train/linear_lr.py)
         "best_at_last_epoch",  # true when a fine-tune run's best validated epoch was its last (train/finetune.py)
@@ -81,8 +104,10 @@ def resolve_tracking_uri(override: str | None = None) -> str:
             "or an http(s):// tracking server"
         )
     if scheme.split("+", 1)[0] not in SUPPORTED_SCHEMES:
-        raise TrackingError(f"tracking URI {uri!r}: unsupported scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
-                            "postgresql://..., mysql://..., mssql://... or an http(s):// tracking server")
+        raise TrackingError(
+            f"tracking URI {uri!r}: unsupported scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
+            "postgresql://..., mysql://..., mssql://... or an http(s):// tracking server"
+        )
     return uri
 
 
@@ -180,8 +205,10 @@ def quote_filter(value: Any) -> str:
         return f"'{text}'"
     if '"' not in text:
         return f'"{text}"'
-    raise TrackingError(f"{text!r} holds both a single and a double quote, which an MLflow search filter "
-                        "cannot express; rename it")
+    raise TrackingError(
+        f"{text!r} holds both a single and a double quote, which an MLflow search filter "
+        "cannot express; rename it"
+    )
 
 
 def check_experiment_name(name: str) -> str:
@@ -199,8 +226,10 @@ def check_experiment_name(name: str) -> str:
     elif folder.strip() in (".", "..") or os.path.dirname(os.path.normpath(f"/root/{folder}")) != "/root":
         problem = "it is a path component, so its artifacts would land outside the artifact root"
     if problem:
-        raise ConfigError(f"experiment name {name!r} (--experiment) is refused: {problem}; use letters, digits, "
-                          "'-', '_' or '/'")
+        raise ConfigError(
+            f"experiment name {name!r} (--experiment) is refused: {problem}; use letters, digits, "
+            "'-', '_' or '/'"
+        )
     return name
 
 
@@ -225,8 +254,10 @@ def ensure_experiment(name: str) -> str:
     location = None
     if root is not None:
         location = (root / name.replace("/", "_")).as_uri()
-    exp_tags = {EXPERIMENT_KIND_TAG: "custom_model_development",
-                NOTE_TAG: f"mococxr experiment {name!r}: runs logged by the `mococxr` command (see README.md)"}
+    exp_tags = {
+        EXPERIMENT_KIND_TAG: "custom_model_development",
+        NOTE_TAG: f"mococxr experiment {name!r}: runs logged by the `mococxr` command (see README.md)",
+    }
     try:
         return client.create_experiment(name, artifact_location=location, tags=exp_tags)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
@@ -262,7 +293,9 @@ class Heartbeat:
         self.run_id, self.interval = run_id, heartbeat_interval()
         self._client = MlflowClient(mlflow.get_tracking_uri())
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"mococxr-heartbeat-{run_id[:8]}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"mococxr-heartbeat-{run_id[:8]}", daemon=True
+        )
         self._thread.start()
 
     def _beat(self) -> None:
@@ -295,8 +328,10 @@ def _end_after(exc: BaseException, where: str, run_id: str) -> None:
     """Mark the active run KILLED (Ctrl-C, SIGTERM) or FAILED with the reason; raise what the caller should."""
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     try:
-        mlflow.set_tag(tag("end_reason"), "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED"
-                       else f"{type(exc).__name__}: {exc}"[:500])
+        mlflow.set_tag(
+            tag("end_reason"),
+            "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED" else f"{type(exc).__name__}: {exc}"[:500],
+        )
     except Exception:  # noqa: BLE001 - the reason is a courtesy; the status below is what matters
         pass
     try:
@@ -340,11 +375,16 @@ def start_run(
     owner = tags(owner=owner_id(), heartbeat=int(time.time()))
     resumed = run_id is not None
     if resumed:  # resumed runs change owner; a claimed run also gets the body's name and tags
-        run = mlflow.start_run(run_id=run_id, nested=nested, run_name=run_name, tags={**(run_tags or {}), **owner})
+        run = mlflow.start_run(
+            run_id=run_id, nested=nested, run_name=run_name, tags={**(run_tags or {}), **owner}
+        )
     else:
         run = mlflow.start_run(
-            experiment_id=exp_id, run_name=run_name, tags={**(run_tags or {}), **owner},
-            parent_run_id=parent_run_id, nested=nested,
+            experiment_id=exp_id,
+            run_name=run_name,
+            tags={**(run_tags or {}), **owner},
+            parent_run_id=parent_run_id,
+            nested=nested,
         )
     where = f"run {run.info.run_id} (experiment {experiment!r}) in {mlflow.get_tracking_uri()}"
     beat = None if took_claim else Heartbeat(run.info.run_id)  # claimed_run beats for a claimed run
@@ -360,8 +400,10 @@ def start_run(
     try:
         mlflow.end_run("FINISHED")
     except Exception as exc:
-        raise TrackingError(f"{where}: everything was logged, but marking it FINISHED failed ({exc}); "
-                            f"it shows RUNNING until MlflowClient().set_terminated({run.info.run_id!r})") from exc
+        raise TrackingError(
+            f"{where}: everything was logged, but marking it FINISHED failed ({exc}); "
+            f"it shows RUNNING until MlflowClient().set_terminated({run.info.run_id!r})"
+        ) from exc
     if resumed:
         _clear_end_reason(run.info.run_id, where)
 
@@ -373,5 +415,7 @@ def _clear_end_reason(run_id: str, where: str) -> None:
         if tag("end_reason") in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, tag("end_reason"))
     except MlflowException as exc:  # the run is FINISHED and complete; only its old reason stays
-        warnings.warn(f"{where} FINISHED, but its stale {tag('end_reason')} tag could not be removed: {exc}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{where} FINISHED, but its stale {tag('end_reason')} tag could not be removed: {exc}",
+            stacklevel=3,
+        )

@@ -74,8 +74,10 @@ def probe_sqlite(db: Path) -> None:
         if valid and pages and size < pages * page:
             problem = f"it is truncated ({size} of {pages * page} bytes)"
     if problem:
-        raise TrackingError(f"MLflow store {db} is unreadable: {problem}; restore it from a backup, or move it "
-                            "aside to start a new store")
+        raise TrackingError(
+            f"MLflow store {db} is unreadable: {problem}; restore it from a backup, or move it "
+            "aside to start a new store"
+        )
 
 
 def store_check_wanted(db: Path) -> bool:
@@ -83,8 +85,10 @@ def store_check_wanted(db: Path) -> bool:
     an existing store of at most ``CHECK_STORE_MAX_BYTES`` (where it costs well under a second)."""
     raw = os.environ.get(CHECK_STORE_ENV, "").strip()
     if raw not in ("", "0", "1"):
-        raise TrackingError(f"{CHECK_STORE_ENV}={raw!r}: expected 1 (check the store at open), 0 (never) or "
-                            f"unset (check stores up to {CHECK_STORE_MAX_BYTES / 2**20:g} MiB)")
+        raise TrackingError(
+            f"{CHECK_STORE_ENV}={raw!r}: expected 1 (check the store at open), 0 (never) or "
+            f"unset (check stores up to {CHECK_STORE_MAX_BYTES / 2**20:g} MiB)"
+        )
     if raw == "0" or not db.exists() or db.stat().st_size == 0:
         return False
     return raw == "1" or db.stat().st_size <= CHECK_STORE_MAX_BYTES
@@ -106,10 +110,14 @@ def check_sqlite(db: Path) -> None:
     except sqlite3.OperationalError as exc:  # not damage: locked, read-only rollback, unreadable file
         if any(word in str(exc) for word in ("locked", "busy", "readonly", "read-only")):
             return
-        raise TrackingError(f"MLflow store {db} cannot be read ({exc}): check that it is a readable file") from None
+        raise TrackingError(
+            f"MLflow store {db} cannot be read ({exc}): check that it is a readable file"
+        ) from None
     except sqlite3.DatabaseError as exc:  # "database disk image is malformed", "file is not a database"
         rows = [str(exc)]
     if rows != ["ok"]:
         found = " ".join(" ".join(rows).replace("*** in database main ***", "").split())
-        raise TrackingError(f"MLflow store {db} is damaged ({found[:200]}); restore it from a backup, or move it "
-                            "aside to start a new store")
+        raise TrackingError(
+            f"MLflow store {db} is damaged ({found[:200]}); restore it from a backup, or move it "
+            "aside to start a new store"
+        )

@@ -71,7 +71,8 @@ def finished_hashes(experiment: str) -> dict[str, str]:
     if exp is None:
         return {}
     runs = mlflow.search_runs(
-        [exp.experiment_id], filter_string=f"{_where(mt.tags(kind='finetune'))} and attributes.status = 'FINISHED'",
+        [exp.experiment_id],
+        filter_string=f"{_where(mt.tags(kind='finetune'))} and attributes.status = 'FINISHED'",
         output_format="list",
     )
     return {r.data.tags.get(mt.tag("config_hash"), ""): r.info.run_id for r in runs}
@@ -135,8 +136,9 @@ def mark_stale(run: Run, reason: str) -> None:
     client.set_terminated(run.info.run_id, "FAILED")
 
 
-def cell_runs(experiment: str, key: Mapping[str, str], *, fix_stale: bool = True,
-              grace: float | None = None) -> tuple[list[Run], list[Run]]:
+def cell_runs(
+    experiment: str, key: Mapping[str, str], *, fix_stale: bool = True, grace: float | None = None
+) -> tuple[list[Run], list[Run]]:
     """(FINISHED runs, live RUNNING runs) whose tags include ``key``, oldest first. Stale RUNNING runs
     are marked FAILED on the way (``fix_stale``) or just left out (a dry run writes nothing)."""
     exp = MlflowClient().get_experiment_by_name(experiment)
@@ -154,7 +156,9 @@ def cell_runs(experiment: str, key: Mapping[str, str], *, fix_stale: bool = True
     return [r for r in found if r.info.status == "FINISHED"], live
 
 
-def _holder(mine: str, start: tuple[int, str], finished: list[Run], live: list[Run], *, pending: bool) -> Run | None:
+def _holder(
+    mine: str, start: tuple[int, str], finished: list[Run], live: list[Run], *, pending: bool
+) -> Run | None:
     """The run that beats our claim ``mine``: a finished one, a confirmed one, or (``pending``) an older one."""
     if finished:
         return finished[0]
@@ -168,8 +172,14 @@ def _holder(mine: str, start: tuple[int, str], finished: list[Run], live: list[R
     return None
 
 
-def claim_run(experiment: str, key: Mapping[str, str], *, run_name: str, tags: Mapping[str, str],
-              parent_run_id: str | None = None) -> tuple[str | None, Run | None]:
+def claim_run(
+    experiment: str,
+    key: Mapping[str, str],
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> tuple[str | None, Run | None]:
     """Claim the work ``key`` names (see the module docstring): ``(our run id, None)`` if we own it now,
     else ``(None, the run that holds it)``. Our run is RUNNING; the caller resumes it with
     :func:`mococxr.tracking.mlflow.claimed_run` and must end it."""
@@ -180,9 +190,16 @@ def claim_run(experiment: str, key: Mapping[str, str], *, run_name: str, tags: M
     client = MlflowClient()
     extra = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
     run = client.create_run(
-        mt.ensure_experiment(experiment), run_name=run_name,
-        tags=resolve_tags({**tags, **key, **extra, **mt.tags(owner=mt.owner_id(), heartbeat=int(time.time()),
-                                                            claim="pending")}),
+        mt.ensure_experiment(experiment),
+        run_name=run_name,
+        tags=resolve_tags(
+            {
+                **tags,
+                **key,
+                **extra,
+                **mt.tags(owner=mt.owner_id(), heartbeat=int(time.time()), claim="pending"),
+            }
+        ),
     )
     mine, start = run.info.run_id, (run.info.start_time, run.info.run_id)
     try:
@@ -264,13 +281,28 @@ def promote_best(name: str, run_id: str, epoch: int, stage: str, *, study_name: 
         holder = client.get_model_version_by_alias(name, stage)
     except mlflow.exceptions.MlflowException:
         holder = None
-    if (holder is not None and holder.tags.get(mt.TAG_PREFIX + "run_id") == run_id
-            and holder.tags.get(mt.tag("checkpoint_epoch")) == str(epoch)):
+    if (
+        holder is not None
+        and holder.tags.get(mt.TAG_PREFIX + "run_id") == run_id
+        and holder.tags.get(mt.tag("checkpoint_epoch")) == str(epoch)
+    ):
         return str(holder.version)  # another worker of this study promoted it already
-    version = registry.register(name, run_id=run_id, epoch=epoch,
-                                extra_tags=mt.tags(optuna_study=study_name, optuna_trial=trial))
+    version = registry.register(
+        name, run_id=run_id, epoch=epoch, extra_tags=mt.tags(optuna_study=study_name, optuna_trial=trial)
+    )
     registry.promote(name, version, stage)
     return version
 
 
-__all__ = ["cell_runs", "claim_run", "finished_hashes", "is_stale", "mark_stale", "stale_after", "open_experiment", "parent_run", "promote_best", "trial_run_id"]
+__all__ = [
+    "cell_runs",
+    "claim_run",
+    "finished_hashes",
+    "is_stale",
+    "mark_stale",
+    "stale_after",
+    "open_experiment",
+    "parent_run",
+    "promote_best",
+    "trial_run_id",
+]

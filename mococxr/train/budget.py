@@ -81,8 +81,11 @@ class Budget:
         return self.epochs * self.steps_per_epoch
 
     def params(self) -> dict[str, int]:
-        return {"epochs_resolved": self.epochs, "steps_per_epoch": self.steps_per_epoch,
-                "optimizer_steps": self.optimizer_steps}
+        return {
+            "epochs_resolved": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "optimizer_steps": self.optimizer_steps,
+        }
 
     def describe(self) -> str:
         steps = f"{self.optimizer_steps} optimizer steps, {self.steps_per_epoch} per epoch"
@@ -103,7 +106,10 @@ def training_budget(cfg: FinetuneConfig, steps_per_epoch: int, n_labelled: int |
         rule_epochs = max(1, int(round(epochs_for_size(n_labelled) * cfg.epochs_scale)))
         rule = _size_rule(cfg, n_labelled)
     else:
-        rule_epochs, rule = max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale))), _epoch_rule(cfg)
+        rule_epochs, rule = (
+            max(1, int(round(epochs_for_fraction(cfg.fraction) * cfg.epochs_scale))),
+            _epoch_rule(cfg),
+        )
     steps_per_epoch = max(1, steps_per_epoch)
     epochs = max(rule_epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     return Budget(epochs, steps_per_epoch, rule_epochs, rule, cfg.min_steps)
@@ -116,8 +122,10 @@ def _epoch_rule(cfg: FinetuneConfig) -> str:
 
 def _size_rule(cfg: FinetuneConfig, n: int) -> str:
     scale = f" x epochs_scale {cfg.epochs_scale:g}" if cfg.epochs_scale != 1 else ""
-    return (f"MoCo-CXR's schedule by labelled-set size for {n:,} labelled images (CheXpert's "
-            f"{CHEXPERT_LABELLED:,} x 0.1/1/10/100 % -> 220/95/41/18 epochs, log-interpolated){scale}")
+    return (
+        f"MoCo-CXR's schedule by labelled-set size for {n:,} labelled images (CheXpert's "
+        f"{CHEXPERT_LABELLED:,} x 0.1/1/10/100 % -> 220/95/41/18 epochs, log-interpolated){scale}"
+    )
 
 
 def percent(fraction: float) -> str:

@@ -57,7 +57,9 @@ def retained(keep: str, history: Mapping[int, Mapping[str, float]]) -> set[int]:
         return {e for e in epochs if e % k == 0} | {epochs[-1]}
     scored = [e for e in epochs if metric in history[e]]
     if not scored and epochs:
-        raise ConfigError(f"keep={keep!r}: metric {metric!r} is not logged; logged: {sorted(history[epochs[-1]])}")
+        raise ConfigError(
+            f"keep={keep!r}: metric {metric!r} is not logged; logged: {sorted(history[epochs[-1]])}"
+        )
     best = sorted(scored, key=lambda e: (-history[e][metric], e))[:k]
     return set(best) | {epochs[-1]}
 
@@ -77,7 +79,6 @@ def model_epoch(model: Any) -> int:
     return int(model.tags.get(tag("checkpoint_epoch"), -1))
 
 
-
 # -- registered checkpoints are never deleted as a side effect ----------------------------------------
 def registered_model_ids(run_id: str) -> dict[str, str]:
     """LoggedModel id -> "NAME vVERSION" for every registered model version made from run ``run_id``."""
@@ -88,7 +89,11 @@ def registered_model_ids(run_id: str) -> dict[str, str]:
         page = client.search_model_versions(f"run_id = '{run_id}'", page_token=token)
         for mv in page:
             m = _MODEL_URI.match(mv.source or "")
-            for model_id in {mv.model_id, m.group(1) if m else None, (mv.tags or {}).get(TAG_PREFIX + "model_id")}:
+            for model_id in {
+                mv.model_id,
+                m.group(1) if m else None,
+                (mv.tags or {}).get(TAG_PREFIX + "model_id"),
+            }:
                 if model_id:
                     out.setdefault(model_id, f"{mv.name} v{mv.version}")
         token = page.token
@@ -104,8 +109,10 @@ def _delete_models(run_id: str, models: list[Any], why: str) -> None:
     registered = registered_model_ids(run_id)
     for model in models:
         if model.model_id in registered:
-            client.set_logged_model_tags(model.model_id, {
-                KEPT_TAG: f"registered as {registered[model.model_id]}; {why} would have deleted it"})
+            client.set_logged_model_tags(
+                model.model_id,
+                {KEPT_TAG: f"registered as {registered[model.model_id]}; {why} would have deleted it"},
+            )
         else:
             client.delete_logged_model(model.model_id)
 
@@ -150,8 +157,10 @@ def resume_files(run_id: str) -> dict[int, dict[str, Any]]:
         client.get_run(run_id)
         infos = client.list_artifacts(run_id, RESUME_DIR)
     except MlflowException as exc:
-        raise TrackingError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()} ({exc.message}); "
-                            "check the run id in the MLflow UI") from exc
+        raise TrackingError(
+            f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()} ({exc.message}); "
+            "check the run id in the MLflow UI"
+        ) from exc
     out: dict[int, dict[str, Any]] = {}
     for info in infos:
         if m := _RESUME_FILE.search(info.path):
@@ -176,8 +185,10 @@ def save_resume_state(run_id: str, epoch: int, state: Mapping[str, Any]) -> None
     stored = files.get(epoch, {})
     size = getattr(stored.get("pt"), "file_size", None)
     if "json" not in stored or "pt" not in stored or size not in (None, sidecar["size"]):
-        raise TrackingError(f"resume point {_state_path(epoch)} of run {run_id} was not stored completely "
-                            f"({size} of {sidecar['size']} bytes); is the artifact store full or unreachable?")
+        raise TrackingError(
+            f"resume point {_state_path(epoch)} of run {run_id} was not stored completely "
+            f"({size} of {sidecar['size']} bytes); is the artifact store full or unreachable?"
+        )
     for old in sorted(files)[:-KEEP_RESUME_STATES]:
         for ext in ("pt", "json"):  # the state first: a sidecar left alone is ignored, never trusted
             if ext in files[old]:
@@ -218,7 +229,9 @@ def reconcile(run_id: str, last_epoch: int, last_metrics: Mapping[str, float] | 
         if not any(m.step == last_epoch for m in history):
             kept = [m for m in run_models(run_id) if model_epoch(m) == last_epoch]
             mlflow.log_metrics(
-                dict(last_metrics), step=last_epoch, run_id=run_id,
+                dict(last_metrics),
+                step=last_epoch,
+                run_id=run_id,
                 model_id=kept[0].model_id if kept else None,
             )
 
@@ -239,21 +252,27 @@ def load_resume_state(run_id: str, resume_from: int | None = None) -> dict[str, 
     states = sorted((e for e, f in files.items() if "pt" in f), reverse=True)
     if resume_from is not None:
         if resume_from not in states:
-            raise TrackingError(f"run {run_id} keeps no resume point for epoch {resume_from}; it keeps "
-                                f"{', '.join(map(str, sorted(states))) or 'none'}")
+            raise TrackingError(
+                f"run {run_id} keeps no resume point for epoch {resume_from}; it keeps "
+                f"{', '.join(map(str, sorted(states))) or 'none'}"
+            )
         return _verified(run_id, resume_from, files)
     for i, epoch in enumerate(states):
         if "json" in files[epoch]:
             return _verified(run_id, epoch, files)
         if i + 1 < len(states):
-            say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was interrupted); "
-                 f"resuming from epoch {states[i + 1]}")
+            say(
+                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was interrupted); "
+                f"resuming from epoch {states[i + 1]}"
+            )
             continue
         try:  # the oldest, unchecked: written before sidecars existed, or the run's first write was cut short
             return _verified(run_id, epoch, files)
         except DataError:
-            say(f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its write "
-                 "was interrupted); starting again from epoch 1")
+            say(
+                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its write "
+                "was interrupted); starting again from epoch 1"
+            )
     return None
 
 
@@ -264,37 +283,53 @@ def _verified(run_id: str, epoch: int, files: Mapping[int, Mapping[str, Any]]) -
     has_sidecar = "json" in files[epoch]
     try:
         local = _download(run_id, _state_path(epoch))
-        sidecar = json.loads(Path(_download(run_id, _state_path(epoch, "json"))).read_text()) if has_sidecar else None
+        sidecar = (
+            json.loads(Path(_download(run_id, _state_path(epoch, "json"))).read_text())
+            if has_sidecar
+            else None
+        )
     except (MlflowException, OSError, ValueError) as exc:
         raise DataError(f"{where} cannot be read ({_one_line(exc)}); {hint}") from exc
     if sidecar is not None:
         size = os.path.getsize(local)
         if size != sidecar.get("size"):
-            raise DataError(f"{where} is damaged: it has {size} bytes where its sidecar {_state_path(epoch, 'json')} "
-                            f"recorded {sidecar.get('size')}; {hint}")
+            raise DataError(
+                f"{where} is damaged: it has {size} bytes where its sidecar {_state_path(epoch, 'json')} "
+                f"recorded {sidecar.get('size')}; {hint}"
+            )
         if _sha256(local) != sidecar.get("sha256"):
-            raise DataError(f"{where} is damaged: its sha256 differs from the one its sidecar "
-                            f"{_state_path(epoch, 'json')} recorded; {hint}")
+            raise DataError(
+                f"{where} is damaged: its sha256 differs from the one its sidecar "
+                f"{_state_path(epoch, 'json')} recorded; {hint}"
+            )
     try:
         state = load_state_dict_file(local, what=where, nested=False)
     except DataError as exc:
         cause = exc.__cause__ or exc
-        raise DataError(f"{where} is not a plain state dict and was not loaded ({type(cause).__name__}: "
-                        f"{_one_line(cause)}); {hint}") from exc
+        raise DataError(
+            f"{where} is not a plain state dict and was not loaded ({type(cause).__name__}: "
+            f"{_one_line(cause)}); {hint}"
+        ) from exc
     missing = {"epoch", "model", "optimizer", "scheduler", "scaler", "history"} - set(state)
     if missing or int(state["epoch"]) != epoch:
-        raise DataError(f"{where} is not a resume state of epoch {epoch} (epoch {state.get('epoch')}, missing "
-                        f"{sorted(missing)}); {hint}")
+        raise DataError(
+            f"{where} is not a resume state of epoch {epoch} (epoch {state.get('epoch')}, missing "
+            f"{sorted(missing)}); {hint}"
+        )
     return state
 
 
 def _way_forward(run_id: str, epoch: int, files: Mapping[int, Mapping[str, Any]]) -> str:
     older = [e for e in sorted(files, reverse=True) if e < epoch and {"pt", "json"} <= set(files[e])]
     if older:
-        return (f"nothing was changed. To continue from the intact epoch {older[0]} (later epochs are trained "
-                f"again): mococxr pretrain --resume {run_id} --resume-from {older[0]}")
-    return ("nothing was changed, and no earlier resume point is kept: start a new run from one of its "
-            "checkpoints (mococxr pretrain --init models:/<LoggedModel id>)")
+        return (
+            f"nothing was changed. To continue from the intact epoch {older[0]} (later epochs are trained "
+            f"again): mococxr pretrain --resume {run_id} --resume-from {older[0]}"
+        )
+    return (
+        "nothing was changed, and no earlier resume point is kept: start a new run from one of its "
+        "checkpoints (mococxr pretrain --init models:/<LoggedModel id>)"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -309,19 +344,24 @@ def say(line: str) -> None:
 
 
 # -- what --resume needs ----------------------------------------------------------------------------------
-def resume_point(run_id: str, epochs: int | None, resume_from: int | None) -> tuple[PretrainConfig, dict | None]:
+def resume_point(
+    run_id: str, epochs: int | None, resume_from: int | None
+) -> tuple[PretrainConfig, dict | None]:
     """The config and verified resume state to continue run ``run_id`` from; raises, changing
     nothing, when the state is damaged or gone."""
     cfg = config_of_run(run_id, epochs)
     state = load_resume_state(run_id, resume_from)
     if epochs is not None and state is not None and cfg.epochs < int(state["epoch"]):
-        raise ConfigError(f"--epochs {cfg.epochs}: run {run_id} resumes from epoch {state['epoch']}, so its budget "
-                          f"cannot be fewer epochs; nothing was changed")
+        raise ConfigError(
+            f"--epochs {cfg.epochs}: run {run_id} resumes from epoch {state['epoch']}, so its budget "
+            f"cannot be fewer epochs; nothing was changed"
+        )
     if state is None and has_logged_epochs(run_id):
         raise TrackingError(
             f"run {run_id} has logged epochs but keeps no resume point (with resume_state=until_done it is "
             "deleted once a run finishes or is pruned); nothing was changed. Continue from one of its "
-            "checkpoints in a new run: mococxr pretrain --init models:/<LoggedModel id>")
+            "checkpoints in a new run: mococxr pretrain --init models:/<LoggedModel id>"
+        )
     return cfg, state
 
 
@@ -355,11 +395,15 @@ def config_of_run(run_id: str, epochs: int | None) -> PretrainConfig:
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException as exc:
-        raise TrackingError(f"--resume {run_id}: no such MLflow run in {mlflow.get_tracking_uri()}; "
-                            "check the id (MLflow UI, or mlflow runs list)") from exc
+        raise TrackingError(
+            f"--resume {run_id}: no such MLflow run in {mlflow.get_tracking_uri()}; "
+            "check the id (MLflow UI, or mlflow runs list)"
+        ) from exc
     if run.data.tags.get(tag("kind")) != "pretrain":
-        raise TrackingError(f"--resume {run_id}: run {run.info.run_name!r} is not a pretraining run "
-                            f"(kind {run.data.tags.get(tag('kind'))!r})")
+        raise TrackingError(
+            f"--resume {run_id}: run {run.info.run_name!r} is not a pretraining run "
+            f"(kind {run.data.tags.get(tag('kind'))!r})"
+        )
     try:
         logged = json.loads(Path(_download(run_id, "config.json")).read_text())
     except (MlflowException, OSError, ValueError) as exc:

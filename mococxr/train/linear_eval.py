@@ -75,9 +75,13 @@ def extract_features(
     encoder.to(device)
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(CXRDataset(records, build_transform("eval", image_size), cache=cache),
-                        batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator())  # never draws from the global RNG training augments with
+    loader = DataLoader(
+        CXRDataset(records, build_transform("eval", image_size), cache=cache),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        generator=torch.Generator(),
+    )  # never draws from the global RNG training augments with
     feats = []
     for images, _ in loader:
         with torch.autocast("cuda", enabled=device.type == "cuda" and mixed_precision):
@@ -87,8 +91,13 @@ def extract_features(
 
 
 def fit_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-    *, Cs: Sequence[float] = DEFAULT_CS, task: str = "task",
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    task: str = "task",
 ) -> tuple[float, float, LogisticRegression, StandardScaler]:
     """Best (C, val AUC, model, scaler) for one task; rows with a NaN label are left out."""
     tr, va = ~np.isnan(y_train), ~np.isnan(y_val)
@@ -128,18 +137,33 @@ class ProbeGap:
         return out if self.gap is None else {**out, "val/probe_gap": self.gap}
 
     def describe(self) -> str:
-        text = (f"**Probe**: a logistic regression on the frozen features of the same {self.n_train} training "
-                f"images (eval transform, C chosen on validation) reaches validation AUC {self.probe_auc:.4f} "
-                f"(metric `val/probe_auc`, {self.seconds:.1f} s)")
+        text = (
+            f"**Probe**: a logistic regression on the frozen features of the same {self.n_train} training "
+            f"images (eval transform, C chosen on validation) reaches validation AUC {self.probe_auc:.4f} "
+            f"(metric `val/probe_auc`, {self.seconds:.1f} s)"
+        )
         if self.gap is None:
             return text + "; no gap: some task has a single class among the training labels."
-        verdict = "the head is below the probe: not converged" if self.gap > 0 else "the head matches the probe"
-        return text + f"; gap to this run's best {self.run_auc:.4f}: {self.gap:+.4f} (`val/probe_gap`; {verdict})."
+        verdict = (
+            "the head is below the probe: not converged" if self.gap > 0 else "the head matches the probe"
+        )
+        return (
+            text
+            + f"; gap to this run's best {self.run_auc:.4f}: {self.gap:+.4f} (`val/probe_gap`; {verdict})."
+        )
 
 
 def probe_gap(
-    encoder: torch.nn.Module, train: pd.DataFrame, val: pd.DataFrame, tasks: Sequence[str], run_auc: float,
-    *, image_size: int, cache: ImageCache | None = None, workers: int = 0, device: torch.device | str | None = None,
+    encoder: torch.nn.Module,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    tasks: Sequence[str],
+    run_auc: float,
+    *,
+    image_size: int,
+    cache: ImageCache | None = None,
+    workers: int = 0,
+    device: torch.device | str | None = None,
     features: Callable[[pd.DataFrame], np.ndarray] | None = None,
 ) -> ProbeGap | None:
     """The fast probe (:func:`fit_probe`) on ``train`` and ``val``, set against a run's best val AUC.
@@ -155,9 +179,12 @@ def probe_gap(
     if not probed:
         return None
     if features is None:
+
         def features(records: pd.DataFrame) -> np.ndarray:
-            return extract_features(encoder, records, image_size=image_size, cache=cache, workers=workers,
-                                    device=device)
+            return extract_features(
+                encoder, records, image_size=image_size, cache=cache, workers=workers, device=device
+            )
+
     x_tr, x_va = features(train), features(val)
     per_task = {tasks[j]: fit_probe(x_tr, y_tr[:, j], x_va, y_va[:, j], task=tasks[j])[1] for j in probed}
     probe_auc = float(np.mean(list(per_task.values())))
@@ -187,8 +214,12 @@ def linear_eval(
         C, auc, _, _ = fit_probe(x_tr, y_tr[:, j], x_va, y_va[:, j], Cs=Cs, task=task)
         per_task[task], chosen[task] = auc, C
     return LinearEvalResult(
-        auc=float(np.mean(list(per_task.values()))), per_task=per_task, C=chosen,
-        seconds=time.perf_counter() - t0, n_train=len(train), n_val=len(val),
+        auc=float(np.mean(list(per_task.values()))),
+        per_task=per_task,
+        C=chosen,
+        seconds=time.perf_counter() - t0,
+        n_train=len(train),
+        n_val=len(val),
     )
 
 
@@ -212,7 +243,9 @@ def make_monitor(
     return monitor
 
 
-def evaluate(cfg: FinetuneConfig, *, data: Prepared | None = None, store: mt.Store | None = None) -> LinearEvalResult:
+def evaluate(
+    cfg: FinetuneConfig, *, data: Prepared | None = None, store: mt.Store | None = None
+) -> LinearEvalResult:
     """Fast linear evaluation of ``cfg.init`` (random, imagenet, a file or a models:/ or runs:/ URI) on the
     train and val splits of ``cfg.data``; ``data`` is prepared from ``cfg.data`` when not given."""
     data = prepare(cfg.data) if data is None else data
@@ -221,5 +254,6 @@ def evaluate(cfg: FinetuneConfig, *, data: Prepared | None = None, store: mt.Sto
     kind, state, _ = resolve_init(cfg.init, cfg.backbone)
     encoder = build_encoder(cfg.backbone, init=kind, state_dict=state)
     cache = open_cache(cfg.data, data.labeled, cfg.image_size)
-    return linear_eval(encoder, data.splits["train"], data.splits["val"], data.tasks, image_size=cfg.image_size,
-                       cache=cache)
+    return linear_eval(
+        encoder, data.splits["train"], data.splits["val"], data.tasks, image_size=cfg.image_size, cache=cache
+    )

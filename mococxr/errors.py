@@ -33,8 +33,8 @@ _OS_ADVICE = {
     "ENOSPC": "no space left on the device holding {path}: free space there, or point MOCOCXR_ARTIFACT_ROOT "
     "(artifacts), --out or --cache at another disk, then rerun",
     "EDQUOT": "disk quota exceeded writing {path}: free space or write elsewhere, then rerun",
-    "EROFS": "{path} is on a read-only file system: point MOCOCXR_ARTIFACT_ROOT, --tracking-uri or --out at a "
-    "writable folder",
+    "EROFS": "{path} is on a read-only file system: point MOCOCXR_ARTIFACT_ROOT, --tracking-uri or --out "
+    "at a writable folder",
     "EACCES": "permission denied on {path}: make it writable/readable for this user or choose another folder",
     "EPERM": "operation not permitted on {path}: make it writable for this user or choose another folder",
     "ENOTDIR": "{path}: a file stands where a folder is expected; remove it or choose another folder",

@@ -267,7 +267,8 @@ class ImageCache:
     def _fill(
         path: Path, paths: list[str], size: int, *, start: int | None, workers: int, progress: bool
     ) -> None:
-        """Write rows ``start..n-1`` of ``images.u8`` (``start=None``: a fresh file), checkpointing as it goes."""
+        """Write rows ``start..n-1`` of ``images.u8`` (``start=None``: a fresh file), checkpointing as it
+        goes."""
         n = len(paths)
         if start is None:
             (path / PROGRESS).unlink(missing_ok=True)

@@ -62,8 +62,9 @@ class CXRDataset(Dataset):
             absent = [i for i, image_id in enumerate(self.image_ids) if image_id not in cache]
             if absent:
                 raise DataError(
-                    f"records row {absent[0]}: image_id {self.image_ids[absent[0]]!r} is not in the image cache "
-                    f"{cache.path} ({len(absent)} rows missing); rebuild it with ImageCache.build(records, ...)"
+                    f"records row {absent[0]}: image_id {self.image_ids[absent[0]]!r} is not in the image "
+                    f"cache {cache.path} ({len(absent)} rows missing); rebuild it with "
+                    "ImageCache.build(records, ...)"
                 )
         try:
             values = records[self.tasks].to_numpy(dtype=np.float32)

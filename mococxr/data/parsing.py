@@ -1,4 +1,5 @@
-"""What the dataset readers share: the problem list, CSV cells, cell parsers and the image checks.
+"""What the dataset readers share: CSV cells and the cell parsers (the problem list is in
+:mod:`mococxr.data.problems`, the duplicate and image checks in :mod:`mococxr.data.checks`).
 
 A reader (:mod:`mococxr.data.readers`) parses its source into a :class:`Parsed` table, collecting a
 :class:`Problem` for every bad cell instead of stopping at the first; :func:`finish` then adds the
@@ -10,68 +11,74 @@ file, the header being line 1, so the first data row is line 2.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
-from mococxr.errors import DataError
+from mococxr.data.checks import (
+    decode_error,
+    duplicate_problems,
+    empty_problems,
+    finish,
+    image_problems,
+    list_files,
+)
+from mococxr.data.problems import MAX_LISTED, DatasetError, Parsed, Problem, format_problems, ordered
+
+__all__ = [
+    "BASE_COLUMNS",
+    "MAX_LISTED",
+    "SEX_CODES",
+    "DatasetError",
+    "Parsed",
+    "Problem",
+    "abspath",
+    "decode_error",
+    "duplicate_problems",
+    "empty_problems",
+    "find_csv",
+    "finish",
+    "format_problems",
+    "image_problems",
+    "join_paths",
+    "list_files",
+    "ordered",
+    "parse_age",
+    "parse_labels",
+    "parse_sex",
+    "parse_view",
+    "problems_at",
+    "read_cells",
+    "records_table",
+    "task_columns",
+]
 
 BASE_COLUMNS = ["image_id", "path", "patient_id", "study_id", "view", "sex", "age"]
-MAX_LISTED = 20
 
-SEX_CODES = {"m": "M", "male": "M", "f": "F", "female": "F", "": "", "u": "", "unknown": "", "o": "", "other": ""}
-_VIEW = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LATERAL", "RL": "LATERAL", "LAT": "LATERAL",
-         "FRONTAL": "FRONTAL", "": ""}
+SEX_CODES = {
+    "m": "M",
+    "male": "M",
+    "f": "F",
+    "female": "F",
+    "": "",
+    "u": "",
+    "unknown": "",
+    "o": "",
+    "other": "",
+}
+_VIEW = {
+    "PA": "PA",
+    "AP": "AP",
+    "LATERAL": "LATERAL",
+    "LL": "LATERAL",
+    "RL": "LATERAL",
+    "LAT": "LATERAL",
+    "FRONTAL": "FRONTAL",
+    "": "",
+}
 _LABEL_HINT = "expected 1, 0, -1 (uncertain) or blank"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset: where (file, CSV line, field) and what.
-
-    ``row`` is the line of the CSV file as a spreadsheet numbers it (header = line 1), or None where
-    the problem is not tied to a row (a whole file, or a dataset without a CSV).
-    """
-
-    file: str
-    row: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.row is None else f"{self.file}, line {self.row}"
-        if self.field:
-            where += f", field {self.field!r}"
-        return f"{where}: {self.message}"
-
-
-class DatasetError(DataError):
-    """The DataError a reader raises; ``problems`` holds every :class:`Problem` it found."""
-
-    def __init__(self, problems: Sequence[Problem]):
-        self.problems = ordered(problems)
-        super().__init__(format_problems(self.problems))
-
-
-def format_problems(problems: Sequence[Problem], limit: int = MAX_LISTED) -> str:
-    """One line per problem, the first ``limit`` of them and a count of the rest."""
-    n = len(problems)
-    if n == 1 and not problems[0].message.startswith("image not found"):
-        return str(problems[0])  # one line, as the CLI prints an error
-    head = "1 problem in the dataset:" if n == 1 else f"{n} problems in the dataset:"
-    lines = [head, *(f"  {p}" for p in problems[:limit])]
-    if n > limit:
-        lines.append(f"  ... and {n - limit} more (`mococxr data check` lists them all)")
-    if any(p.message.startswith("image not found") for p in problems):
-        lines.append("  (images elsewhere? point --root at the folder the image paths are relative to; labels "
-                     "without images: from Python, read_records(..., require_images=False))")
-    return "\n".join(lines)
 
 
 def task_columns(records: pd.DataFrame) -> list[str]:
@@ -81,21 +88,6 @@ def task_columns(records: pd.DataFrame) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Parsing helpers: each takes text cells and returns parsed values plus the problems it found.
-
-
-@dataclass
-class Parsed:
-    """A parsed table before its images are checked; ``lines`` is each row's CSV line (None: no CSV)."""
-
-    records: pd.DataFrame
-    lines: np.ndarray | None
-    file: str
-    image_field: str
-    problems: list[Problem] = field(default_factory=list)
-
-
-def ordered(problems: Iterable[Problem]) -> list[Problem]:
-    return sorted(problems, key=lambda p: (p.file, p.row or 0))
 
 
 def abspath(path: str | os.PathLike) -> Path:
@@ -113,8 +105,16 @@ def find_csv(root: Path, csv: str | os.PathLike | None, candidates: Sequence[str
         if (root / name).is_file():
             return root / name
     looked = ", ".join(str(root / name) for name in candidates)
-    raise DatasetError([Problem(str(root), None, "", f"no {what} label file found (looked for {looked}); "
-                                                     "pass csv= or check the dataset root")])
+    raise DatasetError(
+        [
+            Problem(
+                str(root),
+                None,
+                "",
+                f"no {what} label file found (looked for {looked}); pass csv= or check the dataset root",
+            )
+        ]
+    )
 
 
 def read_cells(file: Path, required: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
@@ -126,8 +126,12 @@ def read_cells(file: Path, required: Sequence[str]) -> tuple[pd.DataFrame, np.nd
     """
     source = str(file)
     try:
-        header = pd.read_csv(file, header=None, nrows=1, dtype=str, keep_default_na=False,
-                             encoding="utf-8-sig").iloc[0].str.strip().tolist()
+        header = (
+            pd.read_csv(file, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            .iloc[0]
+            .str.strip()
+            .tolist()
+        )
     except (pd.errors.EmptyDataError, IndexError):
         raise DatasetError([Problem(source, 1, "", "the file is empty (expected a header line)")]) from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError) as e:
@@ -136,20 +140,32 @@ def read_cells(file: Path, required: Sequence[str]) -> tuple[pd.DataFrame, np.nd
     missing = [c for c in required if c not in header]
     if missing:
         shown = ", ".join(repr(c) for c in header)
-        raise DatasetError([Problem(source, 1, c, f"missing column (the header has {shown})") for c in missing])
+        raise DatasetError(
+            [Problem(source, 1, c, f"missing column (the header has {shown})") for c in missing]
+        )
     seen: dict[str, int] = {}
     problems = []
     for i, name in enumerate(header):
         if name in seen and name:
-            problems.append(Problem(source, 1, name, f"column appears twice (cells {seen[name] + 1} and {i + 1})"))
+            problems.append(
+                Problem(source, 1, name, f"column appears twice (cells {seen[name] + 1} and {i + 1})")
+            )
         seen.setdefault(name, i)
     if problems:
         raise DatasetError(problems)
 
     usecols = sorted(seen.values())
     try:
-        cells = pd.read_csv(file, header=None, skiprows=1, usecols=usecols, dtype=str, keep_default_na=False,
-                            skip_blank_lines=False, encoding="utf-8-sig")
+        cells = pd.read_csv(
+            file,
+            header=None,
+            skiprows=1,
+            usecols=usecols,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+        )
     except pd.errors.EmptyDataError:
         cells = pd.DataFrame({i: pd.Series([], dtype=str) for i in usecols})
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, ValueError) as e:
@@ -166,12 +182,15 @@ def read_cells(file: Path, required: Sequence[str]) -> tuple[pd.DataFrame, np.nd
 def problems_at(mask, cells: pd.Series, lines, file: str, column: str, message: str) -> list[Problem]:
     """A Problem for every row where ``mask`` holds; ``message`` is formatted with the row's cell."""
     idx = np.flatnonzero(np.asarray(mask))
-    return [Problem(file, int(lines[i]), column, message.format(cell))
-            for i, cell in zip(idx, cells.iloc[idx].tolist(), strict=True)]
+    return [
+        Problem(file, int(lines[i]), column, message.format(cell))
+        for i, cell in zip(idx, cells.iloc[idx].tolist(), strict=True)
+    ]
 
 
-def _parse_each(text: pd.Series, parse, missing, lines, file: str, column: str, message: str,
-                problems: list[Problem]) -> np.ndarray:
+def _parse_each(
+    text: pd.Series, parse, missing, lines, file: str, column: str, message: str, problems: list[Problem]
+) -> np.ndarray:
     """Parse every distinct cell once and spread the results over the rows.
 
     A column holds few distinct values (labels, sex, view, age), so this is far faster than per-row
@@ -224,19 +243,41 @@ def parse_age(text: pd.Series, lines, file: str, column: str, problems: list[Pro
 
 
 def parse_sex(text: pd.Series, lines, file: str, column: str, problems: list[Problem]) -> np.ndarray:
-    return _parse_each(text, lambda c: SEX_CODES[c.lower()], "", lines, file, column,
-                       "sex {!r} is not one of M, F, Male, Female, Unknown", problems)
+    return _parse_each(
+        text,
+        lambda c: SEX_CODES[c.lower()],
+        "",
+        lines,
+        file,
+        column,
+        "sex {!r} is not one of M, F, Male, Female, Unknown",
+        problems,
+    )
 
 
 def parse_view(text: pd.Series, lines, file: str, column: str, problems: list[Problem]) -> np.ndarray:
-    return _parse_each(text, lambda c: _VIEW[c.upper()], "", lines, file, column,
-                       "view {!r} is not one of PA, AP, LATERAL, FRONTAL", problems)
+    return _parse_each(
+        text,
+        lambda c: _VIEW[c.upper()],
+        "",
+        lines,
+        file,
+        column,
+        "view {!r} is not one of PA, AP, LATERAL, FRONTAL",
+        problems,
+    )
 
 
 def records_table(image_id, path, patient_id, study_id, view, sex, age, labels: dict) -> pd.DataFrame:
     """Assemble the records table from aligned columns, in the contract's column order and dtypes."""
-    base = {"image_id": image_id, "path": path, "patient_id": patient_id, "study_id": study_id,
-            "view": view, "sex": sex}
+    base = {
+        "image_id": image_id,
+        "path": path,
+        "patient_id": patient_id,
+        "study_id": study_id,
+        "view": view,
+        "sex": sex,
+    }
     frame = pd.DataFrame({k: pd.Series(v, dtype=str).reset_index(drop=True) for k, v in base.items()})
     frame["age"] = np.asarray(age, dtype=float)
     for name, values in labels.items():
@@ -252,112 +293,3 @@ def join_paths(base: str, relative: pd.Series) -> pd.Series:
         joined = joined.copy()
         joined[messy] = [os.path.normpath(p) for p in joined[messy]]
     return joined
-
-
-# ---------------------------------------------------------------------------------------------------
-# Images: existence from one directory listing per folder, decoding in threads (PIL releases the GIL).
-
-
-def list_files(folder: str | os.PathLike) -> set[str]:
-    try:
-        with os.scandir(folder) as entries:
-            return {e.name for e in entries if e.is_file()}
-    except OSError:
-        return set()
-
-
-def _exists(paths: Iterable[str]) -> np.ndarray:
-    """Whether each path is a file, listing each parent folder once instead of a stat per image."""
-    listings: dict[str, set[str]] = {}
-    out = []
-    for p in paths:
-        parent, name = os.path.split(p)
-        names = listings.get(parent)
-        if names is None:
-            names = listings[parent] = list_files(parent)
-        out.append(name in names)
-    return np.array(out, dtype=bool)
-
-
-def decode_error(path: str | os.PathLike) -> str | None:
-    """Why an image cannot be decoded (a full decode, so truncated files fail), or None if it can."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as e:  # any decoder failure is a property of the file to report, not a crash
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _decode_errors(paths: Sequence[str]) -> list[str | None]:
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        it = pool.map(decode_error, paths)
-        return list(tqdm(it, total=len(paths), desc="verifying images", unit="img", disable=None, leave=False))
-
-
-def duplicate_problems(parsed: Parsed) -> list[Problem]:
-    """Rows naming an image (by id or by resolved path) that an earlier row already named."""
-    records, lines = parsed.records, parsed.lines
-    problems = []
-    flagged = np.zeros(len(records), dtype=bool)
-    for column, what in (("image_id", "image"), ("path", "image file")):
-        values = records[column]
-        later = values.duplicated(keep="first").to_numpy() & ~flagged  # one problem per row
-        flagged |= later
-        if not later.any():
-            continue
-        first = pd.Series(np.arange(len(values))).groupby(values.to_numpy()).transform("min").to_numpy()
-        for i in np.flatnonzero(later):
-            if lines is None:
-                problems.append(Problem(records["path"].iat[i], None, parsed.image_field,
-                                        f"duplicate {what} {values.iat[i]!r}"))
-            else:
-                problems.append(Problem(parsed.file, int(lines[i]), parsed.image_field,
-                                        f"duplicate {what} {values.iat[i]!r} (first on line {lines[first[i]]})"))
-    return problems
-
-
-def empty_problems(parsed: Parsed) -> list[Problem]:
-    """A table without rows (a header-only CSV, an empty folder) is a problem, not an empty dataset."""
-    if len(parsed.records) or parsed.problems:
-        return []
-    return [Problem(parsed.file, None, "", "no images listed: the label file has no data rows (or the "
-                    "folder no images)")]
-
-
-def image_problems(parsed: Parsed, *, verify: bool) -> list[Problem]:
-    paths = parsed.records["path"].to_numpy(str)
-    exists = _exists(paths)
-
-    def where(i: int) -> tuple[str, int | None]:
-        if parsed.lines is None:
-            return paths[i], None
-        return parsed.file, int(parsed.lines[i])
-
-    if len(paths) > 1 and not exists.any():
-        # One line rather than one per row: the images are elsewhere, or this is a labels-only table.
-        return [Problem(parsed.file, None, parsed.image_field,
-                        f"none of the {len(paths)} listed images exists (first: {paths[0]}); point --root "
-                        "at the folder the image paths are relative to (from Python, labels alone: "
-                        "require_images=False)")]
-    problems = [Problem(*where(i), parsed.image_field, f"image not found: {paths[i]}")
-                for i in np.flatnonzero(~exists)]
-    if verify:
-        present = np.flatnonzero(exists)
-        for i, error in zip(present, _decode_errors(paths[present].tolist()), strict=True):
-            if error is not None:
-                problems.append(Problem(*where(i), parsed.image_field, f"cannot decode image {paths[i]}: {error}"))
-    return problems
-
-
-def finish(parsed: Parsed, *, require_images: bool, verify_images: bool) -> pd.DataFrame:
-    if verify_images and not require_images:
-        raise ValueError("verify_images=True needs require_images=True")
-    problems = parsed.problems + duplicate_problems(parsed) + empty_problems(parsed)
-    if require_images:
-        problems += image_problems(parsed, verify=verify_images)
-    if problems:
-        raise DatasetError(problems)
-    return parsed.records
-

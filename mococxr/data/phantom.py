@@ -120,7 +120,9 @@ def _n_valid(layout: str, n: int, n_valid: int | None) -> int | None:
 
 def marker_text(n: int, *, size: int, seed: int, layout: str = "chexpert", n_valid: int | None = None) -> str:
     """What a complete phantom's :data:`MARKER` holds: every parameter that decides its files."""
-    return f"layout={layout} n={int(n)} n_valid={_n_valid(layout, n, n_valid)} size={int(size)} seed={int(seed)}"
+    return (
+        f"layout={layout} n={int(n)} n_valid={_n_valid(layout, n, n_valid)} size={int(size)} seed={int(seed)}"
+    )
 
 
 def is_phantom(root: str | os.PathLike) -> bool:
@@ -128,12 +130,21 @@ def is_phantom(root: str | os.PathLike) -> bool:
     return (Path(root) / MARKER).is_file()
 
 
-def is_phantom_of(root: str | os.PathLike, n: int, *, size: int, seed: int, layout: str = "chexpert",
-                  n_valid: int | None = None) -> bool:
+def is_phantom_of(
+    root: str | os.PathLike,
+    n: int,
+    *,
+    size: int,
+    seed: int,
+    layout: str = "chexpert",
+    n_valid: int | None = None,
+) -> bool:
     """Whether ``root`` holds a complete phantom written with exactly these parameters (reuse it)."""
     marker = Path(root) / MARKER
     try:
-        return marker.read_text().strip() == marker_text(n, size=size, seed=seed, layout=layout, n_valid=n_valid)
+        return marker.read_text().strip() == marker_text(
+            n, size=size, seed=seed, layout=layout, n_valid=n_valid
+        )
     except OSError:
         return False
 
@@ -270,7 +281,9 @@ def _labels(rng: np.random.Generator, anatomy: dict, study: dict, *, valid: bool
         return None if rng.random() < p_blank else 0.0
 
     labels["Pleural Effusion"] = report(eff_pos, (0.18 if eff_max < 0.2 else 0.03) if eff_pos else 0.03, 0.5)
-    card_unc = (0.25 if anatomy["ctr"] < 0.58 else 0.03) if card_pos else (0.08 if anatomy["ctr"] > 0.47 else 0.01)
+    card_unc = (
+        (0.25 if anatomy["ctr"] < 0.58 else 0.03) if card_pos else (0.08 if anatomy["ctr"] > 0.47 else 0.01)
+    )
     labels["Cardiomegaly"] = report(card_pos, card_unc, 0.7)
     for obs in CHEXPERT_OBSERVATIONS:
         if obs in labels or obs in ("No Finding", "Support Devices"):
@@ -313,10 +326,17 @@ def _plan_chexpert(n: int, seed: int, split: int, *, first_patient: int) -> list
                 rel = f"{CHEXPERT_DIR}/{folder}/{patient}/study{s + 1}/view{v}_{kind}.jpg"
                 row = [rel, sex, str(min(90, age + s)), kind.capitalize(), appa]
                 row += [_fmt(labels[o]) for o in CHEXPERT_OBSERVATIONS]
-                specs.append({
-                    "relpath": rel, "row": row, "patient": first_patient + p, "kind": kind,
-                    "anatomy": anatomy, "study": study, "noise_key": [seed, split, p, s + 1, v],
-                })
+                specs.append(
+                    {
+                        "relpath": rel,
+                        "row": row,
+                        "patient": first_patient + p,
+                        "kind": kind,
+                        "anatomy": anatomy,
+                        "study": study,
+                        "noise_key": [seed, split, p, s + 1, v],
+                    }
+                )
                 if len(specs) == n:
                     return specs
         p += 1
@@ -339,10 +359,15 @@ def _plan_shenzhen(n: int, seed: int) -> list[dict]:
             study["tb"] = _sample_tb(prng)
             if prng.random() < 0.1:
                 study["effusion"] = {str(prng.choice(["right", "left"])): float(prng.uniform(0.05, 0.3))}
-        specs.append({
-            "relpath": f"CXR_png/CHNCXR_{i + 1:04d}_{int(tb[i])}.png", "kind": "frontal",
-            "anatomy": anatomy, "study": study, "noise_key": [seed, _SHENZHEN, i + 1, 0],
-        })
+        specs.append(
+            {
+                "relpath": f"CXR_png/CHNCXR_{i + 1:04d}_{int(tb[i])}.png",
+                "kind": "frontal",
+                "anatomy": anatomy,
+                "study": study,
+                "noise_key": [seed, _SHENZHEN, i + 1, 0],
+            }
+        )
     return specs
 
 
@@ -355,9 +380,16 @@ def _sample_tb(rng: np.random.Generator) -> list[tuple]:
         cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.6)
         lesions.append((side, cx, cy, rng.uniform(0.06, 0.11), rng.uniform(0.55, 0.85), False))
         for _ in range(int(rng.integers(4, 12))):
-            lesions.append((side, float(np.clip(cx + rng.normal(0, 0.18), 0.05, 0.95)),
-                            float(np.clip(cy + rng.normal(0, 0.2), 0.0, 0.95)),
-                            rng.uniform(0.012, 0.03), rng.uniform(0.5, 0.9), False))
+            lesions.append(
+                (
+                    side,
+                    float(np.clip(cx + rng.normal(0, 0.18), 0.05, 0.95)),
+                    float(np.clip(cy + rng.normal(0, 0.2), 0.0, 0.95)),
+                    rng.uniform(0.012, 0.03),
+                    rng.uniform(0.5, 0.9),
+                    False,
+                )
+            )
         if rng.random() < 0.35:
             lesions.append((side, cx, cy, rng.uniform(0.02, 0.035), 0.7, True))
     return lesions
@@ -525,7 +557,9 @@ def _frontal_pixels(an: dict, st: dict, x: np.ndarray, y: np.ndarray, tex: np.nd
     rad = np.sqrt((xs - np.float32(mw + 0.03)) ** 2 + (y - hy_) ** 2)
     ang = np.arctan2(y - hy_, xs - np.float32(mw + 0.03))
     spokes = st["spokes"]  # one more entry than bins: the angle pi maps to the last
-    vessels = spokes[((ang + np.float32(np.pi)) * np.float32((len(spokes) - 1) / (2 * np.pi))).astype(np.intp)]
+    vessels = spokes[
+        ((ang + np.float32(np.pi)) * np.float32((len(spokes) - 1) / (2 * np.pi))).astype(np.intp)
+    ]
     fade = np.exp(-rad * np.float32(8.0))
     hil = np.exp(-(rad * rad) * np.float32(220.0))
     air *= 1.0 - 0.45 * hil - fade * (0.3 * vessels) - 0.06 * tex
@@ -547,7 +581,7 @@ def _frontal_pixels(an: dict, st: dict, x: np.ndarray, y: np.ndarray, tex: np.nd
     # Bones: posterior ribs (arches), fainter anterior ribs, clavicles, spine, scapulae.
     cage = _ramp(lat + np.float32(0.03) - xs, 0.03) * _ramp(y - np.float32(y_apex - 0.05), 0.04)
     cage *= _ramp(np.float32(y_cp + 0.04) - y, 0.06)
-    ph = (y - np.float32(an["rib_curve"]) * (xs - np.float32(0.12)) ** 2 - np.float32(y_apex - 0.06))
+    ph = y - np.float32(an["rib_curve"]) * (xs - np.float32(0.12)) ** 2 - np.float32(y_apex - 0.06)
     ph = np.clip(ph / np.float32(height + 0.1), 0.0, 1.3) ** 0.8 * np.float32(an["n_ribs"])
     ribs = np.clip((np.cos(np.float32(2 * np.pi) * ph) - 0.15) * 1.8, 0.0, 1.0)
     pa = (y + np.float32(0.55) * (xs - np.float32(tw)) - np.float32(y_apex - 0.02)) / np.float32(height)
@@ -632,16 +666,24 @@ def _lateral_pixels(an: dict, st: dict, x: np.ndarray, y: np.ndarray, tex: np.nd
     # Heart anterior and inferior on the diaphragm, hilum in the middle, trachea running down to it.
     hw = an["ctr"] * an["tw"] * 0.95
     hx, hy = front + hw * 0.85, y_cp - 0.1 - hw * 0.45
-    heart = _ramp(1.0 - ((x - np.float32(hx)) / np.float32(hw)) ** 2 - ((y - np.float32(hy)) / np.float32(hw * 0.85)) ** 2,
-                  0.2)
+    heart = _ramp(
+        1.0
+        - ((x - np.float32(hx)) / np.float32(hw)) ** 2
+        - ((y - np.float32(hy)) / np.float32(hw * 0.85)) ** 2,
+        0.2,
+    )
     hil = np.exp(-((x - np.float32(0.52)) ** 2 * 90.0 + (y - np.float32(y_apex + 0.35 * height)) ** 2 * 60.0))
     tx = np.float32(0.47) + np.float32(0.1) * (y - np.float32(y_apex))
-    trachea = _ramp(np.float32(0.018) - np.abs(x - tx), 0.01) * _ramp(np.float32(y_apex + 0.3 * height) - y, 0.04)
+    trachea = _ramp(np.float32(0.018) - np.abs(x - tx), 0.01) * _ramp(
+        np.float32(y_apex + 0.3 * height) - y, 0.04
+    )
     air = np.maximum(lung * (1.0 - 0.9 * heart) * (1.0 - 0.5 * hil), 0.5 * trachea)
     air *= 1.0 - 0.06 * tex
     sev = max(st["effusion"].values(), default=0.0)
     if sev:  # fluid gathers in the posterior costophrenic sulcus and climbs the posterior wall
-        lvl = np.float32(y_cp - sev * 0.5 * height) - np.float32(0.05 + 0.12 * sev) * np.clip(sx, 0.0, 1.0) ** 2
+        lvl = (
+            np.float32(y_cp - sev * 0.5 * height) - np.float32(0.05 + 0.12 * sev) * np.clip(sx, 0.0, 1.0) ** 2
+        )
         air *= 1.0 - 0.9 * _ramp(y - lvl, 0.03 + 0.04 * sev)
     air *= np.float32(an["air"] * 0.75)
 
@@ -674,7 +716,9 @@ def _draw_overlays(im: Image.Image, st: dict, size: int, an: dict, rng: np.rando
         px = 6 * s if st["corner"] % 2 == 0 else size - w - 6 * s
         py = 6 * s if st["corner"] < 2 else size - h - 6 * s
         draw.rectangle([px, py, px + w, py + h], fill=int(rng.integers(10, 40)))
-        draw.text((px + 3 * s - x0, py + 3 * s - y0), st["marker"], fill=int(rng.integers(215, 250)), font=font)
+        draw.text(
+            (px + 3 * s - x0, py + 3 * s - y0), st["marker"], fill=int(rng.integers(215, 250)), font=font
+        )
     dev = st.get("device", "")
     if not dev:
         return
@@ -688,8 +732,12 @@ def _draw_overlays(im: Image.Image, st: dict, size: int, an: dict, rng: np.rando
             draw.ellipse([ex - r, ey - r, ex + r, ey + r], outline=fill, width=max(1, int(2 * s)))
     elif dev == "line":
         sx = cx + rng.choice([-1, 1]) * tw * rng.uniform(0.5, 0.8)
-        pts = [(sx, ya), (sx * 0.6 + cx * 0.4, ya + 0.1 * size), (cx - 0.02 * size, ya + 0.2 * size),
-               (cx - 0.03 * size, ya + rng.uniform(0.28, 0.36) * size)]
+        pts = [
+            (sx, ya),
+            (sx * 0.6 + cx * 0.4, ya + 0.1 * size),
+            (cx - 0.02 * size, ya + 0.2 * size),
+            (cx - 0.03 * size, ya + rng.uniform(0.28, 0.36) * size),
+        ]
         draw.line(pts, fill=fill, width=max(1, int(round(1.5 * s))), joint="curve")
     else:
         tip = ya + rng.uniform(0.12, 0.2) * size

@@ -38,22 +38,57 @@ from mococxr.errors import ConfigError
 # The 14 CheXpert observations, in the column order of CheXpert's CSVs: the one list the readers, the
 # task sets (labels.py) and the phantom (which writes a CheXpert layout) share.
 CHEXPERT_OBSERVATIONS = [
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
 ]
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_OBSERVATIONS]
 NIH_FINDINGS = [
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
 ]
 TB_SOURCES = {"shenzhen": "CHNCXR", "montgomery": "MCUCXR"}  # dataset name -> file name prefix
 
 _CHEXPERT_CSVS = ("CheXpert-v1.0-small/train.csv", "CheXpert-v1.0/train.csv", "train.csv")
 # sample.csv comes before the .gz tables: the sample folder ships the full metadata table without images.
-_NIH_CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "sample.csv",
-             "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
-_NIH_COLUMNS = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
+_NIH_CSVS = (
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017.csv",
+    "sample.csv",
+    "Data_Entry_2017_v2020.csv.gz",
+    "Data_Entry_2017.csv.gz",
+)
+_NIH_COLUMNS = [
+    "Image Index",
+    "Finding Labels",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+]
 _TB_FOLDERS = (".", "CXR_png", "images")
 
 
@@ -80,18 +115,28 @@ def parse_chexpert(root, csv=None, *, frontal_only: bool = False) -> Parsed:
 
     relative = cells["Path"]
     ok = relative.str.contains(r"(?:^|/)patient\d+/study\d+/[^/]+$", regex=True)
-    problems += problems_at(~ok, relative, lines, source, "Path",
-                             "path {!r} is not of the form .../patientNNNNN/studyN/<image>")
+    problems += problems_at(
+        ~ok, relative, lines, source, "Path", "path {!r} is not of the form .../patientNNNNN/studyN/<image>"
+    )
     study_id = relative.str.replace(r"^(?:.*/)?(patient\d+/study\d+)/[^/]+$", r"\1", regex=True).where(ok, "")
     patient_id = study_id.str.replace(r"/.*$", "", regex=True)
 
     orientation = cells["Frontal/Lateral"].str.lower()
     bad = ~orientation.isin(["frontal", "lateral"]).to_numpy()
-    problems += problems_at(bad, cells["Frontal/Lateral"], lines, source, "Frontal/Lateral",
-                             "value {!r} is not Frontal or Lateral")
+    problems += problems_at(
+        bad,
+        cells["Frontal/Lateral"],
+        lines,
+        source,
+        "Frontal/Lateral",
+        "value {!r} is not Frontal or Lateral",
+    )
     projection = cells["AP/PA"].str.upper()
-    view = (projection.where(projection.isin(["AP", "PA"]), "FRONTAL")
-            .mask(orientation.eq("lateral"), "LATERAL").mask(bad, ""))
+    view = (
+        projection.where(projection.isin(["AP", "PA"]), "FRONTAL")
+        .mask(orientation.eq("lateral"), "LATERAL")
+        .mask(bad, "")
+    )
 
     records = records_table(
         image_id=relative,
@@ -109,8 +154,9 @@ def parse_chexpert(root, csv=None, *, frontal_only: bool = False) -> Parsed:
     return Parsed(records, lines, source, "Path", problems)
 
 
-def read_chexpert(root, csv=None, *, frontal_only: bool = False, verify_images: bool = False,
-                  require_images: bool = True) -> pd.DataFrame:
+def read_chexpert(
+    root, csv=None, *, frontal_only: bool = False, verify_images: bool = False, require_images: bool = True
+) -> pd.DataFrame:
     """Read CheXpert as released (``train.csv``/``valid.csv``) into a records table.
 
     ``root`` is the folder that contains ``CheXpert-v1.0-small/`` (or ``CheXpert-v1.0/``); the CSV's
@@ -137,6 +183,56 @@ def _nih_image_folders(root: Path) -> list[Path]:
     return [root / "images", *sorted(root.glob("images_*/images"))]
 
 
+def _nih_findings(findings: pd.Series, lines, source: str, problems: list[Problem]) -> dict[str, np.ndarray]:
+    """One 0/1 column per NIH finding from the ``Finding Labels`` cells; bad cells go to ``problems``."""
+    # One substring test per finding on '|'-padded text; whatever is left after removing every known
+    # name is an unknown token. Faster here than str.get_dummies on 112k rows.
+    padded = "|" + findings + "|"
+    labels = {f: padded.str.contains(f"|{f}|", regex=False).to_numpy(float) for f in NIH_FINDINGS}
+    names = "|".join(re.escape(f) for f in [*NIH_FINDINGS, "No Finding"])
+    unknown = padded.str.replace(rf"\|(?:{names})(?=\|)", "", regex=True).ne("|") & findings.ne("")
+    problems += problems_at(
+        unknown,
+        findings,
+        lines,
+        source,
+        "Finding Labels",
+        "unknown finding in {!r} (expected NIH finding names joined by '|', or 'No Finding')",
+    )
+    mixed = padded.str.contains("|No Finding|", regex=False).to_numpy() & (sum(labels.values()) > 0)
+    problems += problems_at(
+        mixed, findings, lines, source, "Finding Labels", "{!r} combines 'No Finding' with findings"
+    )
+    problems += problems_at(
+        findings.eq(""),
+        findings,
+        lines,
+        source,
+        "Finding Labels",
+        "blank (NIH writes 'No Finding' when there is none)",
+    )
+    return labels
+
+
+def _nih_locations(root: Path, problems: list[Problem]) -> dict[str, str]:
+    """Each image name's folder; an image found in two folders goes to ``problems``."""
+    located: dict[str, str] = {}
+    for folder in _nih_image_folders(root):
+        for name in list_files(folder):
+            if name in located:
+                problems.append(
+                    Problem(
+                        str(folder / name),
+                        None,
+                        "Image Index",
+                        f"image also found in {located[name]}; keep one copy",
+                    )
+                )
+            else:
+                located[name] = str(folder)
+    return located
+
+
 def parse_nih(root, csv=None) -> Parsed:
     root = abspath(root)
     file = find_csv(root, csv, _NIH_CSVS, "NIH ChestX-ray14")
@@ -146,33 +242,13 @@ def parse_nih(root, csv=None) -> Parsed:
     image_id = cells["Image Index"]
     problems += problems_at(image_id.eq(""), image_id, lines, source, "Image Index", "blank image name")
 
-    # One substring test per finding on '|'-padded text; whatever is left after removing every known
-    # name is an unknown token. Faster here than str.get_dummies on 112k rows.
     findings = cells["Finding Labels"]
-    padded = "|" + findings + "|"
-    labels = {f: padded.str.contains(f"|{f}|", regex=False).to_numpy(float) for f in NIH_FINDINGS}
-    names = "|".join(re.escape(f) for f in [*NIH_FINDINGS, "No Finding"])
-    unknown = padded.str.replace(rf"\|(?:{names})(?=\|)", "", regex=True).ne("|") & findings.ne("")
-    problems += problems_at(unknown, findings, lines, source, "Finding Labels",
-                             "unknown finding in {!r} (expected NIH finding names joined by '|', "
-                             "or 'No Finding')")
-    mixed = padded.str.contains("|No Finding|", regex=False).to_numpy() & (sum(labels.values()) > 0)
-    problems += problems_at(mixed, findings, lines, source, "Finding Labels",
-                             "{!r} combines 'No Finding' with findings")
-    problems += problems_at(findings.eq(""), findings, lines, source, "Finding Labels",
-                             "blank (NIH writes 'No Finding' when there is none)")
+    labels = _nih_findings(findings, lines, source, problems)
 
     patient_id = cells["Patient ID"]
     problems += problems_at(patient_id.eq(""), patient_id, lines, source, "Patient ID", "blank patient id")
 
-    located: dict[str, str] = {}
-    for folder in _nih_image_folders(root):
-        for name in list_files(folder):
-            if name in located:
-                problems.append(Problem(str(folder / name), None, "Image Index",
-                                        f"image also found in {located[name]}; keep one copy"))
-            else:
-                located[name] = str(folder)
+    located = _nih_locations(root, problems)
     folder = image_id.map(located).fillna(str(root / "images"))
 
     records = records_table(
@@ -234,8 +310,14 @@ def parse_tb(root, *, source: str | None = None) -> Parsed:
             if not pattern.match(name):
                 continue
             if name in found:
-                problems.append(Problem(os.path.join(folder, name), None, "Tuberculosis",
-                                        f"duplicate image: also in {found[name]}"))
+                problems.append(
+                    Problem(
+                        os.path.join(folder, name),
+                        None,
+                        "Tuberculosis",
+                        f"duplicate image: also in {found[name]}",
+                    )
+                )
             else:
                 found[name] = folder
     if not found:
@@ -249,8 +331,14 @@ def parse_tb(root, *, source: str | None = None) -> Parsed:
         prefix, number, digit = pattern.match(name).groups()
         paths.append(os.path.join(found[name], name))
         if digit not in ("0", "1"):
-            problems.append(Problem(paths[-1], None, "Tuberculosis",
-                                    f"label {digit!r} before .png is not 0 (normal) or 1 (tuberculosis)"))
+            problems.append(
+                Problem(
+                    paths[-1],
+                    None,
+                    "Tuberculosis",
+                    f"label {digit!r} before .png is not 0 (normal) or 1 (tuberculosis)",
+                )
+            )
         labels.append(float(digit) if digit in ("0", "1") else np.nan)
         stems.append(f"{prefix.upper()}_{number}")
         view.append("PA" if prefix.upper() == "MCUCXR" else "FRONTAL")  # Montgomery is all PA
@@ -286,11 +374,16 @@ def parse_generic(csv, root=None) -> Parsed:
 
     relative = cells["path"]
     problems += problems_at(relative.eq(""), relative, lines, source, "path", "blank path")
-    image_id = cells["image_id"].where(cells["image_id"].ne(""), relative) if "image_id" in cells else relative
+    image_id = (
+        cells["image_id"].where(cells["image_id"].ne(""), relative) if "image_id" in cells else relative
+    )
     # Without patient ids every image is its own patient: splits cannot then keep a patient together.
-    patient_id = cells["patient_id"].where(cells["patient_id"].ne(""), image_id) if "patient_id" in cells \
-        else image_id
-    study_id = cells["study_id"].where(cells["study_id"].ne(""), image_id) if "study_id" in cells else image_id
+    patient_id = (
+        cells["patient_id"].where(cells["patient_id"].ne(""), image_id) if "patient_id" in cells else image_id
+    )
+    study_id = (
+        cells["study_id"].where(cells["study_id"].ne(""), image_id) if "study_id" in cells else image_id
+    )
     blank = pd.Series([""] * len(cells), dtype=str)
     records = records_table(
         image_id=image_id,
@@ -305,7 +398,9 @@ def parse_generic(csv, root=None) -> Parsed:
     return Parsed(records, lines, source, "path", problems)
 
 
-def read_csv_records(csv, root=None, *, verify_images: bool = False, require_images: bool = True) -> pd.DataFrame:
+def read_csv_records(
+    csv, root=None, *, verify_images: bool = False, require_images: bool = True
+) -> pd.DataFrame:
     """Read a generic CSV: a ``path`` column plus label columns, one row per image.
 
     Optional columns: ``image_id`` (default: path as written), ``patient_id`` and ``study_id``

@@ -48,6 +48,7 @@ __all__ = [
     "check_disjoint",
     "draw_fraction",
     "make_manifest",
+    "percent",
     "split_patients",
 ]
 
@@ -222,6 +223,11 @@ def check_disjoint(splits: Mapping[str, pd.DataFrame]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # label-fraction draws
+
+
+def percent(fraction: float) -> str:
+    """A label fraction as tables, captions and run names print it: 0.001 -> '0.1%', 1.0 -> '100%'."""
+    return f"{round(100 * fraction, 6):g}%"
 
 
 def draw_fraction(

@@ -64,7 +64,8 @@ class ToGray:
 
 
 class ToNormalizedTensor:
-    """PIL image (``L`` or ``RGB``, uint8) -> float32 tensor ``[3, H, W]`` equal to ``(x / 255 - mean) / std``.
+    """PIL image (``L`` or ``RGB``, uint8) -> float32 tensor ``[3, H, W]`` equal to
+    ``(x / 255 - mean) / std``.
 
     Replaces v2's ``ToImage, RGB, ToDtype(scale=True), Normalize`` with one NumPy expression (grayscale
     is broadcast to 3 channels by the per-channel statistics): 4x faster on one core and free of

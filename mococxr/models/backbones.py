@@ -228,8 +228,8 @@ def require_imagenet_weights(name: str, weights_path: str | os.PathLike | None =
         raise ConfigError(
             f"ImageNet weights for {name} not found; looked at:\n  {looked}\n"
             f"Expected the torchvision file {imagenet_weights_filename(name)}. Weights are never downloaded "
-            f"at run time: on a machine with internet download {_ARCHS[name][1].url} and copy it to one of the "
-            f"paths above (or set {IMAGENET_ENV} to the file or its folder)."
+            f"at run time: on a machine with internet download {_ARCHS[name][1].url} and copy it to one of "
+            f"the paths above (or set {IMAGENET_ENV} to the file or its folder)."
         )
     return path
 

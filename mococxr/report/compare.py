@@ -22,7 +22,8 @@ ALPHA = 0.05
 
 
 def interval_se(lo: float, hi: float) -> float | None:
-    """The standard error a 95% interval implies if it is normal: (hi - lo) / (2 x 1.96); None: no interval."""
+    """The standard error a 95% interval implies if it is normal: (hi - lo) / (2 x 1.96); None: no
+    interval."""
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
         return None
     return (hi - lo) / (2 * Z_95)
@@ -73,8 +74,8 @@ class Comparison:
         expected = ALPHA * self.compared
         return (
             f"{DIFFERS_MARK} after a published number: it and ours differ at the 5% level, from both 95% "
-            f"intervals (each read as normal, SE = width / 3.92; |difference| / sqrt(SE_ours^2 + SE_paper^2) > "
-            f"1.96). {self.compared} cells compared, so about {expected:.1f} would be marked by chance alone "
-            f"if both studies measured the same thing on independent test sets; {self.marked} marked. "
+            f"intervals (each read as normal, SE = width / 3.92; |difference| / sqrt(SE_ours^2 + SE_paper^2) "
+            f"> 1.96). {self.compared} cells compared, so about {expected:.1f} would be marked by chance "
+            f"alone if both studies measured the same thing on independent test sets; {self.marked} marked. "
             "Published numbers without an interval are not compared."
         )

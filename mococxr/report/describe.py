@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mococxr.data.splits import percent
+
 BUILTIN_INITS = ("random", "imagenet")
-
-
-def percent(fraction: float) -> str:
-    """0.001 -> '0.1%', 0.01 -> '1%', 1.0 -> '100%'."""
-    return f"{round(100 * fraction, 6):g}%"
 
 
 @dataclass(frozen=True)
@@ -60,8 +57,8 @@ class ReportContext:
 
     def test_text(self) -> str:
         return (
-            f"test set: {self.n_test_images} images of {self.n_test_patients} patients, from {self.test_source}; "
-            "the same images score every cell"
+            f"test set: {self.n_test_images} images of {self.n_test_patients} patients, "
+            f"from {self.test_source}; the same images score every cell"
         )
 
     def lines(self) -> list[str]:
@@ -107,7 +104,8 @@ def report_context(experiment: str, runs: pd.DataFrame, image_ids, patient_ids) 
 
 
 def checkpoint_lines(runs: pd.DataFrame) -> list[str]:
-    """Which checkpoint each pretrained init is: ``moco = registered model X version 3 (pretraining run R, epoch 5)``."""
+    """Which checkpoint each pretrained init is:
+    ``moco = registered model X version 3 (pretraining run R, epoch 5)``."""
     lines = []
     pretrained = runs[~runs["init"].isin(BUILTIN_INITS)]
     cols = [
@@ -142,7 +140,8 @@ def summary_metrics(
 ) -> dict[str, float]:
     """The report run's metrics: its size, each cell's AUC and each paired AUC difference per label fraction.
 
-    Names: ``absolute/<init>_<protocol>/auc_frac0.01`` and ``improvement/<protocol>_vs_<baseline>/auc_frac0.01``
+    Names: ``absolute/<init>_<protocol>/auc_frac0.01`` and
+    ``improvement/<protocol>_vs_<baseline>/auc_frac0.01``
     (``..._vs_<baseline>_<protocol>`` when the protocols differ), prefixed by the backbone when the
     report holds several.
     """

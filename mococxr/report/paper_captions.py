@@ -6,8 +6,9 @@ one block per protocol, each line prefixed ``Linear:`` or ``End-to-end:`` (learn
 per-run linear choice, epochs per label fraction in numeric order, augmentation, head, validation
 cadence, the largest probe gap, how many runs were best at their last epoch). All of it comes from the
 runs' own params, metrics and tags (:func:`mococxr.report.paper_params.caption_params`); a fact older
-runs did not log is left out or said to be not logged. :func:`published_lines` says what the ``paper`` columns hold and, only where
-the numbers are comparable, what :data:`mococxr.report.compare.DIFFERS_MARK` means.
+runs did not log is left out or said to be not logged. :func:`published_lines` says what the ``paper``
+columns hold and, only where the numbers are comparable, what
+:data:`mococxr.report.compare.DIFFERS_MARK` means.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from mococxr.data.splits import percent
 from mococxr.report.compare import Comparison
-from mococxr.report.describe import ReportContext, percent
+from mococxr.report.describe import ReportContext
 from mococxr.report.paper_tables import arch, baseline_name, lr_text
 from mococxr.report.published import CORRECTIONS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_REPLICATES, task_key
 from mococxr.report.tables import PROTOCOL_ORDER
@@ -58,8 +60,8 @@ def testset_line(context: ReportContext, params: pd.DataFrame) -> str:
 
 
 _FRONTAL = {
-    "true": "frontal views only (the paper pretrains on CheXpert, whose 224k images include laterals, and does not "
-    "say it left them out)",
+    "true": "frontal views only (the paper pretrains on CheXpert, whose 224k images include laterals, and "
+    "does not say it left them out)",
     "false": "frontal and lateral views (the whole training set)",
 }
 
@@ -93,7 +95,8 @@ _POLICIES = {
 
 
 def policy_line(params: pd.DataFrame, dataset: str) -> str | None:
-    """CheXpert's uncertainty policy (``data.policy``): the paper does not say how it treated uncertain labels."""
+    """CheXpert's uncertainty policy (``data.policy``): the paper does not say how it treated uncertain
+    labels."""
     if dataset != "chexpert":
         return None
     values = _values(params.get("data.policy", pd.Series(dtype=str)))
@@ -172,7 +175,8 @@ def protocol_block(
 
 
 def lr_line(params: pd.DataFrame) -> str:
-    """The learning rate: fixed, or (linear ``linear_lr select``) chosen per run on validation, with counts."""
+    """The learning rate: fixed, or (linear ``linear_lr select``) chosen per run on validation, with
+    counts."""
     sizes = [int(float(v)) for v in _numbers(params["batch_size"])]
     size = f"; batch size {'/'.join(map(str, sizes)) or 'not logged'}"
     select = params["linear_lr"].astype(str) == "select"
@@ -233,7 +237,8 @@ def _epoch_rules(params: pd.DataFrame) -> list[str]:
 
 
 def epochs_line(params: pd.DataFrame, paper_epochs: Mapping[float, int] | None) -> str:
-    """Epochs (and optimizer steps) per label fraction in numeric order, the rule, the paper's, any step floor."""
+    """Epochs (and optimizer steps) per label fraction in numeric order, the rule, the paper's, any step
+    floor."""
     per = []
     for fraction, group in sorted(params.groupby("fraction"), key=lambda kv: float(kv[0])):
         epochs = "/".join(f"{v:g}" for v in _numbers(group["epochs_resolved"])) or "not logged"
@@ -301,7 +306,8 @@ def validation_line(params: pd.DataFrame) -> str:
 
 
 def probe_gap_line(params: pd.DataFrame) -> str | None:
-    """The largest ``val/probe_gap``: how far a run's head is below a converged linear probe on its features."""
+    """The largest ``val/probe_gap``: how far a run's head is below a converged linear probe on its
+    features."""
     gaps = params[pd.to_numeric(params["probe_gap"], errors="coerce").notna()]
     if gaps.empty:
         return None
@@ -317,9 +323,9 @@ def probe_gap_line(params: pd.DataFrame) -> str | None:
         if x
     )
     return (
-        f"largest probe gap {float(top['probe_gap']):+.3f} ({cell}; val/probe_gap: validation AUC of a logistic "
-        f"regression on the same frozen features minus the run's own; > 0: the head fell short of it), over "
-        f"{len(gaps)} runs."
+        f"largest probe gap {float(top['probe_gap']):+.3f} ({cell}; val/probe_gap: validation AUC of a "
+        "logistic regression on the same frozen features minus the run's own; > 0: the head fell short of "
+        f"it), over {len(gaps)} runs."
     )
 
 

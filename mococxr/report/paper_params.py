@@ -1,4 +1,5 @@
-"""What the paper captions read from a family's fine-tune runs: their params, metrics and tags, one row per run.
+"""What the paper captions read from a family's fine-tune runs: their params, metrics and tags, one row per
+run.
 
 Params are the runs' flat config names (``data.frontal_only``, ``preset``) and what finetune adds
 (``epochs_resolved``, ``optimizer_steps``, ``linear_lr_chosen``); a param a run did not log takes the
@@ -14,9 +15,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mococxr.tracking.mlflow import TAG_PREFIX
+from mococxr.tracking.mlflow import tag
 
-BEST_AT_LAST_TAG = TAG_PREFIX + "best_at_last_epoch"
+BEST_AT_LAST_TAG = tag("best_at_last_epoch")
 _PARAMS = {
     "head": "standardized",
     "min_steps": "",

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from mococxr.data.splits import percent
 from mococxr.errors import DataError
 from mococxr.report.compare import Comparison
-from mococxr.report.describe import percent
 from mococxr.report.published import (
     COMPARISON_ROWS,
     COMPETITION,
@@ -116,7 +116,8 @@ def improvement_layout(
     paper_fractions: Sequence[float],
     comparison: Comparison | None = None,
 ) -> pd.DataFrame:
-    """Table 1's shape: per architecture, e2e vs e2e, linear vs linear, linear vs e2e; cells are AUC differences."""
+    """Table 1's shape: per architecture, e2e vs e2e, linear vs linear, linear vs e2e; cells are AUC
+    differences."""
     tidy = improvement[(improvement["metric"] == "auc") & (improvement["baseline"] == baseline)]
     fractions = _fractions(tidy, paper_fractions)
     rows = []
@@ -237,7 +238,8 @@ def _competition_keys(task: str, protocol: str) -> list[tuple[str, str, float]]:
 
 
 def lr_text(lr: float) -> str:
-    """A learning rate as the paper's Table 2 writes it: 1e-4 -> ``1e-4``, 3e-5 -> ``3e-5``, 0.03 -> ``3e-2``."""
+    """A learning rate as the paper's Table 2 writes it: 1e-4 -> ``1e-4``, 3e-5 -> ``3e-5``,
+    0.03 -> ``3e-2``."""
     mantissa, exponent = f"{lr:.3e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
 
@@ -301,8 +303,9 @@ def scheduler_line(rows: Sequence, choices: Sequence[Choice]) -> str:
         f"One row per pretraining learning rate, as the paper's Table 2; where several trials share a rate, "
         f"the row is the trial with the higher validation score, the criterion that picks checkpoints "
         f"({OBJECTIVE} at the trial's selected epoch; where a trial lacks it, the fine-tune runs' "
-        f"{FALLBACK_OBJECTIVE}; never the test AUC): {'; '.join(per)}. The paper does not say which scheduler "
-        "its Table 2 used. The other trials' rows are kept in table2.csv and table2.json (chosen false)."
+        f"{FALLBACK_OBJECTIVE}; never the test AUC): {'; '.join(per)}. The paper does not say which "
+        "scheduler its Table 2 used. The other trials' rows are kept in table2.csv and table2.json "
+        "(chosen false)."
     )
 
 
@@ -315,7 +318,8 @@ def _validation(choice: Choice) -> str:
 
 
 def _fallback_scores(params: pd.DataFrame) -> dict[str, float | None]:
-    """Per init label, the mean ``best/val_auc`` of its linear runs at 100% of the labels (None: not logged)."""
+    """Per init label, the mean ``best/val_auc`` of its linear runs at 100% of the labels (None: not
+    logged)."""
     mine = params[(params["protocol"] == "linear") & (params["fraction"].map(fraction_key) == 1.0)]
     means = pd.to_numeric(mine["best_val_auc"], errors="coerce").groupby(mine["init"]).mean()
     return {label: _score(v) for label, v in means.items()}

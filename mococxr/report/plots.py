@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mococxr.data.splits import percent
 from mococxr.errors import DataError
 
 INIT_STYLE = {"random": ("tab:gray", "s"), "imagenet": ("tab:blue", "^"), "moco": ("tab:red", "o")}
@@ -22,9 +23,15 @@ PROTOCOL_NAMES = {"linear": "linear (frozen backbone)", "e2e": "end-to-end"}
 _EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
 
 
-def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str = "auc",
-                title: str | None = None, published: pd.DataFrame | None = None,
-                caption: Sequence[str] = ()) -> Path:
+def plot_curves(
+    absolute: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    metric: str = "auc",
+    title: str | None = None,
+    published: pd.DataFrame | None = None,
+    caption: Sequence[str] = (),
+) -> Path:
     """Draw ``metric`` against label fraction (log axis) with CI bands and save a PNG at ``path``.
 
     ``absolute`` is the tidy absolute table of one task (columns backbone, init, protocol, fraction,
@@ -46,21 +53,26 @@ def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str 
     fig = Figure(figsize=(width, 3.4 * len(backbones) + 0.15 * lines), layout="constrained")
     axes = fig.subplots(len(backbones), len(protocols), squeeze=False, sharey=True)
     styles = dict(INIT_STYLE)
-    fractions = sorted(set(data["fraction"]) | (set(published["fraction"]) if published is not None else set()))
+    fractions = sorted(
+        set(data["fraction"]) | (set(published["fraction"]) if published is not None else set())
+    )
     for i, backbone in enumerate(backbones):
         for j, protocol in enumerate(protocols):
             ax = axes[i][j]
             panel = data[(data["backbone"] == backbone) & (data["protocol"] == protocol)]
-            for init, line in panel.groupby("init", sort=False):
-                color, marker = _style(styles, init)
-                line = line.sort_values("fraction")
-                ax.plot(line["fraction"], line["point"], marker=marker, color=color, label=init)
-                ax.fill_between(line["fraction"], line["lo"], line["hi"], color=color, alpha=0.18, linewidth=0)
+            _draw_lines(ax, panel, styles)
             if published is not None:
-                _published_points(ax, published[(published["backbone"] == backbone)
-                                                 & (published["protocol"] == protocol)], styles)
-            _decorate(ax, f"{backbone}, {PROTOCOL_NAMES.get(protocol, protocol)}", fractions,
-                      f"test {NAMES.get(metric, metric)} (95% CI)" if j == 0 else None)
+                _published_points(
+                    ax,
+                    published[(published["backbone"] == backbone) & (published["protocol"] == protocol)],
+                    styles,
+                )
+            _decorate(
+                ax,
+                f"{backbone}, {PROTOCOL_NAMES.get(protocol, protocol)}",
+                fractions,
+                f"test {NAMES.get(metric, metric)} (95% CI)" if j == 0 else None,
+            )
     if title or caption:
         head = _wrapped([title], width) if title and caption else [title] if title else []
         fig.suptitle("\n".join([*head, *_wrapped(caption, width)]), fontsize=8 if caption else 10)
@@ -68,6 +80,15 @@ def plot_curves(absolute: pd.DataFrame, path: str | os.PathLike, *, metric: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def _draw_lines(ax, panel: pd.DataFrame, styles: dict) -> None:
+    """One line per init of a panel's rows, with its CI band."""
+    for init, line in panel.groupby("init", sort=False):
+        color, marker = _style(styles, init)
+        line = line.sort_values("fraction")
+        ax.plot(line["fraction"], line["point"], marker=marker, color=color, label=init)
+        ax.fill_between(line["fraction"], line["lo"], line["hi"], color=color, alpha=0.18, linewidth=0)
 
 
 def _style(styles: dict, init: str) -> tuple[str, str]:
@@ -82,13 +103,22 @@ def _published_points(ax, points: pd.DataFrame, styles: dict) -> None:
     for init, group in points.groupby("init", sort=False):
         color, marker = _style(styles, init)
         group = group.sort_values("fraction")
-        ax.errorbar(group["fraction"], group["point"], yerr=[group["point"] - group["lo"], group["hi"] - group["point"]],
-                    fmt=marker, mfc="none", color=color, linestyle=":", capsize=2, label=f"{init} (paper)")
+        ax.errorbar(
+            group["fraction"],
+            group["point"],
+            yerr=[group["point"] - group["lo"], group["hi"] - group["point"]],
+            fmt=marker,
+            mfc="none",
+            color=color,
+            linestyle=":",
+            capsize=2,
+            label=f"{init} (paper)",
+        )
 
 
 def _decorate(ax, title: str, fractions: list[float], ylabel: str | None) -> None:
     ax.set_xscale("log")
-    ax.set_xticks(fractions, [f"{round(100 * f, 6):g}%" for f in fractions])
+    ax.set_xticks(fractions, [percent(f) for f in fractions])
     ax.set_xticks([], minor=True)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("label fraction")

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.stats import norm
 
+from mococxr.data.splits import percent
 from mococxr.report.bootstrap import paired_bootstrap
-from mococxr.report.describe import percent
 from mococxr.report.published import (
     APPENDIX_TABLE1,
     APPENDIX_TABLE2,
@@ -156,14 +156,14 @@ def power_lines(plan, tests: Mapping[str, Mapping[str, tuple[int, int]]]) -> lis
     competition) -> task -> (labelled test images, positives), as :func:`mococxr.sweep.cost.power_inputs`
     gives it; families the paper has no effects for are left out."""
     out = [
-        "WHAT THE TEST SETS CAN RESOLVE: each paired AUC difference the paper reports (MoCo - ImageNet; Table 2: "
-        "each lr - 1e-4) as 'published effect ±expected 95 % CI half-width at this plan's test set'; * marks an "
-        "effect larger than the half-width (its interval is expected to exclude 0).",
+        "WHAT THE TEST SETS CAN RESOLVE: each paired AUC difference the paper reports (MoCo - ImageNet; "
+        "Table 2: each lr - 1e-4) as 'published effect ±expected 95 % CI half-width at this plan's test "
+        "set'; * marks an effect larger than the half-width (its interval is expected to exclude 0).",
         "  Simulation: binormal scores with the paper's AUCs, noise correlation rho = "
         + ", ".join(f"{a}/{b} {r:.2f}" for (a, b), r in RHO.items())
-        + f" (medians that reproduce the paper's Table 1 intervals at its 234-image test set); {SETS} test sets "
-        f"x {REPLICATES} paired-bootstrap replicates (mococxr.report.bootstrap); one draw per arm; above "
-        f"{N_SIM:,} images simulated at {N_SIM:,} and scaled by sqrt({N_SIM:,}/n).",
+        + " (medians that reproduce the paper's Table 1 intervals at its 234-image test set); "
+        f"{SETS} test sets x {REPLICATES} paired-bootstrap replicates (mococxr.report.bootstrap); one "
+        f"draw per arm; above {N_SIM:,} images simulated at {N_SIM:,} and scaled by sqrt({N_SIM:,}/n).",
     ]
     grids = getattr(plan, "grids", {})
     for seed, (family, title, effects, aucs, fractions) in enumerate(

@@ -22,8 +22,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+# The paper's protocol facts live with the config (train/ and flows/ read them too); the report layouts
+# read them from here, beside the published numbers.
+from mococxr.config.protocol import CHEXPERT_FRACTIONS, SHENZHEN_FRACTIONS
+from mococxr.config.protocol import PAPER_BATCH_SIZE as PAPER_BATCH_SIZE
+from mococxr.config.protocol import PAPER_EPOCHS as PAPER_EPOCHS
+from mococxr.config.protocol import PAPER_LR as PAPER_LR
+from mococxr.config.protocol import PAPER_REPLICATES as PAPER_REPLICATES
 from mococxr.report.tables import COMPARISONS
-from mococxr.train.budget import FRACTION_EPOCHS
 
 
 class Published(NamedTuple):
@@ -32,13 +38,6 @@ class Published(NamedTuple):
     hi: float
 
 
-CHEXPERT_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
-SHENZHEN_FRACTIONS = (0.0625, 0.25, 1.0)
-# CheXpert's epochs (the fine-tune rule is the paper's); the paper gives none for Shenzhen
-PAPER_EPOCHS = dict(FRACTION_EPOCHS)
-PAPER_LR = 3e-5
-PAPER_BATCH_SIZE = 16
-PAPER_REPLICATES = 500
 COMPARISON_ROWS = COMPARISONS  # Table 1's row order per backbone: e2e-e2e, linear-linear, linear-e2e
 
 
@@ -63,8 +62,8 @@ TABLE1 = _table(CHEXPERT_FRACTIONS, {
                                     (0.003, -0.006, 0.013)],
     ("densenet121", "linear", "linear"): [(0.107, 0.075, 0.142), (0.078, 0.035, 0.121), (0.067, 0.023, 0.111),
                                           (0.055, 0.008, 0.102)],
-    ("densenet121", "linear", "e2e"): [(0.029, 0.002, 0.055), (-0.024, -0.050, -0.003), (-0.070, -0.109, -0.036),
-                                       (-0.107, -0.141, -0.073)],
+    ("densenet121", "linear", "e2e"): [(0.029, 0.002, 0.055), (-0.024, -0.050, -0.003),
+                                       (-0.070, -0.109, -0.036), (-0.107, -0.141, -0.073)],
 })
 
 APPENDIX_TABLE1 = _table(CHEXPERT_FRACTIONS, {
@@ -74,8 +73,8 @@ APPENDIX_TABLE1 = _table(CHEXPERT_FRACTIONS, {
                                          (0.815, 0.768, 0.853)],
     ("densenet121", "moco", "linear"): [(0.775, 0.737, 0.806), (0.833, 0.790, 0.871), (0.839, 0.800, 0.877),
                                         (0.845, 0.803, 0.881)],
-    ("densenet121", "imagenet", "linear"): [(0.669, 0.631, 0.705), (0.755, 0.706, 0.804), (0.769, 0.716, 0.818),
-                                            (0.789, 0.739, 0.836)],
+    ("densenet121", "imagenet", "linear"): [(0.669, 0.631, 0.705), (0.755, 0.706, 0.804),
+                                            (0.769, 0.716, 0.818), (0.789, 0.739, 0.836)],
     ("resnet18", "moco", "e2e"): [(0.813, 0.779, 0.842), (0.885, 0.856, 0.909), (0.915, 0.885, 0.937),
                                   (0.942, 0.921, 0.962)],
     ("resnet18", "imagenet", "e2e"): [(0.775, 0.737, 0.807), (0.858, 0.828, 0.886), (0.898, 0.872, 0.921),
@@ -90,7 +89,8 @@ APPENDIX_TABLE2 = _table(SHENZHEN_FRACTIONS, {
     ("resnet18", "moco", "linear"): [(0.902, 0.848, 0.945), (0.928, 0.874, 0.966), (0.944, 0.907, 0.972)],
     ("resnet18", "imagenet", "linear"): [(0.852, 0.791, 0.901), (0.903, 0.845, 0.952), (0.927, 0.873, 0.971)],
     ("densenet121", "moco", "linear"): [(0.899, 0.850, 0.939), (0.927, 0.881, 0.963), (0.943, 0.904, 0.975)],
-    ("densenet121", "imagenet", "linear"): [(0.872, 0.817, 0.920), (0.909, 0.852, 0.951), (0.931, 0.886, 0.968)],
+    ("densenet121", "imagenet", "linear"): [(0.872, 0.817, 0.920), (0.909, 0.852, 0.951),
+                                            (0.931, 0.886, 0.968)],
     ("resnet18", "moco", "e2e"): [(0.911, 0.867, 0.943), (0.953, 0.919, 0.978), (0.974, 0.945, 0.993)],
     ("resnet18", "imagenet", "e2e"): [(0.911, 0.863, 0.952), (0.948, 0.912, 0.978), (0.970, 0.943, 0.990)],
     ("densenet121", "moco", "e2e"): [(0.909, 0.866, 0.947), (0.950, 0.911, 0.980), (0.984, 0.960, 0.999)],
@@ -100,10 +100,13 @@ APPENDIX_TABLE2 = _table(SHENZHEN_FRACTIONS, {
 APPENDIX_TABLE3 = _table(SHENZHEN_FRACTIONS, {
     ("resnet18", "e2e", "e2e"): [(0.001, -0.022, 0.027), (0.005, -0.012, 0.027), (0.003, -0.014, 0.020)],
     ("resnet18", "linear", "linear"): [(0.054, 0.024, 0.086), (0.026, -0.001, 0.056), (0.018, -0.011, 0.053)],
-    ("resnet18", "linear", "e2e"): [(-0.007, -0.029, 0.015), (-0.020, -0.040, -0.003), (-0.026, -0.052, -0.005)],
+    ("resnet18", "linear", "e2e"): [(-0.007, -0.029, 0.015), (-0.020, -0.040, -0.003),
+                                    (-0.026, -0.052, -0.005)],
     ("densenet121", "e2e", "e2e"): [(0.011, -0.006, 0.028), (0.006, -0.010, 0.023), (0.013, -0.003, 0.033)],
-    ("densenet121", "linear", "linear"): [(0.024, -0.001, 0.050), (0.016, -0.011, 0.043), (0.013, -0.014, 0.041)],
-    ("densenet121", "linear", "e2e"): [(-0.001, -0.023, 0.019), (-0.016, -0.035, 0.001), (-0.027, -0.053, -0.003)],
+    ("densenet121", "linear", "linear"): [(0.024, -0.001, 0.050), (0.016, -0.011, 0.043),
+                                          (0.013, -0.014, 0.041)],
+    ("densenet121", "linear", "e2e"): [(-0.001, -0.023, 0.019), (-0.016, -0.035, 0.001),
+                                       (-0.027, -0.053, -0.003)],
 })
 
 # Appendix Tables 4 (linear) and 5 (e2e): per task and fraction, (baseline, moco, improvement).

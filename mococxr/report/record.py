@@ -41,8 +41,7 @@ from mococxr.errors import TrackingError
 from mococxr.tracking import mlflow as mt
 
 REVISION = "report/revision"
-NOTE_TAG = "mlflow.note.content"
-FILES_TAG = mt.TAG_PREFIX + "report_files"  # the artifact folder of the current, complete set of files
+FILES_TAG = mt.tag("report_files")  # the artifact folder of the current, complete set of files
 REVISION_DIR = "revision-{:04d}"  # the artifact folder of revision n
 _REVISION_DIR_RE = re.compile(r"revision-(\d+)")
 
@@ -104,7 +103,9 @@ def log_report(
         mlflow.log_params(params)  # the settings in the key: identical on every revision
         names = _upload(client, repo, run_id, out, paths, folder)
         # the switch: one request names the new folder as the current set and describes it
-        mlflow.set_tags({**tags, FILES_TAG: folder, NOTE_TAG: f"{note}\n\n{_files_line(folder, n, names)}"})
+        mlflow.set_tags(
+            {**tags, FILES_TAG: folder, mt.NOTE_TAG: f"{note}\n\n{_files_line(folder, n, names)}"}
+        )
         mlflow.log_metrics(dict(metrics), step=n)
         mlflow.log_metric(REVISION, n, step=n)  # last: revision n is complete
         for entry in client.list_artifacts(run_id):  # older revisions and the layout before revision folders

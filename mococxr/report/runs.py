@@ -130,7 +130,7 @@ def _run_row(run) -> dict:
 
 def _is_phantom(params: Mapping[str, str]) -> bool:
     """Whether a run trained on the demo's phantom: its ``phantom`` param (finetune checks the marker file
-    mococxr/demo.py writes into the data root), else, for runs older than that param, the marker itself
+    the phantom generator writes into the data root), else, for runs older than that param, the marker itself
     when the run's data root is on this machine."""
     if "phantom" in params:
         return params["phantom"] == "True"
@@ -330,7 +330,8 @@ def _check_same_test_set(ref_id, ref, tasks, ref_labels, rid, df, run_tasks, lab
         only_ref, only_run = np.setdiff1d(a, b), np.setdiff1d(b, a)
         raise DataError(
             f"runs {ref_id} and {rid} were scored on different test images ({len(only_ref)} only in the "
-            f"first, e.g. {list(only_ref[:3])}; {len(only_run)} only in the second, e.g. {list(only_run[:3])})"
+            f"first, e.g. {list(only_ref[:3])}; {len(only_run)} only in the second, "
+            f"e.g. {list(only_run[:3])})"
         )
     same = (ref_labels == labels) | (np.isnan(ref_labels) & np.isnan(labels))
     if not same.all():

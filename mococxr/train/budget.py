@@ -22,19 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mococxr.config import FinetuneConfig
+from mococxr.config.protocol import CHEXPERT_LABELLED, FRACTION_EPOCHS
+from mococxr.data.splits import percent
 from mococxr.errors import ConfigError
 
-# MoCo-CXR's CheXpert schedule: label fraction -> epochs. Other fractions interpolate linearly in
-# log10(fraction) between these points and clamp outside them (0.05 % -> 220, 5 % -> 57, 50 % -> 25).
-FRACTION_EPOCHS = ((0.001, 220), (0.01, 95), (0.1, 41), (1.0, 18))
-
-# Labelled CheXpert training images of the paper's setting: CheXpert v1.0's train.csv has 191,027 frontal
-# images; holding out 10 % of the patients for validation leaves about 90 % of them, ~172,000. Rule size
-# puts FRACTION_EPOCHS at n = fraction x CHEXPERT_LABELLED (172, 1,720, 17,200, 172,000 images).
-CHEXPERT_LABELLED = 172_000
-# The constant is an estimate (the paper gives neither its split nor its frontal filter): within +-5 % of
-# a CheXpert point n gets that point's epochs exactly, so a CheXpert run gets the paper's 220/95/41/18
-# whatever its split holds; between the plateaus epochs interpolate linearly in log10(n), continuously.
+# The paper's schedule (FRACTION_EPOCHS) and labelled-set size (CHEXPERT_LABELLED) are protocol constants
+# (mococxr/config/protocol.py). CHEXPERT_LABELLED is an estimate (the paper gives neither its split nor
+# its frontal filter): within +-5 % of a CheXpert point n gets that point's epochs exactly, so a CheXpert
+# run gets the paper's 220/95/41/18 whatever its split holds; between the plateaus epochs interpolate
+# linearly in log10(n), continuously.
 SIZE_TOLERANCE = 1.05
 
 
@@ -65,9 +61,9 @@ class Budget:
     """How long a run trains: its epochs, the optimizer steps they make, and the rule that decided.
 
     ``rule_epochs`` come from ``--epochs`` when set, else from MoCo-CXR's schedule by label fraction or by
-    labelled-set size (``epochs_rule``, times ``epochs_scale``); ``min_steps`` is a floor on top of either: the run trains
-    ``max(rule_epochs, ceil(min_steps / steps_per_epoch))`` epochs. ``steps_per_epoch`` is what the
-    train loader yields (see :func:`train_loader`), so a tiny draw trains long enough to converge.
+    labelled-set size (``epochs_rule``, times ``epochs_scale``); ``min_steps`` is a floor on top of either:
+    the run trains ``max(rule_epochs, ceil(min_steps / steps_per_epoch))`` epochs. ``steps_per_epoch`` is
+    what the train loader yields (see :func:`train_loader`), so a tiny draw trains long enough to converge.
     """
 
     epochs: int
@@ -90,7 +86,8 @@ class Budget:
     def describe(self) -> str:
         steps = f"{self.optimizer_steps} optimizer steps, {self.steps_per_epoch} per epoch"
         if self.epochs > self.rule_epochs:
-            return f"{self.epochs} (min_steps {self.min_steps} raised them from {self.rule_epochs}, {self.rule}); {steps}"
+            raised = f"min_steps {self.min_steps} raised them from {self.rule_epochs}, {self.rule}"
+            return f"{self.epochs} ({raised}); {steps}"
         met = f"; min_steps {self.min_steps} already met" if self.min_steps else ""
         return f"{self.epochs} ({self.rule}{met}); {steps}"
 
@@ -126,11 +123,6 @@ def _size_rule(cfg: FinetuneConfig, n: int) -> str:
         f"MoCo-CXR's schedule by labelled-set size for {n:,} labelled images (CheXpert's "
         f"{CHEXPERT_LABELLED:,} x 0.1/1/10/100 % -> 220/95/41/18 epochs, log-interpolated){scale}"
     )
-
-
-def percent(fraction: float) -> str:
-    """0.1 -> '10%', 0.001 -> '0.1%'."""
-    return f"{round(100 * fraction, 6):g}%"
 
 
 def validation_epochs(epochs: int, every: int) -> list[int]:

@@ -36,11 +36,11 @@ from mococxr.config import PretrainConfig, build, parse_keep
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.models.backbones import load_state_dict_file
 from mococxr.tracking.artifacts import quiet_downloads
-from mococxr.tracking.mlflow import TAG_PREFIX, tag
+from mococxr.tracking.mlflow import tag
 
 RESUME_DIR = "resume"
 KEEP_RESUME_STATES = 2  # the newest and the one before it: an intact epoch to fall back to
-KEPT_TAG = TAG_PREFIX + "kept"  # on a checkpoint that reconcile/retention would have deleted
+KEPT_TAG = tag("kept")  # on a checkpoint that reconcile/retention would have deleted
 _RESUME_FILE = re.compile(r"epoch_(\d+)\.(pt|json)$")
 _MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
 
@@ -92,7 +92,7 @@ def registered_model_ids(run_id: str) -> dict[str, str]:
             for model_id in {
                 mv.model_id,
                 m.group(1) if m else None,
-                (mv.tags or {}).get(TAG_PREFIX + "model_id"),
+                (mv.tags or {}).get(tag("model_id")),
             }:
                 if model_id:
                     out.setdefault(model_id, f"{mv.name} v{mv.version}")
@@ -262,16 +262,16 @@ def load_resume_state(run_id: str, resume_from: int | None = None) -> dict[str, 
             return _verified(run_id, epoch, files)
         if i + 1 < len(states):
             say(
-                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was interrupted); "
-                f"resuming from epoch {states[i + 1]}"
+                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar (its write was "
+                f"interrupted); resuming from epoch {states[i + 1]}"
             )
             continue
         try:  # the oldest, unchecked: written before sidecars existed, or the run's first write was cut short
             return _verified(run_id, epoch, files)
         except DataError:
             say(
-                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its write "
-                "was interrupted); starting again from epoch 1"
+                f"resume point {_state_path(epoch)} of run {run_id} has no sidecar and does not load (its "
+                "write was interrupted); starting again from epoch 1"
             )
     return None
 

@@ -192,7 +192,8 @@ def _store(entry: Path, feats: np.ndarray, meta: dict) -> np.ndarray | None:
 
 
 def evict(root: Path, *, keep: Path | None = None, limit: int | None = None) -> list[Path]:
-    """Delete the least recently used entries until ``root`` holds at most ``limit`` bytes (never ``keep``)."""
+    """Delete the least recently used entries until ``root`` holds at most ``limit`` bytes (never
+    ``keep``)."""
     limit = bound_bytes() if limit is None else limit
     entries = []
     for entry in Path(root).iterdir() if Path(root).is_dir() else []:

@@ -31,7 +31,7 @@ from mococxr.data.transforms import build_transform
 from mococxr.errors import DataError
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
-from mococxr.tracking.registry import resolve_init
+from mococxr.train.inits import resolve_init
 
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 

@@ -90,7 +90,8 @@ class Precision:
         return x.to(device=device, non_blocking=True, memory_format=fmt)
 
     def params(self) -> dict[str, str]:
-        """MLflow params that say what a run really used, beside the ``amp``/``channels_last`` it asked for."""
+        """MLflow params that say what a run really used, beside the ``amp``/``channels_last`` it asked
+        for."""
         return {"amp_effective": self.amp, "channels_last_effective": str(self.channels_last)}
 
 

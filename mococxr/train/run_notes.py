@@ -4,7 +4,8 @@ on what, how the epoch was chosen) and the result line added when it finishes.""
 from __future__ import annotations
 
 from mococxr.config import FinetuneConfig
-from mococxr.train.budget import Budget, percent
+from mococxr.data.splits import percent
+from mococxr.train.budget import Budget
 from mococxr.train.linear_eval import ProbeGap
 
 

@@ -41,7 +41,7 @@ Shuffle = Literal["auto", "split_bn", "ddp", "none"]
 Preset = Literal["cxr", "mocov2", "none"]
 Protocol = Literal["linear", "e2e"]
 Head = Literal["standardized", "plain"]
-Stage = Literal["staging", "production"]
+Alias = Literal["staging", "production"]  # a registered model's aliases (a plan's steps are stages)
 ResumeState = Literal["until_done", "keep"]
 Amp = Literal["off", "bf16", "fp16"]
 LinearLr = Literal["paper", "select"]
@@ -55,7 +55,7 @@ SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 PRESETS: tuple[str, ...] = typing.get_args(Preset)
 PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
 HEADS: tuple[str, ...] = typing.get_args(Head)
-STAGES: tuple[str, ...] = typing.get_args(Stage)
+ALIASES: tuple[str, ...] = typing.get_args(Alias)
 AMPS: tuple[str, ...] = typing.get_args(Amp)
 LINEAR_LRS: tuple[str, ...] = typing.get_args(LinearLr)
 EPOCHS_RULES: tuple[str, ...] = typing.get_args(EpochsRule)
@@ -134,8 +134,9 @@ class PretrainConfig(Validated):
     def validate(self) -> None:
         if self.moco_k % self.batch_size:
             raise ConfigError(
-                f"moco_k={self.moco_k} is not a multiple of batch_size={self.batch_size}: the queue must hold "
-                f"whole batches; try moco_k={self.moco_k // self.batch_size * self.batch_size or self.batch_size}"
+                f"moco_k={self.moco_k} is not a multiple of batch_size={self.batch_size}: the queue must "
+                "hold whole batches; try "
+                f"moco_k={self.moco_k // self.batch_size * self.batch_size or self.batch_size}"
             )
         if self.preset == "none":
             raise ConfigError(
@@ -245,6 +246,7 @@ class FinetuneConfig(Validated):
 
 
 __all__ = [
+    "ALIASES",
     "BACKBONES",
     "DATASETS",
     "EPOCHS_RULES",
@@ -255,7 +257,6 @@ __all__ = [
     "PRESETS",
     "PROTOCOLS",
     "SCHEDULERS",
-    "STAGES",
     "DataConfig",
     "FinetuneConfig",
     "PretrainConfig",

@@ -213,7 +213,8 @@ def build(cls: type[T], data: Mapping[str, Any] | None = None, *, where: str = "
 
 
 def override(cfg: T, dotted: Mapping[str, Any], *, where: str = "config") -> T:
-    """A copy of ``cfg`` with ``{"lr": "1e-3", "data.root": "x"}`` applied (``None`` values skipped), validated."""
+    """A copy of ``cfg`` with ``{"lr": "1e-3", "data.root": "x"}`` applied (``None`` values skipped),
+    validated."""
     data = to_dict(cfg)
     for key, value in dotted.items():
         if value is None:

@@ -18,30 +18,42 @@ failed ones are redone. Registry references such as ``models:/NAME@production`` 
 version before hashing, so promoting a new checkpoint makes new runs instead of silently reusing old
 ones. The data is read and split once for the whole grid, so every cell is scored on one test set.
 
-Several ``mococxr grid`` processes (or demos) may run one grid on one store at once, on one machine or
-through a shared tracking server: each cell is claimed in the store before it runs (see
-:mod:`mococxr.tracking.runs`), so a cell has one writer; a process skips the cells others hold and
-takes over a cell whose owner died, marking the dead run FAILED. ``dry_run`` writes nothing.
+Several ``mococxr grid`` processes (or plans, or demos) may run one grid on one store at once, on one
+machine or many: the cells are the items of one work queue in Optuna's storage (:mod:`mococxr.sweep.queue`;
+``storage`` in the spec, by default the store's Optuna database), enqueued once and popped atomically, so
+a cell has one worker at a time; a worker that dies is noticed by its missing heartbeat and its cell
+handed to the next. A cell whose MLflow run FINISHED (this grid's, or another grid's with the same
+config) is adopted, never trained again. Each worker returns once no cell is waiting or running in any
+worker (the barrier a plan's next stage needs). ``dry_run`` writes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
+import optuna
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE as NOTE
+from optuna.trial import TrialState
 
-from mococxr.config import config_hash
+from mococxr.config import FinetuneConfig, config_hash
 from mococxr.data.prepare import Prepared, prepare
 from mococxr.errors import ConfigError
-from mococxr.sweep.spec import GridSpec, load_grid
+from mococxr.sweep.grid_spec import GridSpec, load_grid
+from mococxr.sweep.queue import Item, Lease, WorkQueue
+from mococxr.sweep.spec_common import Heartbeat
+from mococxr.sweep.storage import rdb_storage, trial_run_failer
 from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import runs
 from mococxr.tracking.registry import canonical_uri, version_info
+
+Trainer = Callable[..., Any]  # finetune(cfg, *, data, store, parent_run_id, progress, extra_tags) -> result
 
 
 def pin_init(init: str) -> str:
@@ -57,12 +69,12 @@ def pin_init(init: str) -> str:
 @dataclass
 class GridResult:
     parent_run_id: str  # "" for a dry run on a grid never run
-    run_ids: list[str] = field(default_factory=list)
-    started: int = 0
-    skipped: int = 0
+    run_ids: list[str] = field(default_factory=list)  # every finished cell's run, in grid order
+    started: int = 0  # cells this call trained
+    skipped: int = 0  # cells finished before this call, or adopted from a FINISHED run
     failed: list[str] = field(default_factory=list)
-    elsewhere: int = 0  # cells another live process holds
-    would_run: int = 0  # dry run: cells neither finished nor held elsewhere
+    elsewhere: int = 0  # cells other workers finished during this call
+    would_run: int = 0  # dry run: cells neither finished nor running
     total: int = 0
 
 
@@ -72,42 +84,56 @@ def describe_grid(spec: GridSpec, counts: str = "") -> str:
     inits = ", ".join(f"{label} = {init}" for label, init in spec.inits.items())
     n = len(spec.configs())
     return (
-        f"Fine-tune grid **{spec.name}**: {n} runs = inits ({inits}) x protocols ({', '.join(spec.protocols)})"
-        f" x label fractions with draws ({draws}), backbone {spec.base.backbone}, dataset "
-        f"{spec.base.data.dataset}, task {spec.base.data.task}. {counts}\n\nRe-run it with the same "
-        "`mococxr grid SPEC.yaml` (or demo) command: finished cells are skipped, failed or missing ones run; "
-        "several processes may run it at once, each cell has one owner."
+        f"Fine-tune grid **{spec.name}**: {n} runs = inits ({inits}) x protocols "
+        f"({', '.join(spec.protocols)}) x label fractions with draws ({draws}), backbone "
+        f"{spec.base.backbone}, dataset {spec.base.data.dataset}, task {spec.base.data.task}. {counts}"
+        "\n\nRe-run it with the same `mococxr grid SPEC.yaml` (or plan) command: finished cells are kept, "
+        "failed or missing ones run. "
+        "Start the same command on more machines to add workers: the cells are one work queue in Optuna's "
+        "storage, each cell has one worker at a time."
     )
 
 
-def parent_run(spec: GridSpec, spec_hash: str) -> str:
-    """Find or create the grid's parent run (one per grid name and spec) and set it RUNNING."""
+def queue_name(spec: GridSpec, spec_hash: str) -> str:
+    """The grid's work queue (an Optuna study): one per grid name and cell set."""
+    return f"{spec.name}.cells.{spec_hash[:12]}"
+
+
+def _create_parent(spec: GridSpec, spec_hash: str) -> str:
+    """The grid's parent run, made once by the worker that sets its queue up."""
     base = spec.base
-
-    def describe(run_id: str) -> None:
-        ma.log_json(
-            {
-                "inits": spec.inits,
-                "protocols": spec.protocols,
-                "fractions": spec.fractions,
-                "draws": spec.draws,
-                "epochs": spec.epochs,
-            },
-            "grid.json",
-            run_id=run_id,
-        )
-
-    return runs.parent_run(
+    parent = runs.create_parent(
         spec.experiment,
-        key=mt.tags(kind="grid", config_hash=spec_hash),
         run_name=f"grid-{spec.name}",
         tags={
+            **mt.tags(kind="grid", config_hash=spec_hash),
             **mt.tags(dataset=base.data.dataset, task=base.data.task, backbone=base.backbone, grid=spec.name),
-            NOTE: describe_grid(spec),
+            mt.NOTE_TAG: describe_grid(spec),
         },
-        describe=describe,
-        running=True,
     )
+    grid = {"inits": spec.inits, "protocols": spec.protocols, "fractions": spec.fractions}
+    ma.log_json({**grid, "draws": spec.draws, "epochs": spec.epochs}, "grid.json", run_id=parent)
+    return parent
+
+
+def _item(label: str, cfg: FinetuneConfig) -> dict[str, Any]:
+    return {"init": label, "protocol": cfg.protocol, "fraction": cfg.fraction, "draw": cfg.draw}
+
+
+@dataclass
+class _Cells:
+    """What a worker needs to run the grid's cells: by key (config hash), their order, the shared data."""
+
+    spec: GridSpec
+    by_key: dict[str, tuple[str, FinetuneConfig]]
+    store: mt.Store
+    progress: bool
+    train: Trainer | None
+    data: Prepared | None = None
+
+    def head(self, key: str) -> str:
+        label, cfg = self.by_key[key]
+        return _head(list(self.by_key).index(key) + 1, len(self.by_key), label, cfg)
 
 
 def run_grid(
@@ -117,12 +143,16 @@ def run_grid(
     progress: bool = True,
     store: mt.Store | None = None,
     data: Prepared | None = None,
+    train: Trainer | None = None,
+    say: Callable[[str], None] = print,
 ) -> GridResult:
-    """Run every missing cell of the grid; returns what ran, what was skipped and what failed.
+    """Work on the grid until no cell is left in any worker; returns what ran, was kept and failed.
 
     ``store`` is the MLflow store (the one in force when not given); ``data`` the base data already
-    prepared by the caller (else prepared at the first cell that runs). ``dry_run`` prints what would
-    run and writes nothing to the store.
+    prepared by the caller (else prepared at the first cell this worker runs). ``train`` replaces
+    :func:`mococxr.train.finetune.finetune` and is handed ``data`` as given (benchmarks only: see
+    benchmarks/queue_scale). ``dry_run`` prints what would run and
+    writes nothing.
     """
     if data is not None and data.config != spec.base.data:
         raise ConfigError(
@@ -130,30 +160,39 @@ def run_grid(
         )
     store = mt.current_store(store)
     spec = replace(spec, inits={label: pin_init(init) for label, init in spec.inits.items()})
-    jobs = spec.configs()
-    spec_hash = _sha(spec.name + ":" + ",".join(config_hash(c) for _, c in jobs))
+    by_key = {config_hash(cfg): (label, cfg) for label, cfg in spec.configs()}
+    spec_hash = _sha(spec.name + ":" + ",".join(by_key))
+    storage = spec.storage or store.optuna_storage
     if dry_run:
-        return _dry_run(spec, jobs)
-    result = GridResult(parent_run_id=parent_run(spec, spec_hash), total=len(jobs))
-    done = runs.finished_hashes(spec.experiment)
+        return _dry_run(spec, by_key, storage, queue_name(spec, spec_hash))
+    queue = WorkQueue.open(
+        queue_name(spec, spec_hash),
+        storage,
+        [Item(key, _item(label, cfg)) for key, (label, cfg) in by_key.items()],
+        heartbeat=spec.heartbeat,
+        setup=lambda: {"mlflow_parent_run_id": _create_parent(spec, spec_hash)},
+        on_stale=trial_run_failer(spec.experiment, "finetune"),
+        say=say,
+    )
+    parent = queue.attrs["mlflow_parent_run_id"]
+    runs.reopen(parent)
+    result = GridResult(parent_run_id=parent, total=len(by_key))
+    before = sum(t.state == TrialState.COMPLETE for t in queue.items().values())
+    result.skipped = before
+    if before:
+        say(f"grid {spec.name}: {before} of {len(by_key)} cells finished before, kept")
+    cells = _Cells(spec, by_key, store, progress, train, data)
     try:
-        for i, (label, cfg) in enumerate(jobs, 1):
-            head, h = _head(i, len(jobs), label, cfg), config_hash(cfg)
-            if h in done:
-                result.skipped += 1
-                result.run_ids.append(done[h])
-                print(f"{head}: finished before (run {done[h][:8]}), skipped", flush=True)
-                continue
-            if data is None:
-                data = prepare(spec.base.data)  # one split for the whole grid: one test set
-            _run_cell(spec, label, cfg, h, head, result, data=data, store=store, progress=progress)
+        while (lease := queue.pop()) is not None:
+            _run_cell(cells, queue, lease, result, say)
+        queue.wait(say, what="cell")
     except BaseException as exc:
         try:
-            _close(spec, jobs, result, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _close(cells, queue, result, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         raise
-    _close(spec, jobs, result, "FINISHED")
+    _close(cells, queue, result, "FINISHED")
     return result
 
 
@@ -162,127 +201,139 @@ def _head(i: int, n: int, label: str, cfg) -> str:
     return f"[{i}/{n}] {label:>8} {cfg.protocol:>6} fraction {cfg.fraction:g} draw {cfg.draw}"
 
 
-def _run_cell(
-    spec: GridSpec,
-    label: str,
-    cfg,
-    cfg_hash: str,
-    head: str,
-    result: GridResult,
-    *,
-    data: Prepared,
-    store: mt.Store,
-    progress: bool,
-) -> None:
-    """Claim one cell and fine-tune it in the claimed run; a failed cell is recorded, not raised."""
-    from mococxr.train.finetune import finetune
-
-    cell = mt.tags(grid=spec.name, init=label)  # the grid's own label is what the report groups by
-    run_id, holder = runs.claim_run(
-        spec.experiment,
-        mt.tags(kind="finetune", config_hash=cfg_hash),
-        parent_run_id=result.parent_run_id,
-        run_name=f"{spec.name}-{label}-{cfg.protocol}-f{cfg.fraction:g}-d{cfg.draw}",
-        tags={**cell, **mt.tags(protocol=cfg.protocol, label_fraction=cfg.fraction, draw=cfg.draw)},
-    )
-    if run_id is None:
-        if holder.info.status == "FINISHED":
-            result.skipped += 1
-            result.run_ids.append(holder.info.run_id)
-            print(f"{head}: finished meanwhile (run {holder.info.run_id[:8]}), skipped", flush=True)
-        else:
-            result.elsewhere += 1
-            owner = holder.data.tags.get(mt.tag("owner"), "another process")
-            print(f"{head}: running in {owner} (run {holder.info.run_id[:8]}), left to it", flush=True)
+def _run_cell(cells: _Cells, queue: WorkQueue, lease: Lease, result: GridResult, say) -> None:
+    """Adopt the leased cell's FINISHED run, or fine-tune it; a failed cell is recorded, not raised."""
+    spec, head = cells.spec, cells.head(lease.key)
+    label, cfg = cells.by_key[lease.key]
+    done = runs.finished_run(spec.experiment, lease.key)
+    if done is not None:  # trained before (by a worker that died before telling the queue, or another grid)
+        lease.done(done.data.metrics.get("test/auc"), done.info.run_id, adopted=True)
+        result.skipped += 1
+        say(f"{head}: finished before (run {done.info.run_id[:8]}), adopted")
         return
+    if cells.train is None:
+        from mococxr.train.finetune import finetune
+
+        cells.train = finetune
+        cells.data = cells.data or prepare(spec.base.data)  # one split for the whole grid: one test set
+    tags = mt.tags(grid=spec.name, init=label, optuna_study=queue.name, optuna_trial=lease.number)
     t0 = time.perf_counter()
     try:
-        with mt.claimed_run(run_id):
-            res = finetune(
-                cfg,
-                data=data,
-                store=store,
-                parent_run_id=result.parent_run_id,
-                progress=progress,
-                extra_tags=cell,
-            )
+        res = cells.train(
+            cfg,
+            data=cells.data,
+            store=cells.store,
+            parent_run_id=result.parent_run_id,
+            progress=cells.progress,
+            extra_tags=tags,
+        )
     except KeyboardInterrupt:
-        _end(run_id, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+        lease.requeue("interrupted (Ctrl-C or SIGTERM); queued again")
         raise
     except Exception as exc:  # one failed cell must not lose the others; re-running redoes it
-        _end(run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        lease.failed(f"{type(exc).__name__}: {exc}")
         result.failed.append(f"{head}: {exc.__class__.__name__}: {exc}")
-        print(f"{head}: FAILED ({exc})", flush=True)
+        say(f"{head}: FAILED ({exc})")
+        return
+    auc = res.test.get("test/auc", float("nan"))
+    if not lease.done(auc, res.run_id):
+        _lease_lost(queue, lease, res.run_id, head, say)
         return
     result.started += 1
-    result.run_ids.append(res.run_id)
-    auc = res.test.get("test/auc", float("nan"))
-    print(
-        f"{head}: test AUC {auc:.4f} (best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)",
-        flush=True,
+    say(f"{head}: test AUC {auc:.4f} (best epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)")
+
+
+def _lease_lost(queue: WorkQueue, lease: Lease, run_id: str, head: str, say) -> None:
+    """This worker was judged dead while it trained (a pause longer than the heartbeat grace period) and a
+    copy of the cell was queued. The cell's result is the run its COMPLETE trial names: wait for the copy,
+    keep our run if the copy adopted it, else mark ours FAILED, so a cell never has two FINISHED runs."""
+    while (t := queue.items().get(lease.key)) is not None and t.state in (
+        TrialState.WAITING,
+        TrialState.RUNNING,
+    ):
+        time.sleep(queue.heartbeat.interval)
+    if t is not None and t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id") == run_id:
+        say(f"{head}: this worker's lease was lost while it trained, but its run {run_id[:8]} was adopted")
+        return
+    client = MlflowClient()
+    client.set_tag(run_id, mt.tag("end_reason"), "duplicate: the cell was handed to another worker")
+    client.set_terminated(run_id, "FAILED")
+    other = "" if t is None else t.user_attrs.get("mlflow_run_id", "")
+    say(
+        f"{head}: this worker was judged dead while it trained; run {run_id[:8]} marked FAILED"
+        + (f", the cell's result is run {other[:8]}" if other else "")
     )
 
 
-def _end(run_id: str, status: str, reason: str) -> None:
-    """End a claimed run the fine-tune never opened (it failed before its MLflow run started)."""
-    client = MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, mt.tag("end_reason"), reason[:500])
-        client.set_terminated(run_id, status)
-
-
-def _close(spec: GridSpec, jobs: list, result: GridResult, status: str) -> None:
-    """Summarise the grid on its parent run and end it, unless other processes still run its cells."""
+def _close(cells: _Cells, queue: WorkQueue, result: GridResult, status: str) -> None:
+    """Summarise the whole grid (every worker's cells) on its parent run; end it unless cells still run."""
+    items, counts = queue.items(), queue.counts()
+    result.run_ids = [
+        items[k].user_attrs.get("mlflow_run_id", "")
+        for k in cells.by_key
+        if k in items and items[k].state == TrialState.COMPLETE
+    ]
+    result.elsewhere = max(0, counts["complete"] - result.started - result.skipped)
+    mine = {f.split(":", 1)[0] for f in result.failed}
+    for key, t in items.items():
+        head = cells.head(key) if key in cells.by_key else key
+        if t.state == TrialState.FAIL and head not in mine:
+            reason = t.user_attrs.get("fail_reason", "failed")
+            result.failed.append(f"{head}: in worker {t.user_attrs.get('worker', '?')}: {reason}")
+    live = counts["running"] + counts["waiting"]
+    if status == "FINISHED" and counts["complete"] < len(cells.by_key):
+        status = "FAILED"
+    now = int(time.time() * 1000)
+    values = {
+        "n_cells": len(cells.by_key),
+        "n_finished": counts["complete"],
+        "n_failed": counts["fail"],
+        "n_running": live,
+        "n_started": result.started,
+    }
     client = MlflowClient()
     parent = result.parent_run_id
-    done = runs.finished_hashes(spec.experiment)
-    n_finished = sum(config_hash(c) in done for _, c in jobs)
-    exp_id = client.get_run(parent).info.experiment_id
-    children = client.search_runs(
-        [exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
-    )
-    others = [r for r in children if runs.is_stale(r) is None]
-    if status == "FINISHED" and n_finished < len(jobs):
-        status = "FAILED"
-    counts = {
-        "n_cells": len(jobs),
-        "n_finished": n_finished,
-        "n_started": result.started,
-        "n_skipped": result.skipped,
-        "n_failed": len(result.failed),
-        "n_elsewhere": result.elsewhere,
-    }
-    client.log_batch(
-        parent, metrics=[Metric(f"grid/{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()]
-    )
-    state = f"{len(others)} cell(s) still running elsewhere" if others else f"ended {status}"
-    client.set_tag(parent, NOTE, describe_grid(spec, f"{n_finished} of {len(jobs)} cells finished; {state}."))
-    if not others:
+    client.log_batch(parent, metrics=[Metric(f"grid/{k}", v, now, 0) for k, v in values.items()])
+    state = f"{live} cell(s) still queued or running in other workers" if live else f"ended {status}"
+    done = f"{counts['complete']} of {len(cells.by_key)} cells finished; {state}."
+    client.set_tag(parent, mt.NOTE_TAG, describe_grid(cells.spec, done))
+    if not live:
         client.set_terminated(parent, status)
 
 
-def _dry_run(spec: GridSpec, jobs: list) -> GridResult:
-    """Print each cell's state (finished, held elsewhere, would run); read the store, write nothing."""
-    result = GridResult(parent_run_id="", total=len(jobs))
-    for i, (label, cfg) in enumerate(jobs, 1):
-        head = _head(i, len(jobs), label, cfg)
-        finished, live = runs.cell_runs(
-            spec.experiment, mt.tags(kind="finetune", config_hash=config_hash(cfg)), fix_stale=False
-        )
-        if finished:
+def _running(storage: str, name: str) -> dict[str, str]:
+    """key -> worker of the cells RUNNING in the grid's queue, read only (no queue yet: none)."""
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name=name, storage=rdb_storage(storage, Heartbeat()))
+    except KeyError:
+        return {}
+    return {
+        t.user_attrs.get("key", ""): t.user_attrs.get("worker", "another worker")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    }
+
+
+def _dry_run(spec: GridSpec, by_key: dict, storage: str, name: str) -> GridResult:
+    """Print each cell's state (finished, running in a worker, would run); read the store, write nothing."""
+    result = GridResult(parent_run_id="", total=len(by_key))
+    done = runs.finished_hashes(spec.experiment)
+    running = _running(storage, name)
+    for i, (key, (label, cfg)) in enumerate(by_key.items(), 1):
+        head = _head(i, len(by_key), label, cfg)
+        if key in done:
             result.skipped += 1
-            result.run_ids.append(finished[0].info.run_id)
-            print(f"{head}: finished (run {finished[0].info.run_id[:8]}), would skip", flush=True)
-        elif live:
+            result.run_ids.append(done[key])
+            print(f"{head}: finished (run {done[key][:8]}), would skip", flush=True)
+        elif key in running:
             result.elsewhere += 1
-            print(
-                f"{head}: running in {live[0].data.tags.get(mt.tag('owner'), 'another process')}", flush=True
-            )
+            print(f"{head}: running in {running[key]}", flush=True)
         else:
             result.would_run += 1
             print(f"{head}: would run", flush=True)
     print(
-        f"dry run of grid {spec.name}: {result.would_run} of {len(jobs)} cells would run, {result.skipped} "
+        f"dry run of grid {spec.name}: {result.would_run} of {len(by_key)} cells would run, {result.skipped} "
         f"finished, {result.elsewhere} running elsewhere; nothing was written to the store",
         flush=True,
     )
@@ -293,4 +344,4 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["GridResult", "GridSpec", "describe_grid", "load_grid", "pin_init", "run_grid"]
+__all__ = ["GridResult", "GridSpec", "describe_grid", "load_grid", "pin_init", "queue_name", "run_grid"]

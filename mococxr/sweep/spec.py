@@ -22,15 +22,12 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 
 from mococxr.config import (
-    FinetuneConfig,
     PretrainConfig,
-    Protocol,
     Validated,
     build,
     coerce,
@@ -40,6 +37,15 @@ from mococxr.config import (
     to_dict,
 )
 from mococxr.errors import ConfigError
+from mococxr.sweep.grid_spec import GridSpec, load_grid
+from mococxr.sweep.spec_common import (  # noqa: F401 - _fractions, _per_fraction: read by flows/plan.py
+    Heartbeat,
+    _check_keys,
+    _fractions,
+    _mapping,
+    _per_fraction,
+    mask_password,
+)
 
 DEFAULT_EXPERIMENT = "mococxr-sweep"
 DEFAULT_METRIC = "val/linear_auc"
@@ -48,13 +54,27 @@ Pruner = Literal["median", "successive_halving", "none"]
 Direction = Literal["maximize", "minimize"]
 # Keys the study itself fixes: the data and epochs define the objective, the rest its bookkeeping.
 NOT_SEARCHABLE = frozenset({"data", "epochs", "monitor", "experiment", "run_name", "keep", "workers"})
-_PRUNER_ARGS = {"median": ("n_startup_trials", "n_warmup_steps"),
-                "successive_halving": ("min_resource", "reduction_factor"), "none": ()}
+_PRUNER_ARGS = {
+    "median": ("n_startup_trials", "n_warmup_steps"),
+    "successive_halving": ("min_resource", "reduction_factor"),
+    "none": (),
+}
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_SPEC_KEYS = frozenset({"name", "storage", "experiment", "objective", "budget", "search_space", "sampler",
-                        "pruner", "heartbeat", "base", "registered_model"})
-_GRID_KEYS = frozenset({"experiment", "base", "inits", "protocols", "fractions", "draws", "name", "epochs",
-                        "protocol_overrides"})
+_SPEC_KEYS = frozenset(
+    {
+        "name",
+        "storage",
+        "experiment",
+        "objective",
+        "budget",
+        "search_space",
+        "sampler",
+        "pruner",
+        "heartbeat",
+        "base",
+        "registered_model",
+    }
+)
 
 
 # -- the sections of a study --------------------------------------------------------------------------
@@ -77,7 +97,9 @@ class Objective(Validated):
 class Budget(Validated):
     """The study's budget, shared by all of its workers."""
 
-    n_trials: int | None = opt(None, "finished (COMPLETE + PRUNED) trials the study aims for", check="positive")
+    n_trials: int | None = opt(
+        None, "finished (COMPLETE + PRUNED) trials the study aims for", check="positive"
+    )
     epochs: int | None = opt(None, "pretraining epochs per trial (default: base.epochs)", check="positive")
     max_failures: int = opt(3, "failed trials in a row after which a worker gives up", check="positive")
 
@@ -100,40 +122,32 @@ class PrunerSpec(Validated):
     """Optuna's pruner; each pruner takes only its own arguments (the others are refused)."""
 
     name: Pruner = opt("median", "median | successive_halving | none")
-    n_startup_trials: int | None = opt(None, "median: trials before any is pruned (default 2)", check="nonnegative")
+    n_startup_trials: int | None = opt(
+        None, "median: trials before any is pruned (default 2)", check="nonnegative"
+    )
     n_warmup_steps: int | None = opt(None, "median: epochs before pruning (default 0)", check="nonnegative")
     min_resource: int | None = opt(None, "successive_halving: epochs of the first rung", check="positive")
-    reduction_factor: int | None = opt(None, "successive_halving: trials kept per rung = 1/factor", check="positive")
+    reduction_factor: int | None = opt(
+        None, "successive_halving: trials kept per rung = 1/factor", check="positive"
+    )
 
     def validate(self) -> None:
         allowed = _PRUNER_ARGS[self.name]
-        stray = [k for k in _PRUNER_ARGS["median"] + _PRUNER_ARGS["successive_halving"]
-                 if getattr(self, k) is not None and k not in allowed]
+        stray = [
+            k
+            for k in _PRUNER_ARGS["median"] + _PRUNER_ARGS["successive_halving"]
+            if getattr(self, k) is not None and k not in allowed
+        ]
         if stray:
-            raise ConfigError(f"unknown key(s) {', '.join(stray)} for the {self.name} pruner; known: "
-                              f"{', '.join(('name', *allowed))}")
+            raise ConfigError(
+                f"unknown key(s) {', '.join(stray)} for the {self.name} pruner; known: "
+                f"{', '.join(('name', *allowed))}"
+            )
 
     @property
     def args(self) -> dict[str, int]:
         """The arguments given, as the Optuna pruner's keywords."""
         return {k: getattr(self, k) for k in _PRUNER_ARGS[self.name] if getattr(self, k) is not None}
-
-
-@dataclass(frozen=True)
-class Heartbeat(Validated):
-    """How a dead worker is noticed: its RUNNING trial stops beating and is retried after the grace period."""
-
-    interval: int = opt(10, "seconds between a running trial's heartbeats", check="positive")
-    grace_period: int | None = opt(None, "silent seconds before a trial is FAIL (3 x interval)", check="positive")
-    max_retry: int = opt(2, "times a dead worker's trial is queued again", check="nonnegative")
-
-    def validate(self) -> None:
-        if self.grace_period is not None and self.grace_period <= self.interval:
-            raise ConfigError(f"grace_period={self.grace_period} must exceed interval={self.interval}")
-
-    @property
-    def grace(self) -> int:
-        return self.grace_period if self.grace_period is not None else 3 * self.interval
 
 
 @dataclass(frozen=True)
@@ -222,13 +236,17 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "storage": mask_password(self.storage) if self.storage else None,
-            "experiment": self.experiment, "objective": to_dict(self.objective),
+            "name": self.name,
+            "storage": mask_password(self.storage) if self.storage else None,
+            "experiment": self.experiment,
+            "objective": to_dict(self.objective),
             "budget": {**to_dict(self.budget), "epochs": self.epochs},
             "search_space": {k: p.describe() for k, p in self.search_space.items()},
-            "sampler": to_dict(self.sampler), "pruner": {"name": self.pruner.name, **self.pruner.args},
+            "sampler": to_dict(self.sampler),
+            "pruner": {"name": self.pruner.name, **self.pruner.args},
             "heartbeat": {**to_dict(self.heartbeat), "grace_period": self.heartbeat.grace},
-            "registered_model": self.registered_model, "base": to_dict(self.base),
+            "registered_model": self.registered_model,
+            "base": to_dict(self.base),
         }
 
 
@@ -249,16 +267,25 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
     sampler = build(SamplerSpec, _mapping(data, "sampler", source), where=f"{source}: sampler")
     for p in space.values() if sampler.name == "grid" else ():
         if p.kind != "categorical":
-            raise ConfigError(f"{source}: search_space.{p.name}: the grid sampler needs `choices`, not a range")
+            raise ConfigError(
+                f"{source}: search_space.{p.name}: the grid sampler needs `choices`, not a range"
+            )
     pruner = build(PrunerSpec, _mapping(data, "pruner", source), where=f"{source}: pruner")
     heartbeat = build(Heartbeat, _mapping(data, "heartbeat", source), where=f"{source}: heartbeat")
     budget = replace(budget, epochs=budget.epochs or base.epochs)
     return StudySpec(
-        name=name, base=_trial_base(base, base_raw, objective, budget.epochs, source), search_space=space,
-        budget=budget, objective=objective, sampler=sampler, pruner=pruner, heartbeat=heartbeat,
+        name=name,
+        base=_trial_base(base, base_raw, objective, budget.epochs, source),
+        search_space=space,
+        budget=budget,
+        objective=objective,
+        sampler=sampler,
+        pruner=pruner,
+        heartbeat=heartbeat,
         storage=str(data["storage"]) if data.get("storage") else None,
         experiment=str(data.get("experiment") or DEFAULT_EXPERIMENT),
-        registered_model=str(data["registered_model"]) if data.get("registered_model") else None, source=source,
+        registered_model=str(data["registered_model"]) if data.get("registered_model") else None,
+        source=source,
     )
 
 
@@ -270,19 +297,17 @@ def valid_study_name(value: Any, where: str) -> str:
     return name
 
 
-def mask_password(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, for logs and params."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
-def _trial_base(base: PretrainConfig, base_raw: Mapping[str, Any], objective: Objective, epochs: int,
-                source: str) -> PretrainConfig:
+def _trial_base(
+    base: PretrainConfig, base_raw: Mapping[str, Any], objective: Objective, epochs: int, source: str
+) -> PretrainConfig:
     """The base every trial starts from: monitored, the study's epochs, and a retention that keeps the
     best epoch (which promotion needs) and the last (which a resumed trial needs)."""
     if "keep" in base_raw:
         if base.keep.startswith("every"):
-            raise ConfigError(f"{source}: base.keep={base.keep!r} may delete the best epoch, which promotion "
-                              "needs; use all or best:K:val/linear_auc")
+            raise ConfigError(
+                f"{source}: base.keep={base.keep!r} may delete the best epoch, which promotion "
+                "needs; use all or best:K:val/linear_auc"
+            )
     elif objective.direction == "maximize":
         base = replace(base, keep=f"best:1:{objective.metric}")
     return replace(base, monitor=True, epochs=epochs)
@@ -297,8 +322,10 @@ def _search_space(raw: Mapping[str, Any], base: PretrainConfig, source: str) -> 
         if name in NOT_SEARCHABLE or "." in str(name):
             raise ConfigError(f"{where}: {name!r} is fixed by the study (data, budget and bookkeeping)")
         if not hasattr(base, name):
-            raise ConfigError(f"{where}: not a pretraining config key; known: "
-                              f"{', '.join(sorted(k for k in to_dict(base) if k not in NOT_SEARCHABLE))}")
+            raise ConfigError(
+                f"{where}: not a pretraining config key; known: "
+                f"{', '.join(sorted(k for k in to_dict(base) if k not in NOT_SEARCHABLE))}"
+            )
         if isinstance(entry, list):
             entry = {"choices": entry}
         if not isinstance(entry, Mapping):
@@ -338,112 +365,28 @@ def _check_queue(space: Mapping[str, Param], base: PretrainConfig, source: str) 
     ks = space["moco_k"].choices if "moco_k" in space else (base.moco_k,)
     bs = space["batch_size"].choices if "batch_size" in space else (base.batch_size,)
     if not ks or not bs:
-        raise ConfigError(f"{source}: search_space: search moco_k and batch_size with `choices` so that "
-                          "moco_k is a multiple of batch_size for every draw")
+        raise ConfigError(
+            f"{source}: search_space: search moco_k and batch_size with `choices` so that "
+            "moco_k is a multiple of batch_size for every draw"
+        )
     for k, b in itertools.product(ks, bs):
         if int(k) % int(b):
             raise ConfigError(f"{source}: search_space: moco_k={k} is not a multiple of batch_size={b}")
 
 
-def _check_keys(data: Mapping[str, Any], known: set[str] | frozenset[str], required: tuple, where: str) -> None:
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
-    for key in required:
-        if key not in data:
-            raise ConfigError(f"{where}: missing required key `{key}`")
-
-
-def _mapping(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = data.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-    return dict(value)
-
-
-# -- the grid -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GridSpec:
-    """A fine-tune grid: every init x protocol x label fraction x draw of one base config."""
-
-    name: str
-    experiment: str
-    base: FinetuneConfig
-    inits: dict[str, str]  # label (what the report groups by) -> init
-    protocols: list[str]
-    fractions: list[float]
-    draws: dict[float, int]
-    epochs: dict[float, int] = field(default_factory=dict)  # fraction -> epochs; absent: the paper's rule
-    protocol_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {linear: {lr: 1e-3}}
-
-    def configs(self) -> list[tuple[str, FinetuneConfig]]:
-        """Every (init label, config) of the grid, small fractions first."""
-        out = []
-        for fraction, (label, init), protocol in itertools.product(
-            self.fractions, self.inits.items(), self.protocols
-        ):
-            for draw in range(self.draws[fraction]):
-                values = {"init": init, "protocol": protocol, "fraction": fraction, "draw": draw,
-                          "experiment": self.experiment, "epochs": self.epochs.get(fraction),
-                          **self.protocol_overrides.get(protocol, {})}
-                out.append((label, override(self.base, values)))
-        return out
-
-
-def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> GridSpec:
-    """Read and validate a grid YAML; ``overrides`` are dotted FinetuneConfig keys (``data.root``)."""
-    raw = load_yaml(path)
-    _check_keys(raw, _GRID_KEYS, ("experiment", "inits", "protocols", "fractions"), str(path))
-    base = build(FinetuneConfig, _mapping(raw, "base", str(path)), where=f"{path}: base")
-    base = override(base, overrides or {}, where="overrides")
-    inits = raw["inits"]
-    if isinstance(inits, list):
-        inits = {str(i): str(i) for i in inits}
-    if not isinstance(inits, dict) or not inits:
-        raise ConfigError(f"{path}: inits must be a mapping label -> init (random, imagenet, a URI)")
-    if not isinstance(raw["protocols"], list):
-        raise ConfigError(f"{path}: protocols: expected a list of linear and/or e2e")
-    protocols = [coerce(p, Protocol, f"{path}: protocols") for p in raw["protocols"]]
-    fractions = _fractions(raw["fractions"], path)
-    draws = _per_fraction(raw.get("draws", 1), fractions, f"{path}: draws", complete=True)
-    epochs = _per_fraction(raw.get("epochs") or {}, fractions, f"{path}: epochs", complete=False)
-    protocol_overrides = _mapping(raw, "protocol_overrides", str(path))
-    for protocol, values in protocol_overrides.items():
-        if protocol not in typing.get_args(Protocol) or not isinstance(values, Mapping):
-            raise ConfigError(f"{path}: protocol_overrides must map linear/e2e to config values")
-        # validates the keys and types now, not halfway through the grid
-        override(base, dict(values), where=f"{path}: protocol_overrides.{protocol}")
-    return GridSpec(
-        name=str(raw.get("name") or Path(path).stem), experiment=str(raw["experiment"]), base=base,
-        inits={str(k): str(v) for k, v in inits.items()}, protocols=protocols, fractions=fractions,
-        draws=draws, epochs=epochs, protocol_overrides={k: dict(v) for k, v in protocol_overrides.items()},
-    )
-
-
-def _fractions(raw: Any, path: str | Path) -> list[float]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: fractions must be a list of numbers in (0, 1], got {raw!r}")
-    fractions = sorted(coerce(f, float, f"{path}: fractions") for f in raw)
-    if not fractions or any(not 0 < f <= 1 for f in fractions):
-        raise ConfigError(f"{path}: fractions must be numbers in (0, 1], got {raw}")
-    return fractions
-
-
-def _per_fraction(raw: Any, fractions: list[float], where: str, *, complete: bool) -> dict[float, int]:
-    """One count for every fraction, or a mapping fraction -> count (``complete``: every fraction named)."""
-    if isinstance(raw, Mapping):
-        out = {coerce(k, float, where): coerce(v, int, f"{where}.{k}") for k, v in raw.items()}
-        missing = [f for f in fractions if f not in out]
-        if complete and missing:
-            raise ConfigError(f"{where} gives no count for fraction(s) {missing}")
-    else:
-        out = dict.fromkeys(fractions, coerce(raw, int, where))
-    if any(v < 1 for v in out.values()):
-        raise ConfigError(f"{where} must be at least 1")
-    return out
-
-
-__all__ = ["Budget", "GridSpec", "Heartbeat", "Objective", "Param", "PrunerSpec", "Range", "SamplerSpec",
-           "StudySpec", "load_grid", "load_spec", "mask_password", "parse_spec", "valid_study_name"]
+__all__ = [
+    "Budget",
+    "GridSpec",
+    "Heartbeat",
+    "Objective",
+    "Param",
+    "PrunerSpec",
+    "Range",
+    "SamplerSpec",
+    "StudySpec",
+    "load_grid",
+    "load_spec",
+    "mask_password",
+    "parse_spec",
+    "valid_study_name",
+]

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mococxr.errors import ConfigError
-from mococxr.sweep.spec import StudySpec, mask_password
+from mococxr.sweep.spec import Heartbeat, StudySpec, mask_password
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.runs import trial_run_id
 
@@ -37,7 +37,19 @@ def storage_url(spec: StudySpec) -> str:
 
 def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats, so a dead worker's trial is failed and retried with the same params."""
-    url = storage_url(spec)
+    return rdb_storage(
+        storage_url(spec), spec.heartbeat, on_stale=trial_run_failer(spec.experiment, "pretrain")
+    )
+
+
+def rdb_storage(
+    url: str,
+    heartbeat: Heartbeat,
+    *,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``url`` with ``heartbeat``: a trial whose worker stops beating for the grace
+    period is FAIL, ``on_stale`` is told (e.g. to fail its MLflow run) and a copy is queued again."""
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
         raise ConfigError(
             f"storage {mask_password(url)!r}: use sqlite:///PATH for one machine or "
@@ -50,16 +62,19 @@ def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers share one file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.heartbeat.max_retry)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)
         for attempt in range(3):  # workers starting together on a new database race to create its tables
             try:
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
-                    heartbeat_interval=spec.heartbeat.interval,
-                    grace_period=spec.heartbeat.grace,
-                    heartbeat_stale_trial_callback=_StaleTrialHandler(retry, spec.experiment),
+                    heartbeat_interval=heartbeat.interval,
+                    grace_period=heartbeat.grace,
+                    heartbeat_stale_trial_callback=_StaleTrialHandler(retry, on_stale),
                 )
+                if url.startswith("sqlite:"):
+                    _serializable_sqlite(storage.engine)
+                return storage
             except Exception as exc:  # unreachable server, bad credentials, missing driver
                 if attempt == 2:
                     raise ConfigError(f"cannot open optuna storage {mask_password(url)!r}: {exc}") from None
@@ -67,28 +82,68 @@ def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-class _StaleTrialHandler:
-    """Marks a dead worker's MLflow run FAILED, then lets optuna queue the retry (same params)."""
+def _serializable_sqlite(engine: Any) -> None:
+    """Make every sqlite transaction ``BEGIN IMMEDIATE`` (SQLAlchemy's pysqlite recipe).
 
-    def __init__(self, retry: Callable[[optuna.Study, FrozenTrial], None], experiment: str) -> None:
-        self.retry = retry
-        self.experiment = experiment
+    pysqlite starts transactions lazily, so two workers can both read a trial WAITING and both move it
+    to RUNNING: measured, 4 workers on 24 items worked some twice. With ``BEGIN IMMEDIATE`` a
+    transaction holds the write lock from its first read, so popping a trial is atomic on one machine
+    as ``SELECT ... FOR UPDATE`` makes it on PostgreSQL (others wait, up to the 60 s busy timeout)."""
+    from sqlalchemy import event
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    @event.listens_for(engine, "connect")
+    def _no_pysqlite_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed are not reused
+
+
+def trial_run_failer(experiment: str, kind: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """``on_stale`` for trials that each run in one MLflow run: mark that run FAILED."""
+
+    def fail_run(study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id") or trial_run_id(
-            self.experiment, study.study_name, trial.number
+            experiment, study.study_name, trial.number, kind=kind
         )
         if run_id:
             client = MlflowClient()
-            client.set_tag(run_id, mt.tag("optuna_state"), TrialState.FAIL.name)
+            # status read and set back to back: a worker only judged dead (still alive) that finishes its
+            # run at this instant is sorted out by the grid (sweep/grid.py: _lease_lost)
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, "FAILED")
+                client.set_tag(run_id, mt.tag("end_reason"), "its worker stopped sending heartbeats")
+            client.set_tag(run_id, mt.tag("optuna_state"), TrialState.FAIL.name)
         print(
-            f"trial {trial.number}: its worker stopped sending heartbeats; marked FAIL"
+            f"{study.study_name}: trial {trial.number}'s worker stopped sending heartbeats; marked FAIL"
             + (f" (MLflow run {run_id} FAILED)" if run_id else "")
-            + ", queued a retry with the same params",
+            + ", queued a retry",
             flush=True,
         )
+
+    return fail_run
+
+
+class _StaleTrialHandler:
+    """Tells ``on_stale`` about a dead worker's trial, then lets optuna queue the retry (same params)."""
+
+    def __init__(
+        self,
+        retry: Callable[[optuna.Study, FrozenTrial], None],
+        on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
+    ) -> None:
+        self.retry = retry
+        self.on_stale = on_stale
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.on_stale is not None:
+            try:
+                self.on_stale(study, trial)
+            except Exception as exc:  # noqa: BLE001 - the retry matters more than the courtesy
+                print(f"{study.study_name}: trial {trial.number}: could not mark its run: {exc}", flush=True)
         self.retry(study, trial)
 
 
@@ -149,4 +204,12 @@ def study_budget(spec: StudySpec) -> int:
     return min(spec.n_trials, math.prod(len(p.choices) for p in spec.search_space.values()))
 
 
-__all__ = ["make_pruner", "make_sampler", "make_storage", "storage_url", "study_budget"]
+__all__ = [
+    "make_pruner",
+    "make_sampler",
+    "make_storage",
+    "rdb_storage",
+    "storage_url",
+    "study_budget",
+    "trial_run_failer",
+]

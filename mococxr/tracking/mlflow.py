@@ -3,7 +3,7 @@
 MLflow is the system of record. This module owns the store location (the embedded default is
 ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``; ``MLFLOW_TRACKING_URI`` or
 ``--tracking-uri`` override it, including an ``http(s)://`` tracking server), the ``mococxr.*`` tag
-schema and the run lifecycle (ownership, heartbeats, how a run ends). Logging plain data (JSON,
+schema and the run lifecycle (its owner, how a run ends). Logging plain data (JSON,
 DataFrames, state dicts) is :mod:`mococxr.tracking.artifacts`.
 The file store is refused: it raises in MLflow >= 3.13 and cannot hold LoggedModels well.
 """
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,14 +60,20 @@ TAG_KEYS = frozenset(
         "preset",
         "image_size",
         "owner",
-        "heartbeat",
-        "claim",
-        "end_reason",  # run ownership: see start_run and tracking/runs.py
+        "end_reason",  # who ran a run (host:pid) and why it ended unfinished: see start_run
         "lr",
-        "scheduler",  # a plan's registered trial checkpoints: the searched values (sweep/stages.py)
-        "init_fallback",  # why init auto started a run from random weights (tracking/registry.py)
+        "scheduler",  # a plan's registered trial checkpoints: the searched values (flows/stages.py)
+        "init_fallback",  # why init auto started a run from random weights (train/inits.py)
         "linear_lr",  # the learning rate a linear fine-tune run's head trained at (train/linear_lr.py)
-        "best_at_last_epoch",  # true when a fine-tune run's best validated epoch was its last (train/finetune.py)
+        "best_at_last_epoch",  # a fine-tune run's best validated epoch was its last (train/finetune.py)
+        # On registered versions (tracking/registry.py): the run and LoggedModel a version came from, its
+        # alias or "archived" (the key says "stage" because stores already hold it), its fine-tune run count.
+        "run_id",
+        "model_id",
+        "stage",
+        "finetune_runs",
+        "kept",  # on a checkpoint that reconcile/retention would have deleted (train/checkpoints.py)
+        "report_files",  # a report run's folder of its current, complete files (report/record.py)
     }
 )
 
@@ -141,9 +144,15 @@ class Store:
 _OPENED: dict[str, Store] = {}
 
 
+OPTUNA_ENV = "MOCOCXR_OPTUNA_STORAGE"  # the Optuna storage every worker shares (studies and work queues)
+
+
 def default_optuna_storage(tracking_uri: str) -> str:
-    """Optuna's default storage for a tracking URI: ``optuna.db`` beside a sqlite ``mlflow.db``, else
-    ``mlruns/optuna.db`` in the current folder (a tracking server's users name a shared one)."""
+    """Optuna's storage for a tracking URI: ``$MOCOCXR_OPTUNA_STORAGE`` (a shared PostgreSQL for many
+    machines), else ``optuna.db`` beside a sqlite ``mlflow.db``, else ``mlruns/optuna.db`` in the current
+    folder (a tracking server's users name a shared one)."""
+    if os.environ.get(OPTUNA_ENV):
+        return os.environ[OPTUNA_ENV]
     db = _sqlite_path(tracking_uri)
     folder = db.resolve().parent if db is not None else Path(os.getcwd()).resolve() / DEFAULT_STORE_DIR
     return f"sqlite:///{folder / 'optuna.db'}"
@@ -198,8 +207,9 @@ def current_store(store: Store | None = None) -> Store:
 
 
 def quote_filter(value: Any) -> str:
-    """``value`` as a string literal of an MLflow search filter: ``'it'``, or ``"it's"`` when it holds a single
-    quote (MLflow's filter parser knows no escapes, so a value holding both quote kinds cannot be searched)."""
+    """``value`` as a string literal of an MLflow search filter: ``'it'``, or ``"it's"`` when it holds a
+    single quote (MLflow's filter parser knows no escapes, so a value holding both quote kinds cannot be
+    searched)."""
     text = str(value)
     if "'" not in text:
         return f"'{text}'"
@@ -245,7 +255,8 @@ def ensure_experiment(name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or pick another name"
+                f"experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or pick another "
+                "name"
             )
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
@@ -267,65 +278,14 @@ def ensure_experiment(name: str) -> str:
         return exp.experiment_id
 
 
-HEARTBEAT_ENV = "MOCOCXR_HEARTBEAT_S"  # seconds between a running run's heartbeats (default 30)
-_CLAIMED: ContextVar[list[str] | None] = ContextVar("mococxr_claimed_run", default=None)
-
-
 def owner_id() -> str:
     """``host:pid`` of this process: the ``mococxr.owner`` tag of the runs it starts."""
     return f"{os.uname().nodename}:{os.getpid()}"
 
 
-def heartbeat_interval() -> float:
-    raw = os.environ.get(HEARTBEAT_ENV, "30")
-    try:
-        return max(0.05, float(raw))
-    except ValueError:
-        raise TrackingError(f"{HEARTBEAT_ENV}={raw!r}: expected a number of seconds") from None
-
-
-class Heartbeat:
-    """Sets ``mococxr.heartbeat`` (unix seconds) on a run from a daemon thread every interval, so another
-    process can tell a run whose owner died from one still working (see tracking/runs.py). One tag
-    write per interval (~8 ms on sqlite); a failed write is skipped, it only makes the run look older."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id, self.interval = run_id, heartbeat_interval()
-        self._client = MlflowClient(mlflow.get_tracking_uri())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"mococxr-heartbeat-{run_id[:8]}", daemon=True
-        )
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._client.set_tag(self.run_id, tag("heartbeat"), str(int(time.time())))
-            except Exception:  # noqa: BLE001 - best effort, see the class docstring
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-@contextmanager
-def claimed_run(run_id: str) -> Iterator[None]:
-    """The next :func:`start_run` in this context that names no ``run_id`` resumes ``run_id`` instead of
-    creating a run: the caller created and claimed it (a grid cell, see :mod:`mococxr.tracking.runs`).
-    The claimed run's heartbeat beats for the whole context, from the claim to the end of its work."""
-    token = _CLAIMED.set([run_id])
-    beat = Heartbeat(run_id)
-    try:
-        yield
-    finally:
-        beat.stop()
-        _CLAIMED.reset(token)
-
-
 def _end_after(exc: BaseException, where: str, run_id: str) -> None:
-    """Mark the active run KILLED (Ctrl-C, SIGTERM) or FAILED with the reason; raise what the caller should."""
+    """Mark the active run KILLED (Ctrl-C, SIGTERM) or FAILED with the reason; raise what the caller
+    should."""
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     try:
         mlflow.set_tag(
@@ -361,20 +321,14 @@ def start_run(
     A logging call that fails for good (MLflow has already retried transient server errors) is raised
     as a ``TrackingError`` naming the run, the store and the request that failed, so a half-logged run
     never looks complete; if the run cannot even be marked, the error says it is left RUNNING.
-    The run carries its owner (``mococxr.owner`` = host:pid) and a ``mococxr.heartbeat`` refreshed every
-    ``MOCOCXR_HEARTBEAT_S`` seconds while the body runs, so a run whose process died can be told apart
-    and taken over (:func:`mococxr.tracking.runs.is_stale`). Inside :func:`claimed_run` it resumes the
-    claimed run instead of creating one.
+    The run carries its owner (``mococxr.owner`` = host:pid). A run whose worker dies is marked FAILED
+    by whoever finds its work queue lease dead (see :mod:`mococxr.sweep.queue`).
     """
     exp_id = ensure_experiment(experiment)
     nested = mlflow.active_run() is not None
-    claimed = _CLAIMED.get()
-    took_claim = run_id is None and bool(claimed)
-    if took_claim:
-        run_id = claimed.pop()  # the caller created this run for us; only the first start_run takes it
-    owner = tags(owner=owner_id(), heartbeat=int(time.time()))
+    owner = tags(owner=owner_id())
     resumed = run_id is not None
-    if resumed:  # resumed runs change owner; a claimed run also gets the body's name and tags
+    if resumed:  # resumed runs change owner
         run = mlflow.start_run(
             run_id=run_id, nested=nested, run_name=run_name, tags={**(run_tags or {}), **owner}
         )
@@ -387,16 +341,11 @@ def start_run(
             nested=nested,
         )
     where = f"run {run.info.run_id} (experiment {experiment!r}) in {mlflow.get_tracking_uri()}"
-    beat = None if took_claim else Heartbeat(run.info.run_id)  # claimed_run beats for a claimed run
     try:
         yield run
     except BaseException as exc:
-        if beat is not None:
-            beat.stop()
         _end_after(exc, where, run.info.run_id)
         raise
-    if beat is not None:
-        beat.stop()
     try:
         mlflow.end_run("FINISHED")
     except Exception as exc:

@@ -18,9 +18,9 @@ split them) and each run's resolved epochs, and split by kind of work:
 A cached pass is counted once per plan, with the first run (in plan order) that needs it: the cache is
 on disk, so later runs, in this process or another, read it. Head-only epochs on cached features cost
 no image forwards and are priced at zero. Hours divide images by throughput: measured here for the CPU
-(:mod:`mococxr.sweep.cost_rate`), the plan's stated figure for a GPU (``cost:``, scaled by pixel count
+(:mod:`mococxr.flows.cost_rate`), the plan's stated figure for a GPU (``cost:``, scaled by pixel count
 from 224 px; inference three times the training rate). Runs already finished in the store are marked
-done and priced apart (:mod:`mococxr.sweep.cost_store`); nothing is written anywhere.
+done and priced apart (:mod:`mococxr.flows.cost_store`); nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import pandas as pd
 
 from mococxr.errors import ConfigError
-from mococxr.sweep.cost_rate import Rate, measure
-from mococxr.sweep.plan import PaperPlan, select_stages
+from mococxr.flows.cost_rate import Rate, measure
+from mococxr.flows.plan import PaperPlan, select_stages
 
 KINDS = ("pretraining", "training", "validation", "test", "features")
 MOCO_STEP = 1.3  # a MoCo v2 step in plain training steps (measured ~0.75-0.79 throughput ratio)
@@ -43,9 +43,8 @@ FORWARD = 1 / 3  # an inference image in training-step images
 MONITOR_TRAIN = 2000  # images the pretraining monitor's probe trains on at most (train/linear_eval.py)
 FINETUNE_STAGES = ("chexpert", "shenzhen", "table2", "competition")
 
-# what a --plan power hook gets: family -> task -> (labelled test images, positives); it returns lines
+# what the report floor's power lines read: family -> task -> (labelled test images, positives)
 TestSets = dict[str, dict[str, tuple[int, int]]]
-PowerHook = Callable[[PaperPlan, TestSets], list[str]]
 
 
 @dataclass
@@ -225,7 +224,7 @@ def draw_size(cfg, prep) -> int:
 
 def cell_line(stage: str, grid: str, label: str, cfg, prep, data: Datasets, shared: set[tuple]) -> Line:
     """A fine-tune cell's images by kind; cached feature passes not yet in ``shared`` are this cell's."""
-    from mococxr.train.budget import percent
+    from mococxr.data.splits import percent
 
     n_train, n_val, n_test = draw_size(cfg, prep), len(prep.splits["val"]), len(prep.splits["test"])
     epochs = resolved_epochs(cfg, n_train)
@@ -297,15 +296,16 @@ def estimate(
     plan: PaperPlan,
     only=None,
     *,
-    power: PowerHook | None = None,
+    power: bool = True,
     tracking_uri: str | None = None,
     measure: Callable | None = None,
 ) -> str:
-    """Count, look up what is done, measure and format: what ``--plan`` prints. ``power`` (the report
-    floor's :func:`mococxr.report.power.power_lines`) adds what the plan's test sets can resolve."""
-    from mococxr.sweep import cost_rate
-    from mococxr.sweep.cost_format import format_plan
-    from mococxr.sweep.cost_store import StoreView
+    """Count, look up what is done, measure and format: what ``--plan`` prints. With ``power``, the
+    report floor's :func:`mococxr.report.power.power_lines` adds what the plan's test sets can resolve."""
+    from mococxr.flows import cost_rate
+    from mococxr.flows.cost_format import format_plan
+    from mococxr.flows.cost_store import StoreView
+    from mococxr.report.power import power_lines
 
     check_readable(plan)
     data = Datasets()
@@ -315,8 +315,8 @@ def estimate(
     measure = measure or cost_rate.measure
     rates = {key: measure(*key) for key in sorted({(ln.backbone, ln.image_size) for ln in lines})}
     text = format_plan(plan, lines, rates, store=view.describe())
-    if power is not None:
-        text += "\n\n" + "\n".join(power(plan, power_inputs(plan, only, data)))
+    if power:
+        text += "\n\n" + "\n".join(power_lines(plan, power_inputs(plan, only, data)))
     return text
 
 
@@ -326,7 +326,6 @@ __all__ = [
     "MOCO_STEP",
     "Datasets",
     "Line",
-    "PowerHook",
     "Rate",
     "TestSets",
     "cell_line",

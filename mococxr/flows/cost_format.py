@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from mococxr.sweep.cost import FORWARD, KINDS, Line
-from mococxr.sweep.cost_rate import Rate
-from mococxr.sweep.plan import PaperPlan
+from mococxr.flows.cost import FORWARD, KINDS, Line
+from mococxr.flows.cost_rate import Rate
+from mococxr.flows.plan import PaperPlan
 
 Rates = tuple[float, float]  # (training img/s, inference img/s)
 
@@ -54,8 +54,9 @@ def format_plan(
     g = sum(hours(ln, gpu[_key(ln)]) for ln in todo)
     c = sum(hours(ln, cpu[_key(ln)]) for ln in todo)
     out.append(
-        f"left to do: {g:.1f} GPU-hours on {plan.cost.gpu} (the plan's stated img/s); {c:,.1f} CPU-hours here "
-        f"(about {math.ceil(c / 24)} day(s)); images counted from the real splits and each run's resolved epochs"
+        f"left to do: {g:.1f} GPU-hours on {plan.cost.gpu} (the plan's stated img/s); {c:,.1f} CPU-hours "
+        f"here (about {math.ceil(c / 24)} day(s)); images counted from the real splits and each run's "
+        "resolved epochs"
     )
     return "\n".join(out)
 

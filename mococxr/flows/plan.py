@@ -12,7 +12,7 @@ and :mod:`mococxr.sweep.grid` already run, in order::
     shenzhen     the same on the transfer dataset
     table2       every ResNet18 trial's checkpoint fine-tuned (linear, 100 %) on Shenzhen
     competition  ResNet18 on each competition task, with the task's own uncertainty policy
-    report       the paper's tables and figures (a callback: reports sit above this floor)
+    report       the paper's tables and figures (report/ called as plain functions: flows/paper.py)
 
 Every stage is idempotent (a study resumes with its remaining budget, a grid skips finished cells,
 a registered checkpoint is found rather than registered twice, a report run is updated in place), so
@@ -23,7 +23,7 @@ competition cells are the CheXpert stage's ResNet18 cells (same config, same exp
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,16 @@ from mococxr.config import (
     to_dict,
 )
 from mococxr.errors import ConfigError
-from mococxr.sweep.grid import GridSpec
-from mococxr.sweep.spec import StudySpec, _check_keys, _fractions, _mapping, _per_fraction, parse_spec
+from mococxr.sweep.grid_spec import GridSpec
+from mococxr.sweep.spec import (
+    Heartbeat,
+    StudySpec,
+    _check_keys,
+    _fractions,
+    _mapping,
+    _per_fraction,
+    parse_spec,
+)
 
 STAGE_NAMES = ("data", "pretrain", "chexpert", "shenzhen", "table2", "competition", "report")
 GRID_STAGES = ("chexpert", "shenzhen", "competition")
@@ -114,7 +122,8 @@ class PaperPlan:
     cost: Cost = field(default_factory=Cost)
 
     def experiment(self, stage: str) -> str:
-        """The MLflow experiment of a stage; competition shares CheXpert's (its effusion cells are CheXpert's)."""
+        """The MLflow experiment of a stage; competition shares CheXpert's (its effusion cells are
+        CheXpert's)."""
         return f"{self.name}-{'chexpert' if stage == 'competition' else stage}"
 
     def registered_model(self, backbone: str) -> str:
@@ -208,6 +217,11 @@ class PaperPlan:
             epochs=dict(epochs),
             protocol_overrides=self.protocol_overrides,
         )
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """How soon a dead worker's item is handed on, for every queue of the plan (the study's setting)."""
+        return self.study_spec(self.backbones[0]).heartbeat
 
     def imagenet_needed(self) -> list[str]:
         """Backbones whose ImageNet weights some stage loads (MoCo's start or the baseline)."""
@@ -354,15 +368,12 @@ def select_stages(only: Sequence[str] | None) -> list[str]:
     return [s for s in STAGE_NAMES if s in only]
 
 
-ReportHook = Callable[["PaperPlan", dict[str, Any]], dict[str, str]]
-
 __all__ = [
     "STAGE_NAMES",
     "Cost",
     "GridStage",
     "PaperPlan",
     "Phantom",
-    "ReportHook",
     "Table2Stage",
     "load_plan",
     "parse_plan",

@@ -1,22 +1,33 @@
-"""Running a plan's stages (see :mod:`mococxr.sweep.plan` for what each stage is).
+"""A plan's stages, one function each (see :mod:`mococxr.flows.plan` for what each stage is).
 
 Each stage calls the code that already runs it alone: ``run_study`` for pretraining, the registry for
-checkpoints, ``run_grid`` for fine-tuning. Reports sit a floor above and come in as a callback.
+checkpoints, ``run_grid`` for fine-tuning. :func:`mococxr.flows.paper.run_plan` runs them in order and
+ends with the report stage (report/ called as plain functions).
+
+Every ``mococxr paper`` process is a worker: several started on one store share each stage's work
+through Optuna's storage (:mod:`mococxr.sweep.queue`). A study's trials and a grid's cells are queue
+items; a step that must happen once (registering and promoting a study's checkpoints, building a
+report) is a one-item queue (:func:`~mococxr.sweep.queue.run_once`) whose result every worker reads.
+A stage ends for a worker only when its work is done in every worker: the barrier before the next
+stage, which each worker announces with what it waits for.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from mococxr.config import DataConfig
 from mococxr.errors import ConfigError
+from mococxr.flows.plan import PaperPlan
 from mococxr.sweep.grid import GridResult, run_grid
-from mococxr.sweep.plan import PaperPlan, ReportHook, select_stages
+from mococxr.sweep.queue import run_once
 from mococxr.tracking import mlflow as mt
+from mococxr.tracking.registry import alias_version, promote, register
 
 
 @dataclass
@@ -45,51 +56,11 @@ class PlanResult:
     seconds: float = 0.0
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     print(line, flush=True)
 
 
-def run_plan(
-    plan: PaperPlan,
-    *,
-    only: Sequence[str] | None = None,
-    report: ReportHook | None = None,
-    store: mt.Store | None = None,
-) -> PlanResult:
-    """Run the plan's stages in order (all, or ``only``); returns what each made or found."""
-    store = mt.current_store(store)
-    stages = select_stages(only)
-    result = PlanResult(stages=stages)
-    t0 = time.perf_counter()
-    _check_weights(plan)
-    prepared: dict[str, Any] = {}
-    for n, stage in enumerate(stages, 1):
-        _say(f"\n=== plan {plan.name}: stage {n}/{len(stages)} {stage} ===")
-        if stage == "data":
-            _stage_data(plan)
-        elif stage == "pretrain":
-            _stage_pretrain(plan, result, store, prepared)
-        elif stage in plan.grids:
-            for grid in plan.grid_specs(stage):
-                _run_one_grid(grid, result, store, prepared)
-        elif stage == "table2" and plan.table2 is not None:
-            _stage_table2(plan, result, store, prepared)
-        elif stage == "report":
-            if report is None:
-                raise ConfigError("the report stage needs the report module (mococxr paper does that)")
-            _collect_checkpoints(plan, result)
-            result.reports = report(plan, {"checkpoints": result.checkpoints, "store": store})
-        else:
-            _say(f"stage {stage}: not in {plan.source}, skipped")
-    result.seconds = time.perf_counter() - t0
-    _say(
-        f"\nplan {plan.name}: {', '.join(stages)} done in {result.seconds:.0f} s; {result.started} training "
-        "run(s) started by this call"
-    )
-    return result
-
-
-def _check_weights(plan: PaperPlan) -> None:
+def check_weights(plan: PaperPlan) -> None:
     """The paper starts every MoCo model (and the baseline) from ImageNet: a missing file stops the plan
     before anything runs, naming the file and where it goes."""
     from mococxr.models.backbones import require_imagenet_weights
@@ -103,24 +74,52 @@ def prepare_phantom(plan: PaperPlan) -> None:
 
     Both roots are checked before either is written: a root that holds anything but a phantom (a real
     dataset named by ``--chexpert-root``) stops the plan with nothing written."""
-    from mococxr.data.phantom import check_target, is_phantom_of, synthesize
+    from mococxr.data.phantom import check_target
 
     ph = plan.phantom
     layouts = [("chexpert", ph.chexpert_n, ph.chexpert_valid), ("shenzhen", ph.shenzhen_n, None)]
     for key, _, _ in layouts:
         check_target(plan.data[key].root)
     for key, n, n_valid in layouts:
-        root = Path(plan.data[key].root)
-        params = {"size": ph.size, "seed": ph.seed, "layout": key, "n_valid": n_valid}
+        make_phantom(plan.data[key].root, n, size=ph.size, seed=ph.seed, layout=key, n_valid=n_valid)
+
+
+def make_phantom(root: str | Path, n: int, **params) -> Path:
+    """Synthesize the phantom of ``n`` images with ``params`` (``size``, ``seed``, ``layout``, ``n_valid``:
+    see :func:`mococxr.data.phantom.synthesize`) at ``root`` once, under :class:`folder_lock`: workers on
+    one machine (or one shared disk) make it once; a folder that already holds it is reused. Returns
+    ``root``."""
+    from mococxr.data.phantom import is_phantom_of, synthesize
+
+    root, layout = Path(root), params.get("layout", "chexpert")
+    with folder_lock(root):
         if is_phantom_of(root, n, **params):
-            _say(f"phantom {key} data already at {root}, reused")
-            continue
+            say(f"phantom {layout} data already at {root}, reused")
+            return root
         t0 = time.perf_counter()
         synthesize(root, n, **params)
-        _say(f"phantom {key} data: {n} images at {root} in {time.perf_counter() - t0:.0f} s")
+    say(f"phantom {layout} data: {n} images at {root} in {time.perf_counter() - t0:.0f} s")
+    return root
 
 
-def _stage_data(plan: PaperPlan) -> None:
+class folder_lock:  # noqa: N801 - used as a context manager, like open()
+    """An exclusive ``flock`` on ``.<folder>.lock`` beside ``folder``: one writer per data folder among the
+    workers that see this disk, whoever came first; the others wait, then find the data made."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder.parent / f".{folder.name}.lock"
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w")  # noqa: SIM115 - closed in __exit__
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def stage_data(plan: PaperPlan) -> None:
     from mococxr.data.records import check_dataset
 
     if plan.phantom is not None:
@@ -141,21 +140,40 @@ def _prepared(cfg: DataConfig, cache: dict):
     return cache[cfg]
 
 
-def _stage_pretrain(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared: dict) -> None:
+def stage_pretrain(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared: dict) -> None:
     from mococxr.sweep.storage import study_budget
     from mococxr.sweep.study import run_study
 
     for backbone in plan.backbones:
         spec = plan.study_spec(backbone, storage=store.optuna_storage)
-        _say(
+        say(
             f"-- pretraining study {spec.name}: {study_budget(spec)} trial(s) of {spec.epochs} epochs, "
             f"pruner {spec.pruner.name}"
         )
         res = run_study(spec, store=store, data=_prepared(spec.base.data, prepared))
         result.started += len(res.trials_run)
-        checkpoints = register_trials(plan, backbone, spec)
-        result.checkpoints[backbone] = checkpoints
-        result.production[backbone] = _promote_best(plan, backbone, checkpoints, spec.direction)
+
+        def register_and_promote(spec=spec, backbone=backbone) -> dict[str, str]:
+            checkpoints = register_trials(plan, backbone, spec)
+            return {"production": _promote_best(plan, backbone, checkpoints, spec.direction)}
+
+        step = f"{spec.name}.promote.{digest(_complete_trials(spec))}"
+        done = run_once(step, spec.storage, register_and_promote, heartbeat=spec.heartbeat, say=say)
+        result.checkpoints[backbone] = register_trials(plan, backbone, spec)  # registered: found, not made
+        result.production[backbone] = done["production"]
+
+
+def digest(parts: Iterable[object]) -> str:
+    """A short hash naming a once-step by its inputs: new inputs (more trials, new runs) make a new step."""
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def _complete_trials(spec) -> list[tuple[int, str]]:
+    import optuna
+
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    states = (optuna.trial.TrialState.COMPLETE,)
+    return sorted((t.number, t.user_attrs.get("best_model_id", "")) for t in study.get_trials(states=states))
 
 
 def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
@@ -163,15 +181,13 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from mococxr.tracking.registry import register
-
     name = plan.registered_model(backbone)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
     known = {
         (
             mv.tags.get(mt.tag("optuna_study")),
             mv.tags.get(mt.tag("optuna_trial")),
-            mv.tags.get(mt.TAG_PREFIX + "model_id"),
+            mv.tags.get(mt.tag("model_id")),
         ): str(mv.version)
         for mv in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")
     }  # [] for a new name
@@ -197,7 +213,7 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
                     scheduler=scheduler,
                 ),
             )
-            _say(f"registered trial {t.number} epoch {epoch} as {name} version {version}")
+            say(f"registered trial {t.number} epoch {epoch} as {name} version {version}")
         out.append(
             Checkpoint(
                 backbone,
@@ -215,8 +231,7 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
 
 
 def _promote_best(plan: PaperPlan, backbone: str, checkpoints: list[Checkpoint], direction: str) -> str:
-    from mococxr.tracking.registry import alias_version, promote
-
+    """Alias the study's best registered trial checkpoint ``production`` (left alone when it holds it)."""
     if not checkpoints:
         raise ConfigError(
             f"study {plan.study_name(backbone)} has no complete trial to promote; see its trials"
@@ -225,20 +240,19 @@ def _promote_best(plan: PaperPlan, backbone: str, checkpoints: list[Checkpoint],
     name = plan.registered_model(backbone)
     if alias_version(name, "production") != best.version:
         promote(name, best.version, "production")
-        _say(
-            f"{name} version {best.version} (trial {best.trial}, lr {best.lr:g}, {best.scheduler}) -> production"
-        )
+        trial = f"trial {best.trial}, lr {best.lr:g}, {best.scheduler}"
+        say(f"{name} version {best.version} ({trial}) -> production")
     return f"models:/{name}/{best.version}"
 
 
-def _collect_checkpoints(plan: PaperPlan, result: PlanResult) -> None:
+def collect_checkpoints(plan: PaperPlan, result: PlanResult, store: mt.Store) -> None:
     """The registered trial checkpoints, read from the studies when the pretrain stage did not run now."""
     import optuna
 
     for backbone in plan.backbones:
         if backbone in result.checkpoints:
             continue
-        spec = plan.study_spec(backbone, storage=mt.current_store().optuna_storage)
+        spec = plan.study_spec(backbone, storage=store.optuna_storage)
         try:
             result.checkpoints[backbone] = register_trials(plan, backbone, spec)
         except KeyError:  # optuna: no such study yet
@@ -247,8 +261,10 @@ def _collect_checkpoints(plan: PaperPlan, result: PlanResult) -> None:
             result.checkpoints[backbone] = []
 
 
-def _run_one_grid(grid, result: PlanResult, store: mt.Store, prepared: dict) -> None:
-    _say(f"-- grid {grid.name} ({len(grid.configs())} cells) -> experiment {grid.experiment}")
+def run_one_grid(plan: PaperPlan, grid, result: PlanResult, store: mt.Store, prepared: dict) -> None:
+    """Work on one grid with the other workers; returns when none of its cells is left in any of them."""
+    grid = replace(grid, storage=store.optuna_storage, heartbeat=plan.heartbeat)
+    say(f"-- grid {grid.name} ({len(grid.configs())} cells) -> experiment {grid.experiment}")
     res = run_grid(grid, store=store, data=_prepared(grid.base.data, prepared))
     result.grids[grid.name] = res
     result.started += res.started
@@ -256,15 +272,15 @@ def _run_one_grid(grid, result: PlanResult, store: mt.Store, prepared: dict) -> 
         raise ConfigError(f"grid {grid.name}: {len(res.failed)} cell(s) failed; first: {res.failed[0]}")
 
 
-def _stage_table2(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared: dict) -> None:
-    _collect_checkpoints(plan, result)
+def stage_table2(plan: PaperPlan, result: PlanResult, store: mt.Store, prepared: dict) -> None:
+    collect_checkpoints(plan, result, store)
     checkpoints = result.checkpoints.get(plan.table2.backbone) or []
     if not checkpoints:
         raise ConfigError(
             f"table2: no registered {plan.table2.backbone} trial checkpoints; run the pretrain stage"
         )
     inits = {table2_label(c): f"models:/{c.registered_model}/{c.version}" for c in checkpoints}
-    _run_one_grid(plan.table2_grid(inits), result, store, prepared)
+    run_one_grid(plan, plan.table2_grid(inits), result, store, prepared)
 
 
 def table2_label(c: Checkpoint) -> str:
@@ -280,9 +296,18 @@ def trial_label(lr: float, scheduler: str, trial: int | str) -> str:
 __all__ = [
     "Checkpoint",
     "PlanResult",
+    "check_weights",
+    "collect_checkpoints",
+    "digest",
+    "folder_lock",
+    "make_phantom",
     "prepare_phantom",
     "register_trials",
-    "run_plan",
+    "run_one_grid",
+    "say",
+    "stage_data",
+    "stage_pretrain",
+    "stage_table2",
     "table2_label",
     "trial_label",
 ]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mococxr.errors import MococxrError
-from mococxr.sweep.cost import Line
-from mococxr.sweep.plan import PaperPlan
+from mococxr.flows.cost import Line
+from mococxr.flows.plan import PaperPlan
 from mococxr.tracking import mlflow as mt
 
 
@@ -79,7 +79,7 @@ class StoreView:
         if self.exists:
             from mlflow.tracking import MlflowClient
 
-            from mococxr.sweep.stages import trial_label
+            from mococxr.flows.stages import trial_label
 
             study = self.plan.study_name(backbone)
             versions = [

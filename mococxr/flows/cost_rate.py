@@ -1,10 +1,11 @@
 """Throughput here, for ``--plan``: the median of several short timings, and how far they spread.
 
 One timing is as many Adam steps (or no-grad forwards) of the backbone and a linear head, on noise at
-the plan's image size, as last a quarter of a second, after a warm-up step. A single timing on a shared machine can be off by tens of per
-cent, so :func:`measure` takes at least ``repeats`` timings of each and keeps taking them (up to
-``max_repeats``) while they spread more than ``tolerance`` around their median; the rate is the median
-and the spread (min and max relative to it) is reported with it, so a reader knows whether to trust it.
+the plan's image size, as last a quarter of a second, after a warm-up step. A single timing on a shared
+machine can be off by tens of per cent, so :func:`measure` takes at least ``repeats`` timings of each and
+keeps taking them (up to ``max_repeats``) while they spread more than ``tolerance`` around their median;
+the rate is the median and the spread (min and max relative to it) is reported with it, so a reader
+knows whether to trust it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,38 @@
+"""``mococxr paper PLAN.yaml``: run the whole paper as one plan, or (``--plan``) price it and run nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+from mococxr.commands.handlers import command_store
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    from mococxr.flows.paper import run_paper
+
+    if args.plan:
+        return cmd_paper_plan(args)
+    run_paper(
+        args.spec,
+        only=args.only,
+        chexpert_root=args.chexpert_root,
+        shenzhen_root=args.shenzhen_root,
+        out=args.out,
+        store=command_store(args),
+        storage=args.storage,
+    )
+    return 0
+
+
+def cmd_paper_plan(args: argparse.Namespace) -> int:
+    """``paper --plan``: every run the plan would make, its cost and what the test sets can resolve; the
+    store is only read (never created or opened for writing)."""
+    from mococxr.flows.cost import estimate
+    from mococxr.flows.plan import load_plan
+
+    plan = load_plan(args.spec, roots={"chexpert": args.chexpert_root, "shenzhen": args.shenzhen_root})
+    print(estimate(plan, args.only, tracking_uri=args.tracking_uri), flush=True)
+    return 0
+
+
+__all__ = ["cmd_paper", "cmd_paper_plan"]

@@ -67,7 +67,7 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
                 k += 1
             if depth:
                 raise ValueError(f"unclosed ${{ in {text!r}")
-            out.append(_braced(text[j + 2:k - 1], env))
+            out.append(_braced(text[j + 2 : k - 1], env))
             i = k
         elif m := _NAME.match(text, j + 1):
             out.append(env.get(m.group(0), ""))
@@ -171,8 +171,14 @@ class Postgres:
     password: str
     base: Path
 
-    def url(self, database: str, user: str | None = None, password: str | None = None, *,
-            driver: str = "postgresql+psycopg2") -> str:
+    def url(
+        self,
+        database: str,
+        user: str | None = None,
+        password: str | None = None,
+        *,
+        driver: str = "postgresql+psycopg2",
+    ) -> str:
         """A SQLAlchemy URL; without ``password`` the client takes it from ``PGPASSWORD``."""
         user = user or self.superuser
         auth = f"{quote(user)}:{quote(password, safe='')}" if password else quote(user)
@@ -180,13 +186,23 @@ class Postgres:
 
     def env(self, password: str | None = None) -> dict[str, str]:
         """libpq variables that make ``psql`` and friends connect here."""
-        return {"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": self.superuser,
-                "PGPASSWORD": password or self.password, "PATH": f"{self.bindir}:{os.environ['PATH']}"}
+        return {
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(self.port),
+            "PGUSER": self.superuser,
+            "PGPASSWORD": password or self.password,
+            "PATH": f"{self.bindir}:{os.environ['PATH']}",
+        }
 
     def run(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120) -> str:
         """Run a client program (``psql``, ``createdb``, ``pg_dump`` or a script) against the server."""
-        proc = subprocess.run(list(args), env={**os.environ, **self.env(), **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            list(args),
+            env={**os.environ, **self.env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode:
             raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc.stdout
@@ -227,21 +243,46 @@ def postgres(*, superuser: str = "postgres") -> Iterator[Postgres]:
     def pg(*args: str) -> None:
         proc = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=180)
         if proc.returncode:
-            raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{tail(log)}")
+            raise AssertionError(
+                f"{args[0]} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{tail(log)}"
+            )
 
     started = False
     try:
-        pg(str(bindir / "initdb"), "-D", str(data), "-U", superuser, "--auth=scram-sha-256",
-           f"--pwfile={base / 'pw'}", "--no-sync", "--no-instructions")
+        pg(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            superuser,
+            "--auth=scram-sha-256",
+            f"--pwfile={base / 'pw'}",
+            "--no-sync",
+            "--no-instructions",
+        )
         # -k: the socket lives in our folder (/var/run/postgresql may be missing); -F: no fsync.
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120", "-o",
-           f"-h 127.0.0.1 -p {port} -k {base} -F", "start")
+        pg(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "120",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {base} -F",
+            "start",
+        )
         started = True
         yield Postgres(port=port, bindir=bindir, superuser=superuser, password=password, base=base)
     finally:
         if started:
-            subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -252,8 +293,16 @@ class MlflowServer:
     The server and its uvicorn workers form one process group, so ``stop`` ends all of them.
     """
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], *, port: int, username: str,
-                 password: str, log: Path) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        port: int,
+        username: str,
+        password: str,
+        log: Path,
+    ) -> None:
         self.argv, self.env, self.port = list(argv), dict(env), port
         self.username, self.password, self.log = username, password, log
         self.url = f"http://127.0.0.1:{port}"
@@ -262,15 +311,24 @@ class MlflowServer:
 
     def client_env(self) -> dict[str, str]:
         """What a client needs to log here as the admin (MLflow reads these itself)."""
-        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": self.username,
-                "MLFLOW_TRACKING_PASSWORD": self.password}
+        return {
+            "MLFLOW_TRACKING_URI": self.url,
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
 
     def start(self, *, wait: bool = True, timeout: float = 240) -> None:
         self.starts += 1
         log = self.log if self.starts == 1 else self.log.with_suffix(f".{self.starts}.log")
         with open(log, "w") as fh:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.log.parent)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.log.parent,
+            )
         if wait:
             self.wait_healthy(timeout)
 
@@ -312,8 +370,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
 
 
 @contextmanager
-def mlflow_server(argv: Sequence[str], env: Mapping[str, str], *, port: int, username: str, password: str,
-                  log: Path, timeout: float = 240) -> Iterator[MlflowServer]:
+def mlflow_server(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    port: int,
+    username: str,
+    password: str,
+    log: Path,
+    timeout: float = 240,
+) -> Iterator[MlflowServer]:
     """Start the server, wait until it is healthy, and stop it (whichever start is current) at the end."""
     server = MlflowServer(argv, env, port=port, username=username, password=password, log=log)
     try:
@@ -325,12 +391,19 @@ def mlflow_server(argv: Sequence[str], env: Mapping[str, str], *, port: int, use
 
 # -- any HTTP service ---------------------------------------------------------------------------------
 @contextmanager
-def http_service(argv: Sequence[str], env: Mapping[str, str], *, health: str, log: Path,
-                 timeout: float = 120) -> Iterator[subprocess.Popen]:
+def http_service(
+    argv: Sequence[str], env: Mapping[str, str], *, health: str, log: Path, timeout: float = 120
+) -> Iterator[subprocess.Popen]:
     """Run ``argv`` as a process group until ``health`` answers 200; stop the group at the end."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(list(argv), env=dict(env), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=log.parent)
+        proc = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=log.parent,
+        )
     try:
         wait_healthy(health, proc, log, timeout)
         yield proc
@@ -351,8 +424,13 @@ class S3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.region)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every object key in ``bucket`` under ``prefix``, listed through the S3 API."""

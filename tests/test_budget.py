@@ -8,15 +8,10 @@ import math
 import pytest
 
 from mococxr.config import FinetuneConfig
+from mococxr.config.protocol import CHEXPERT_LABELLED, FRACTION_EPOCHS
 from mococxr.errors import ConfigError
-from mococxr.sweep.cost import resolved_epochs
-from mococxr.train.budget import (
-    CHEXPERT_LABELLED,
-    FRACTION_EPOCHS,
-    epochs_for_fraction,
-    epochs_for_size,
-    training_budget,
-)
+from mococxr.flows.cost import resolved_epochs
+from mococxr.train.budget import epochs_for_fraction, epochs_for_size, training_budget
 
 
 def steps(n: int, batch: int = 16) -> int:

@@ -31,7 +31,9 @@ def _write_images(root: Path, n: int = 6, seed: int = 0) -> pd.DataFrame:
         width, height = SIZES[i % len(SIZES)]
         image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
         if i % 3 == 1:
-            image = Image.merge("RGB", [image, image.rotate(90), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+            image = Image.merge(
+                "RGB", [image, image.rotate(90), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+            )
         path = root / f"img{i:03d}.png"
         image.save(path)
         rows.append({"image_id": path.name, "path": str(path)})
@@ -44,7 +46,9 @@ def _truncate(path: Path) -> None:
 
 
 def _direct(path: str, size: int) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=int)
+    return np.asarray(
+        Image.open(path).convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=int
+    )
 
 
 # -- ImageCache ----------------------------------------------------------------------------------------
@@ -85,7 +89,9 @@ def test_rerun_reuses_and_changes_rebuild(tmp_path):
     assert resized.size == 24 and data.stat().st_size == len(records) * 24 * 24
 
     extra = _write_images(tmp_path / "more", n=1, seed=5).assign(image_id="extra.png")
-    grown = ImageCache.build(pd.concat([records, extra]), tmp_path / "cache", size=24, workers=1, progress=False)
+    grown = ImageCache.build(
+        pd.concat([records, extra]), tmp_path / "cache", size=24, workers=1, progress=False
+    )
     assert len(grown) == len(records) + 1 and "extra.png" in grown
 
     moved = records.assign(path=records["path"].str.replace("img003", "img000", regex=False))
@@ -108,7 +114,9 @@ def test_truncated_image_is_a_data_error_and_the_build_resumes(tmp_path, monkeyp
     bad.write_bytes(good)
     loaded = []
     real = cache_module._load_row
-    monkeypatch.setattr(cache_module, "_load_row", lambda item, size: loaded.append(item[0]) or real(item, size))
+    monkeypatch.setattr(
+        cache_module, "_load_row", lambda item, size: loaded.append(item[0]) or real(item, size)
+    )
     cache = ImageCache.build(records, tmp_path / "cache", size=32, workers=1, progress=False)
     assert loaded == [4, 5]  # rows 0-3 were kept from the interrupted build
     assert np.abs(np.asarray(cache.get("img004.png"), dtype=int) - _direct(str(bad), 32)).max() <= 1
@@ -130,8 +138,12 @@ def test_open_and_build_validate_their_inputs(tmp_path):
     with pytest.raises(DataError, match="'path'"):
         ImageCache.build(records[["image_id"]], tmp_path / "cache", workers=1, progress=False)
     with pytest.raises(DataError, match="not found"):
-        ImageCache.build(records.assign(path=str(tmp_path / "gone.png")).iloc[:1], tmp_path / "c2",
-                         workers=1, progress=False)
+        ImageCache.build(
+            records.assign(path=str(tmp_path / "gone.png")).iloc[:1],
+            tmp_path / "c2",
+            workers=1,
+            progress=False,
+        )
 
 
 def test_cache_pickles_without_its_pixels(tmp_path):
@@ -155,7 +167,9 @@ def test_sixteen_bit_images_are_stretched_not_clipped(tmp_path):
 # -- CXRDataset ----------------------------------------------------------------------------------------
 def _with_labels(records: pd.DataFrame) -> pd.DataFrame:
     labels = [1.0, 0.0, np.nan, -1.0, 1.0, np.nan]
-    return records.assign(Effusion=labels[: len(records)], Pneumonia=[0.0, np.nan, 1.0, 0.0, np.nan, 1.0][: len(records)])
+    return records.assign(
+        Effusion=labels[: len(records)], Pneumonia=[0.0, np.nan, 1.0, 0.0, np.nan, 1.0][: len(records)]
+    )
 
 
 def test_dataset_targets_keep_nan_masks_and_values_as_given(tmp_path):
@@ -189,7 +203,9 @@ def test_dataset_reads_from_the_cache_when_given(tmp_path):
         Path(path).unlink()  # only the cache is left
     dataset = CXRDataset(records, build_transform("eval", 32, normalize="none"), ["Effusion"], cache=cache)
     image, _ = dataset[0]
-    assert torch.allclose(image[0] * 255, torch.tensor(cache.get_array("img000.png"), dtype=torch.float32), atol=1e-3)
+    assert torch.allclose(
+        image[0] * 255, torch.tensor(cache.get_array("img000.png"), dtype=torch.float32), atol=1e-3
+    )
     with pytest.raises(DataError, match="not in the image cache"):
         CXRDataset(records.assign(image_id="other"), None, cache=cache)
 

@@ -32,8 +32,10 @@ def test_check_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
     (images / "trunc.png").write_bytes(data[: len(data) // 2])
     csv = tmp_path / "labels.csv"
     pd.DataFrame(
-        {"path": ["imgs/ok.png", "imgs/trunc.png", "imgs/missing.png", "imgs/badlabel.png"],
-         "Effusion": ["1", "0", "1", "maybe"]}
+        {
+            "path": ["imgs/ok.png", "imgs/trunc.png", "imgs/missing.png", "imgs/badlabel.png"],
+            "Effusion": ["1", "0", "1", "maybe"],
+        }
     ).to_csv(csv, index=False)
     code = main(["data", "check", "--dataset", "csv", "--root", str(csv)])
     out = capsys.readouterr()
@@ -47,8 +49,20 @@ def test_check_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mococxr", "data", "stats", "--dataset", "chexpert", "--root", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mococxr",
+            "data",
+            "stats",
+            "--dataset",
+            "chexpert",
+            "--root",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

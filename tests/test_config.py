@@ -13,14 +13,50 @@ from mococxr.cli import build_parser, main
 from mococxr.config import FinetuneConfig, PretrainConfig, build, from_flags, override
 from mococxr.errors import ConfigError
 
-PRETRAIN = {"data": {"dataset": "chexpert", "root": "/tmp/ph", "policy": "ones", "val": 0.15},
-            "backbone": "resnet18", "lr": 1e-3, "scheduler": "milestone", "milestones": [0.5, 0.75],
-            "image_size": 64, "batch_size": 8, "moco_k": 64, "epochs": 3, "monitor": True,
-            "keep": "best:1:val/linear_auc", "mlp": False}
-FLAGS = ["--dataset", "chexpert", "--root", "/tmp/ph", "--policy", "ones", "--val", "0.15",
-         "--backbone", "resnet18", "--lr", "1e-3", "--scheduler", "milestone", "--milestones", "0.5,0.75",
-         "--image-size", "64", "--batch-size", "8", "--moco-k", "64", "--epochs", "3", "--monitor",
-         "--keep", "best:1:val/linear_auc", "--no-mlp"]
+PRETRAIN = {
+    "data": {"dataset": "chexpert", "root": "/tmp/ph", "policy": "ones", "val": 0.15},
+    "backbone": "resnet18",
+    "lr": 1e-3,
+    "scheduler": "milestone",
+    "milestones": [0.5, 0.75],
+    "image_size": 64,
+    "batch_size": 8,
+    "moco_k": 64,
+    "epochs": 3,
+    "monitor": True,
+    "keep": "best:1:val/linear_auc",
+    "mlp": False,
+}
+FLAGS = [
+    "--dataset",
+    "chexpert",
+    "--root",
+    "/tmp/ph",
+    "--policy",
+    "ones",
+    "--val",
+    "0.15",
+    "--backbone",
+    "resnet18",
+    "--lr",
+    "1e-3",
+    "--scheduler",
+    "milestone",
+    "--milestones",
+    "0.5,0.75",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--moco-k",
+    "64",
+    "--epochs",
+    "3",
+    "--monitor",
+    "--keep",
+    "best:1:val/linear_auc",
+    "--no-mlp",
+]
 
 
 def test_flags_yaml_and_study_base_build_equal_configs(tmp_path):
@@ -28,15 +64,24 @@ def test_flags_yaml_and_study_base_build_equal_configs(tmp_path):
     from_yaml_file.write_text(yaml.safe_dump(PRETRAIN))
     args = build_parser().parse_args(["pretrain", *FLAGS])
     by_flags = from_flags(PretrainConfig, args)
-    by_yaml = from_flags(PretrainConfig, build_parser().parse_args(["pretrain", "--config", str(from_yaml_file)]),
-                         yaml_path=str(from_yaml_file))
+    by_yaml = from_flags(
+        PretrainConfig,
+        build_parser().parse_args(["pretrain", "--config", str(from_yaml_file)]),
+        yaml_path=str(from_yaml_file),
+    )
     by_dict = build(PretrainConfig, PRETRAIN)
 
     from mococxr.sweep.study import parse_spec
 
     base = {k: v for k, v in PRETRAIN.items() if k not in ("epochs", "monitor")}
-    spec = parse_spec({"name": "s", "budget": {"n_trials": 2, "epochs": 3}, "base": base,
-                       "search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    spec = parse_spec(
+        {
+            "name": "s",
+            "budget": {"n_trials": 2, "epochs": 3},
+            "base": base,
+            "search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        }
+    )
     assert by_flags == by_yaml == by_dict == spec.base
     assert by_flags.milestones == (0.5, 0.75) and by_flags.mlp is False and by_flags.data.policy == "ones"
 
@@ -46,10 +91,20 @@ def test_grid_base_and_flags_build_equal_configs(tmp_path):
 
     base = {"data": {"root": "/tmp/ph", "task": "competition5"}, "lr": 1e-4, "image_size": 32}
     spec = tmp_path / "grid.yaml"
-    spec.write_text(yaml.safe_dump({"experiment": "e", "base": base, "inits": ["random"], "protocols": ["linear"],
-                                    "fractions": [1.0]}))
-    args = build_parser().parse_args(["finetune", "--root", "/tmp/ph", "--task", "competition5", "--lr", "1e-4",
-                                      "--image-size", "32"])
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "e",
+                "base": base,
+                "inits": ["random"],
+                "protocols": ["linear"],
+                "fractions": [1.0],
+            }
+        )
+    )
+    args = build_parser().parse_args(
+        ["finetune", "--root", "/tmp/ph", "--task", "competition5", "--lr", "1e-4", "--image-size", "32"]
+    )
     assert load_grid(spec).base == from_flags(FinetuneConfig, args) == build(FinetuneConfig, base)
 
 
@@ -62,18 +117,22 @@ def test_configs_are_frozen_and_replace_validates():
     with pytest.raises(ConfigError, match="moco_k=40 is not a multiple of batch_size=16"):
         dataclasses.replace(cfg, moco_k=40)
     assert override(cfg, {"lr": "1e-3", "data.root": "x"}) == dataclasses.replace(
-        cfg, lr=1e-3, data=dataclasses.replace(cfg.data, root="x"))
+        cfg, lr=1e-3, data=dataclasses.replace(cfg.data, root="x")
+    )
 
 
-@pytest.mark.parametrize(("data", "key"), [
-    ({"data": {"policy": "ignroe"}}, "base.data.policy='ignroe': expected one of ignore, ones, zeros"),
-    ({"optimizer": "adamw"}, "base.optimizer='adamw': expected one of sgd, adam"),
-    ({"batch_size": 0}, "base.batch_size=0: expected a positive number"),
-    ({"lr": "fast"}, "base.lr='fast': expected a number"),
-    ({"data": {"val": 1.5}}, r"base.data.val=1.5: expected a fraction in \[0, 1\)"),
-    ({"keep": "best:2"}, "base.keep='best:2'"),
-    ({"lrr": 1}, "base: unknown key.*lrr"),
-])
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"data": {"policy": "ignroe"}}, "base.data.policy='ignroe': expected one of ignore, ones, zeros"),
+        ({"optimizer": "adamw"}, "base.optimizer='adamw': expected one of sgd, adam"),
+        ({"batch_size": 0}, "base.batch_size=0: expected a positive number"),
+        ({"lr": "fast"}, "base.lr='fast': expected a number"),
+        ({"data": {"val": 1.5}}, r"base.data.val=1.5: expected a fraction in \[0, 1\)"),
+        ({"keep": "best:2"}, "base.keep='best:2'"),
+        ({"lrr": 1}, "base: unknown key.*lrr"),
+    ],
+)
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(ConfigError, match=key):
         build(PretrainConfig, data, where="base")
@@ -117,8 +176,10 @@ def test_new_fields_at_their_default_leave_the_hash_unchanged():
     assert config.config_hash(cfg) == DEFAULT_FINETUNE_HASH
     explicit = build(FinetuneConfig, {"head": "standardized", "min_steps": 0})
     assert config.config_hash(explicit) == DEFAULT_FINETUNE_HASH
-    changed = {config.config_hash(dataclasses.replace(cfg, **kw)) for kw in
-               ({"head": "plain"}, {"min_steps": 500}, {"head": "plain", "min_steps": 500}, {"lr": 1e-3})}
+    changed = {
+        config.config_hash(dataclasses.replace(cfg, **kw))
+        for kw in ({"head": "plain"}, {"min_steps": 500}, {"head": "plain", "min_steps": 500}, {"lr": 1e-3})
+    }
     assert len(changed) == 4 and DEFAULT_FINETUNE_HASH not in changed
     # the fields are logged as parameters all the same
     assert {"head": "standardized", "min_steps": "0"}.items() <= config.flat_params(cfg).items()
@@ -138,22 +199,31 @@ def test_linear_lr_and_epochs_rule_at_their_default_leave_the_hash_unchanged():
     """Issue 18's fields: a config at their defaults keeps the hash of the runs already in users' stores."""
     cfg = FinetuneConfig()
     assert (cfg.linear_lr, cfg.linear_lrs, cfg.epochs_rule) == ("paper", (3e-5, 1e-4, 1e-3), "fraction")
-    explicit = build(FinetuneConfig, {"linear_lr": "paper", "linear_lrs": "3e-5,1e-4,1e-3", "epochs_rule": "fraction"})
+    explicit = build(
+        FinetuneConfig, {"linear_lr": "paper", "linear_lrs": "3e-5,1e-4,1e-3", "epochs_rule": "fraction"}
+    )
     assert explicit == cfg and config.config_hash(explicit) == DEFAULT_FINETUNE_HASH
-    changed = {config.config_hash(dataclasses.replace(cfg, **kw)) for kw in
-               ({"linear_lr": "select"}, {"linear_lrs": (1e-3,)}, {"epochs_rule": "size"})}
+    changed = {
+        config.config_hash(dataclasses.replace(cfg, **kw))
+        for kw in ({"linear_lr": "select"}, {"linear_lrs": (1e-3,)}, {"epochs_rule": "size"})
+    }
     assert len(changed) == 3 and DEFAULT_FINETUNE_HASH not in changed
     assert {"linear_lr": "paper", "epochs_rule": "fraction"}.items() <= config.flat_params(cfg).items()
     assert config.LINEAR_LRS == ("paper", "select") and config.EPOCHS_RULES == ("fraction", "size")
 
 
 def test_linear_lrs_are_checked_and_have_flags():
-    args = build_parser().parse_args(["finetune", "--linear-lr", "select", "--linear-lrs", "1e-4,1e-2",
-                                      "--epochs-rule", "size"])
+    args = build_parser().parse_args(
+        ["finetune", "--linear-lr", "select", "--linear-lrs", "1e-4,1e-2", "--epochs-rule", "size"]
+    )
     cfg = from_flags(FinetuneConfig, args)
     assert (cfg.linear_lr, cfg.linear_lrs, cfg.epochs_rule) == ("select", (1e-4, 1e-2), "size")
-    for bad, match in (("", "linear_lrs is empty"), ("1e-3,0", "must be positive"),
-                       ("1e-3,-1e-2", "must be positive"), ("1e-3,1e-3", "listed twice")):
+    for bad, match in (
+        ("", "linear_lrs is empty"),
+        ("1e-3,0", "must be positive"),
+        ("1e-3,-1e-2", "must be positive"),
+        ("1e-3,1e-3", "listed twice"),
+    ):
         with pytest.raises(ConfigError, match=match):
             build(FinetuneConfig, {"linear_lrs": bad})
     with pytest.raises(ConfigError, match="linear_lr='best': expected one of paper, select"):

@@ -15,12 +15,12 @@ import pytest
 
 from mococxr.cli import main
 from mococxr.config import FinetuneConfig, override
+from mococxr.flows import cost_rate
+from mococxr.flows.cost import Datasets, cell_line, lr_candidates, resolved_epochs, validation_passes
+from mococxr.flows.cost_rate import Rate, Timing, timings
+from mococxr.flows.plan import load_plan
 from mococxr.report.power import RHO, half_widths, power_lines
 from mococxr.report.published import APPENDIX_TABLE1, TABLE1
-from mococxr.sweep import cost_rate
-from mococxr.sweep.cost import Datasets, cell_line, lr_candidates, resolved_epochs, validation_passes
-from mococxr.sweep.cost_rate import Rate, Timing, timings
-from mococxr.sweep.plan import load_plan
 from mococxr.train.budget import epochs_for_fraction, training_budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def _fake_rate(backbone: str, image_size: int) -> Rate:
 
 
 def _phantom_data(tmp_path: Path, monkeypatch) -> None:
-    from mococxr.sweep.stages import prepare_phantom
+    from mococxr.flows.stages import prepare_phantom
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cost_rate, "measure", _fake_rate)
@@ -228,7 +228,9 @@ def test_plan_creates_nothing_in_a_fresh_store(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "mlruns").exists()
     assert "WHAT THE TEST SETS CAN RESOLVE" in out and "within +-10 %" in out
     # the rules line reads the cells' own configs: each linear cell trains the lrs its linear_lr says
-    assert "linear_lr select: 3 lr candidates per cell (3e-05/0.0001/0.001)" in out and "epochs_rule size" in out
+    assert (
+        "linear_lr select: 3 lr candidates per cell (3e-05/0.0001/0.001)" in out and "epochs_rule size" in out
+    )
 
 
 def test_plan_after_part_of_the_phantom_plan_shows_it_done_and_prices_the_rest(
@@ -237,10 +239,8 @@ def test_plan_after_part_of_the_phantom_plan_shows_it_done_and_prices_the_rest(
     from mococxr.sweep.grid import run_grid
 
     _phantom_data(tmp_path, monkeypatch)
-    monkeypatch.setenv("MOCOCXR_CLAIM_SETTLE_S", "0")
-    grid = load_plan(PHANTOM).grid_specs("shenzhen")[
-        0
-    ]  # ResNet18 on Shenzhen: its random-init cells at 6.25 %
+    # ResNet18 on Shenzhen: its random-init cells at 6.25 %
+    grid = load_plan(PHANTOM).grid_specs("shenzhen")[0]
     result = run_grid(replace(grid, inits={"random": "random"}, fractions=[0.0625]), progress=False)
     assert result.started == 2 and not result.failed
     db = Path(tracking_uri.removeprefix("sqlite:///"))

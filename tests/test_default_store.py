@@ -54,17 +54,35 @@ def _run(argv: list[str], capsys) -> str:
 
 def _specs(root: Path) -> tuple[str, str]:
     data = {"dataset": "chexpert", "root": "data/ph", "test_csv": "CheXpert-v1.0-small/valid.csv", "val": 0.3}
-    grid = _write(root / "grid.yaml", {
-        "name": "t-grid", "experiment": "t-grid",
-        "base": {"data": data, "image_size": 32, "batch_size": 8, "epochs": 1, "lr": 1e-3},
-        "inits": {"random": "random", "moco": f"models:/{MODEL}@production"},
-        "protocols": ["linear"], "fractions": [1.0], "draws": 1,
-    })
-    study = _write(root / "study.yaml", {  # no storage: the default one
-        "name": "t-study", "experiment": "t-sweep", "budget": {"n_trials": 1, "epochs": 1},
-        "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},
-        "base": {"data": data, "init": "random", "image_size": 32, "batch_size": 8, "moco_k": 16, "workers": 0},
-    })
+    grid = _write(
+        root / "grid.yaml",
+        {
+            "name": "t-grid",
+            "experiment": "t-grid",
+            "base": {"data": data, "image_size": 32, "batch_size": 8, "epochs": 1, "lr": 1e-3},
+            "inits": {"random": "random", "moco": f"models:/{MODEL}@production"},
+            "protocols": ["linear"],
+            "fractions": [1.0],
+            "draws": 1,
+        },
+    )
+    study = _write(
+        root / "study.yaml",
+        {  # no storage: the default one
+            "name": "t-study",
+            "experiment": "t-sweep",
+            "budget": {"n_trials": 1, "epochs": 1},
+            "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},
+            "base": {
+                "data": data,
+                "init": "random",
+                "image_size": 32,
+                "batch_size": 8,
+                "moco_k": 16,
+                "workers": 0,
+            },
+        },
+    )
     return grid, study
 
 
@@ -72,17 +90,54 @@ def _specs(root: Path) -> tuple[str, str]:
 def test_every_command_uses_the_project_store_by_default(fresh_project, capsys):
     root = fresh_project
     _run(["data", "synth", "--out", "data/ph", "--n", "40", "--size", "48", "--seed", "1"], capsys)
-    out = _run(["pretrain", *DATA, *TINY, "--init", "random", "--epochs", "1", "--moco-k", "16",
-                "--experiment", "t-pretrain"], capsys)
+    out = _run(
+        [
+            "pretrain",
+            *DATA,
+            *TINY,
+            "--init",
+            "random",
+            "--epochs",
+            "1",
+            "--moco-k",
+            "16",
+            "--experiment",
+            "t-pretrain",
+        ],
+        capsys,
+    )
     run_id = re.search(r"pretraining run (\w+)", out).group(1)
     _run(["registry", "register", "--name", MODEL, "--run-id", run_id, "--epoch", "1"], capsys)
     _run(["registry", "promote", "--name", MODEL, "--version", "1", "--stage", "production"], capsys)
     assert MODEL in _run(["registry", "list"], capsys)
     # exactly the form the demo and `sweep --promote` print
-    _run(["finetune", "--init", f"models:/{MODEL}@production", *DATA, *TINY, "--epochs", "1",
-          "--experiment", "t-finetune"], capsys)
-    _run(["linear-eval", "--init", f"models:/{MODEL}@production", *DATA, "--image-size", "32", "--workers", "0"],
-         capsys)
+    _run(
+        [
+            "finetune",
+            "--init",
+            f"models:/{MODEL}@production",
+            *DATA,
+            *TINY,
+            "--epochs",
+            "1",
+            "--experiment",
+            "t-finetune",
+        ],
+        capsys,
+    )
+    _run(
+        [
+            "linear-eval",
+            "--init",
+            f"models:/{MODEL}@production",
+            *DATA,
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     grid, study = _specs(root)
     _run(["grid", grid], capsys)
     _run(["sweep", study], capsys)
@@ -99,8 +154,10 @@ def test_every_command_uses_the_project_store_by_default(fresh_project, capsys):
         assert exp.artifact_location.startswith(artifacts), exp.artifact_location
         runs = client.search_runs([exp.experiment_id])
         assert runs and all(r.info.artifact_uri.startswith(artifacts) for r in runs)
-    kinds = {r.data.tags.get("mococxr.kind") for r in client.search_runs(
-        [client.get_experiment_by_name("t-grid").experiment_id])}
+    kinds = {
+        r.data.tags.get("mococxr.kind")
+        for r in client.search_runs([client.get_experiment_by_name("t-grid").experiment_id])
+    }
     assert {"grid", "finetune", "report"} <= kinds
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == "1"
     assert "t-study" in optuna.get_all_study_names(f"sqlite:///{store / 'optuna.db'}")

@@ -1,9 +1,12 @@
 """`mococxr demo`: the whole flow on a tiny phantom leaves every expected object in MLflow, its variants
-never share a name, and every command it prints runs as printed."""
+never share a name, every command it prints runs as printed, and its plan (demo_plan.yaml) is checked
+once with errors that name the key."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -13,17 +16,38 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mococxr.cli import build_parser
-from mococxr.demo import REGISTERED_MODEL, DemoSize, demo_names, run_demo
+from mococxr.config import load_yaml
+from mococxr.errors import ConfigError
+from mococxr.flows.demo import (
+    PLAN,
+    REGISTERED_MODEL,
+    DemoSize,
+    demo_names,
+    load_demo_plan,
+    parse_demo_plan,
+    run_demo,
+)
 from mococxr.report.record import report_dir
 
 # A size smaller than --quick's: the test of "quick -> full -> quick" runs both variants' names at it.
-TINY = DemoSize(n_images=120, n_test=40, store_px=48, image_px=32, n_trials=2, pretrain_epochs=1,
-                fractions=(0.5, 1.0), draws=(1, 1), epochs=(1, 1), replicates=50)
+TINY = DemoSize(
+    n_images=120,
+    n_test=40,
+    store_px=48,
+    image_px=32,
+    n_trials=2,
+    pretrain_epochs=1,
+    fractions=(0.5, 1.0),
+    draws=(1, 1),
+    epochs=(1, 1),
+    replicates=50,
+)
 
 
 def _runs(experiment: str, kind: str) -> list:
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`mococxr.kind` = '{kind}'",
-                              output_format="list")
+    return mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"tags.`mococxr.kind` = '{kind}'", output_format="list"
+    )
 
 
 def _sqlite_file(uri: str) -> Path:
@@ -32,14 +56,17 @@ def _sqlite_file(uri: str) -> Path:
 
 
 def check_printed_commands(made: dict, out: str) -> None:
-    """The closing hints are printed as built, parse with their tool's own parser, and name files that exist."""
+    """The closing hints are printed as built, parse with their tool's own parser and name files that
+    exist."""
     import click
     from mlflow.cli import cli
 
     commands = made["commands"]
     for argv in commands.values():
         assert shlex.join(argv) in out
-        assert Path(argv[0]).is_file() or shutil.which(argv[0]), f"{argv[0]} is not runnable from {Path.cwd()}"
+        assert Path(argv[0]).is_file() or shutil.which(argv[0]), (
+            f"{argv[0]} is not runnable from {Path.cwd()}"
+        )
 
     ui = commands["mlflow_ui"]
     assert ui[1] == "ui"
@@ -55,7 +82,10 @@ def check_printed_commands(made: dict, out: str) -> None:
     assert args.command == "finetune" and args.init == f"models:/{made['names'].registered_model}@production"
     root, test_csv = vars(args)["data.root"], vars(args)["data.test_csv"]
     assert Path(root).is_dir() and (Path(root) / test_csv).is_file()
-    assert args.experiment not in (made["spec"].experiment, made["grid_spec"].experiment)  # cells stay one run
+    assert args.experiment not in (
+        made["spec"].experiment,
+        made["grid_spec"].experiment,
+    )  # cells stay one run
     if args.tracking_uri:
         assert _sqlite_file(args.tracking_uri).is_file()
 
@@ -98,20 +128,27 @@ def test_quick_demo_logs_every_stage_and_reruns_idempotently(tmp_path, tracking_
     folder = report_dir(reports[0].info.run_id)  # the current revision's folder
     files = {a.path.removeprefix(folder + "/") for a in client.list_artifacts(reports[0].info.run_id, folder)}
     nested = {a.path for d in files for a in client.list_artifacts(reports[0].info.run_id, f"{folder}/{d}")}
-    assert "report.md" in files and any(p.endswith(".png") for p in nested) and any(p.endswith(".tex") for p in nested)
+    assert (
+        "report.md" in files
+        and any(p.endswith(".png") for p in nested)
+        and any(p.endswith(".tex") for p in nested)
+    )
     assert "AUC difference, paired" in out
     check_printed_commands(made, out)
 
-    # a second run reuses everything: no new pretraining or fine-tune run, the report rebuilt
+    assert made["report"].run_id == reports[0].info.run_id and made["report"].table in out
+
+    # a second run reuses everything: no new pretraining or fine-tune run, and the report of the same runs
+    # (built once among the workers, again only when its inputs change) is printed as it was
     again = run_demo(quick=True, workdir=tmp_path)
     assert (again["grid"].started, again["grid"].skipped) == (0, 16)
     assert again["study"].trials_run == []
     assert len(_runs(sweep_exp, "pretrain")) == made["spec"].n_trials
     assert len(_runs(finetune_exp, "finetune")) == 16
-    # the rebuilt report updates its run (a second revision) instead of piling up another one
+    assert again["report"] == made["report"] and made["report"].table in capsys.readouterr().out
     rebuilt = _runs(finetune_exp, "report")
     assert [r.info.run_id for r in rebuilt] == [reports[0].info.run_id]
-    assert rebuilt[0].data.metrics["report/revision"] == 2
+    assert rebuilt[0].data.metrics["report/revision"] == 1
 
 
 def test_demo_variants_own_disjoint_names():
@@ -149,8 +186,10 @@ def test_quick_full_quick_in_the_default_store_leave_every_report_green(tmp_path
     for made in (quick, full):
         versions = client.search_model_versions(f"name = '{made['names'].registered_model}'")
         assert len(versions) == 1  # promoted once; the other variant never registered into it
-    assert (client.get_model_version_by_alias(REGISTERED_MODEL, "production").tags["mococxr.run_id"]
-            == full["study"].best_run_id)
+    assert (
+        client.get_model_version_by_alias(REGISTERED_MODEL, "production").tags["mococxr.run_id"]
+        == full["study"].best_run_id
+    )
     assert len(_runs(full["names"].finetune_experiment, "finetune")) == 2 * 2 * 2  # inits x protocols x draws
     assert not (tmp_path / "mlflow.db").exists()
     # run from this folder, the hints spell the default store as typed in the README
@@ -158,3 +197,42 @@ def test_quick_full_quick_in_the_default_store_leave_every_report_green(tmp_path
     assert again["commands"]["optuna_dashboard"][1] == "sqlite:///mlruns/optuna.db"
     assert "--tracking-uri" not in again["commands"]["finetune"]
     check_printed_commands(again, out)
+
+
+def test_the_shipped_plan_loads_with_its_stages_and_sizes():
+    plan = load_demo_plan()
+    assert plan.stages == ("data", "pretrain", "grid", "report")
+    quick = plan.sizes["quick"]
+    assert (quick.fractions, quick.draws, quick.epochs) == ((0.1, 0.5, 1.0), (2, 1, 1), (3, 2, 1))
+    names = demo_names(quick=True)
+    data = plan.data_config("phantom", "data/phantom-quick")
+    spec = plan.study_spec(names, quick, data)
+    assert (spec.name, spec.budget.n_trials, spec.epochs) == (names.study, 2, 2)
+    assert (spec.base.image_size, spec.base.data) == (48, data)
+    grid = plan.grid_spec(names, quick, data)
+    assert grid.inits["moco"] == f"models:/{names.registered_model}@production"
+    assert list(grid.inits) in (["random", "moco"], ["random", "imagenet", "moco"])
+    assert grid.heartbeat == spec.heartbeat
+    assert len(grid.configs()) == len(grid.inits) * 2 * (2 + 1 + 1)  # x protocols x draws
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(extra=1), "unknown key(s) extra"),
+        (lambda r: r.update(stages=["grid", "data"]), "stages="),
+        (lambda r: r["sizes"]["quick"].update(n_images=0), "sizes.quick.n_images=0"),
+        (lambda r: r["sizes"]["full"]["draws"].pop(0.1), "sizes.full.draws gives no count"),
+        (lambda r: r["data"]["phantom"].update(val=2), "data.phantom"),
+        (lambda r: r["study"]["search_space"].update(lrr=[1, 2]), "search_space.lrr"),
+        (lambda r: r["grid"].update(protocols=["lin"]), "grid.protocols"),
+        (lambda r: r["grid"]["protocol_overrides"]["linear"].update(lrr=1), "grid.protocol_overrides.linear"),
+        (lambda r: r["grid"]["base"].update(batch_size="x"), "grid.base.batch_size"),
+        (lambda r: r["report"].update(replicates=5), "report: unknown key(s) replicates"),
+    ],
+)
+def test_plan_errors_name_the_key(change, message):
+    raw = copy.deepcopy(load_yaml(PLAN))
+    change(raw)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_demo_plan(raw, source="demo_plan.yaml")

@@ -16,7 +16,8 @@ from servers import COMPOSE, DOCKER, REPO, compose_service, interpolate, load_co
 
 from mococxr.cli import build_parser
 
-SERVICES = {"postgres", "storage", "storage-init", "mlflow", "optuna-dashboard", "worker"}
+SERVICES = {"postgres", "storage", "storage-init", "mlflow", "optuna-dashboard", "worker", "paper-worker"}
+WORKERS = ("worker", "paper-worker")  # `mococxr sweep` and `mococxr paper` workers
 ONE_SHOT = {"storage-init"}  # run once and exit; the others must report health
 PUBLISHED = {"mlflow", "optuna-dashboard"}
 SECRET = re.compile(r"PASSWORD|SECRET|ACCESS_KEY")
@@ -55,7 +56,10 @@ def test_env_example_defines_every_required_variable():
 
 def test_interpolation_follows_compose_rules():
     env = {"SET": "v", "EMPTY": ""}
-    assert interpolate("$$SET ${SET} $SET ${MISSING:-d} ${EMPTY:-d} ${EMPTY-d} ${SET:+alt}", env) == "$SET v v d d  alt"
+    assert (
+        interpolate("$$SET ${SET} $SET ${MISSING:-d} ${EMPTY:-d} ${EMPTY-d} ${SET:+alt}", env)
+        == "$SET v v d d  alt"
+    )
     assert interpolate("${MISSING:-${SET}}", env) == "v"
     with pytest.raises(KeyError, match="EMPTY: give it"):
         interpolate("${EMPTY:?give it}", env)
@@ -82,7 +86,7 @@ def mococxr_commands(compose: dict) -> list[tuple[str, list[str]]]:
 
 def test_every_mococxr_command_parses_with_the_real_cli(compose):
     commands = mococxr_commands(compose)
-    assert {name for name, _ in commands} >= {"worker"}
+    assert {name for name, _ in commands} >= set(WORKERS)
     parser = build_parser()
     for name, argv in commands:
         try:
@@ -90,16 +94,52 @@ def test_every_mococxr_command_parses_with_the_real_cli(compose):
         except SystemExit:
             pytest.fail(f"service {name}: `mococxr {' '.join(argv)}` is not a valid mococxr command line")
         if args.command == "sweep":
-            assert (REPO / args.spec).is_file(), f"service {name}: study spec {args.spec} is not in the repository"
-            assert args.storage.startswith("postgresql+psycopg2://") and ":" not in args.storage.split("//")[1].split("@")[0]
+            assert (REPO / args.spec).is_file(), (
+                f"service {name}: study spec {args.spec} is not in the repository"
+            )
+        if args.command == "paper":
+            assert (REPO / args.spec).is_file(), f"service {name}: plan {args.spec} is not in the repository"
+        if args.command in ("sweep", "paper"):  # the stack's Optuna database, password from PGPASSWORD
+            assert args.storage == "postgresql+psycopg2://optuna@postgres:5432/optuna", (name, args.storage)
 
 
-def test_worker_logs_to_the_server_with_credentials(compose):
-    env = compose_service("worker", env_example())["environment"]
+@pytest.mark.parametrize("worker", WORKERS)
+def test_worker_logs_to_the_server_with_credentials(compose, worker):
+    env = compose_service(worker, env_example())["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["MLFLOW_TRACKING_USERNAME"] and env["MLFLOW_TRACKING_PASSWORD"]
     assert int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 10  # MLflow refuses more
     assert "AWS_SECRET_ACCESS_KEY" not in env  # artifacts go through the server, not to S3
+    assert env["PGPASSWORD"]
+
+
+def test_paper_worker_runs_the_phantom_plan_by_default_and_only_when_named(compose):
+    """`up --scale worker=N` starts no paper worker (profile); its defaults are the phantom plan and that
+    plan's own data roots, under the data folder the sweep workers mount too."""
+    env = env_example()
+    paper, sweep = compose_service("paper-worker", env), compose_service("worker", env)
+    assert paper["profiles"] == ["paper"] and "profiles" not in sweep
+    assert paper["restart"] == "on-failure" and paper["volumes"] == sweep["volumes"]
+    assert paper["healthcheck"] == sweep["healthcheck"]
+    assert {k: v for k, v in paper["environment"].items() if k in sweep["environment"]} == sweep[
+        "environment"
+    ]
+    argv = paper["command"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    plan = yaml.safe_load((REPO / argv[2]).read_text())
+    assert argv[2] == "sweeps/paper_phantom.yaml" and plan.get("phantom")
+    assert flags["--chexpert-root"] == plan["data"]["chexpert"]["root"]
+    assert flags["--shenzhen-root"] == plan["data"]["shenzhen"]["root"]
+    assert {flags["--chexpert-root"].split("/")[0], flags["--out"].split("/")[0]} == {"data"}  # mounted
+    assert "/work/data" in {v.split(":")[1] for v in paper["volumes"]}
+    overridden = {
+        **env,
+        "PAPER_PLAN": "sweeps/paper.yaml",
+        "CHEXPERT_ROOT": "data/CheXpert",
+        "SHENZHEN_ROOT": "data/ChinaSet_AllFiles",
+    }
+    argv = compose_service("paper-worker", overridden)["command"]
+    assert argv[2] == "sweeps/paper.yaml" and {"data/CheXpert", "data/ChinaSet_AllFiles"} <= set(argv)
 
 
 def test_mlflow_server_is_authenticated_and_proxies_artifacts(compose):
@@ -165,7 +205,8 @@ def test_health_checks_and_start_order(compose):
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert condition == {"condition": expected}, f"{name} -> {dep}: {condition}"
     assert set(services["mlflow"]["depends_on"]) == {"postgres", "storage", "storage-init"}
-    assert set(services["worker"]["depends_on"]) == {"postgres", "mlflow"}
+    for worker in WORKERS:
+        assert set(services[worker]["depends_on"]) == {"postgres", "mlflow"}
 
 
 def test_no_secret_values_are_committed():
@@ -176,13 +217,17 @@ def test_no_secret_values_are_committed():
     for name, service in raw["services"].items():
         for key, value in (service.get("environment") or {}).items():
             if SECRET.search(key):
-                assert re.fullmatch(r"\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}", str(value)), f"{name}.{key} is not a required ${{VAR}}"
+                assert re.fullmatch(r"\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}", str(value)), (
+                    f"{name}.{key} is not a required ${{VAR}}"
+                )
     ini = (DOCKER / "mlflow" / "basic_auth.ini").read_text()
     assert not re.search(r"^\s*admin_password\s*=", ini, re.M)
     assert not re.search(r"://[^/@\s]+:[^/@\s]+@", ini + COMPOSE.read_text()), "a password inside a URL"
     assert not (DOCKER / ".env").exists() or _git_ignored(DOCKER / ".env")
     if shutil.which("git") and (REPO / ".git").exists():
-        tracked = subprocess.run(["git", "ls-files", "docker"], cwd=REPO, capture_output=True, text=True).stdout
+        tracked = subprocess.run(
+            ["git", "ls-files", "docker"], cwd=REPO, capture_output=True, text=True
+        ).stdout
         assert "docker/.env\n" not in tracked
 
 
@@ -201,7 +246,7 @@ def test_dockerfile_has_a_base_build_arg_and_the_project_pins():
     for package in ("torch", "torchvision"):
         spec = re.search(rf'"({package}[<>=!~][^"]*)"', pyproject).group(1)
         assert f'"{spec}"' in text, f"Dockerfile must install {spec} as pyproject.toml pins it"
-    assert 'mlflow[auth]' in text and "boto3" in text  # basic-auth app and the S3 artifact store
+    assert "mlflow[auth]" in text and "boto3" in text  # basic-auth app and the S3 artifact store
 
 
 def test_init_script_is_valid_shell_and_creates_the_databases():

@@ -53,8 +53,6 @@ def store(template, tmp_path, monkeypatch, capsys) -> Path:
     return db
 
 
-
-
 # -- bad flag values: refused when the config is built (or by argparse), before any work -----------------
 BAD_FLAGS = [
     (["pretrain", "--batch-size", "0"], "--batch-size="),
@@ -158,25 +156,32 @@ def test_silent_server_fails_within_the_timeout(monkeypatch, capsys):
 
 def test_bad_server_timeout_is_named(monkeypatch, capsys):
     monkeypatch.setenv("MOCOCXR_SERVER_TIMEOUT", "soon")
-    _one_error(capsys, _exit_code(["--tracking-uri", "http://127.0.0.1:9", "registry", "list"]),
-               "MOCOCXR_SERVER_TIMEOUT", "soon")
+    _one_error(
+        capsys,
+        _exit_code(["--tracking-uri", "http://127.0.0.1:9", "registry", "list"]),
+        "MOCOCXR_SERVER_TIMEOUT",
+        "soon",
+    )
 
 
-# -- unknown ids and URIs -------------------------------------------------------------------------------------
+# -- unknown ids and URIs ------------------------------------------------------------------------------------
 UNKNOWN = "0123456789abcdef0123456789abcdef"
 
 
-@pytest.mark.parametrize("argv, culprit", [
-    (["pretrain", "--resume", UNKNOWN], UNKNOWN),
-    (["finetune", "--init", f"models:/m-{UNKNOWN}"], f"m-{UNKNOWN}"),
-    (["finetune", "--init", "models:/nosuch@production"], "nosuch"),
-    (["finetune", "--init", "models:/nosuch/3"], "nosuch"),
-    (["finetune", "--init", f"runs:/{UNKNOWN}/state_dict.pt"], UNKNOWN),
-    (["registry", "promote", "--name", "nosuch", "--version", "1", "--stage", "staging"], "nosuch"),
-    (["registry", "register", "--name", "m", "--run-id", UNKNOWN, "--epoch", "1"], UNKNOWN),
-    (["registry", "register", "--name", "m", "--model-id", f"m-{UNKNOWN}"], f"m-{UNKNOWN}"),
-    (["registry", "list", "--name", "nosuch"], "nosuch"),
-])
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (["pretrain", "--resume", UNKNOWN], UNKNOWN),
+        (["finetune", "--init", f"models:/m-{UNKNOWN}"], f"m-{UNKNOWN}"),
+        (["finetune", "--init", "models:/nosuch@production"], "nosuch"),
+        (["finetune", "--init", "models:/nosuch/3"], "nosuch"),
+        (["finetune", "--init", f"runs:/{UNKNOWN}/state_dict.pt"], UNKNOWN),
+        (["registry", "promote", "--name", "nosuch", "--version", "1", "--stage", "staging"], "nosuch"),
+        (["registry", "register", "--name", "m", "--run-id", UNKNOWN, "--epoch", "1"], UNKNOWN),
+        (["registry", "register", "--name", "m", "--model-id", f"m-{UNKNOWN}"], f"m-{UNKNOWN}"),
+        (["registry", "list", "--name", "nosuch"], "nosuch"),
+    ],
+)
 def test_unknown_id_or_uri_is_one_line(argv, culprit, phantom, store, capsys):
     if argv[0] in ("pretrain", "finetune"):
         argv = [*argv, "--root", str(phantom), "--image-size", "32", "--epochs", "1"]
@@ -187,16 +192,20 @@ def test_unknown_id_or_uri_is_one_line(argv, culprit, phantom, store, capsys):
 
 def test_an_image_as_init_is_not_a_checkpoint(phantom, store, capsys):
     png = next(phantom.rglob("*.jpg"), None) or next(phantom.rglob("*.png"))
-    code = _exit_code(["finetune", "--init", str(png), "--root", str(phantom), "--image-size", "32", "--epochs", "1"])
+    code = _exit_code(
+        ["finetune", "--init", str(png), "--root", str(phantom), "--image-size", "32", "--epochs", "1"]
+    )
     line = _one_error(capsys, code, str(png), "not a PyTorch file")
     assert "weights_only" not in line
 
 
-# -- outputs that are files, and files that are empty ------------------------------------------------------------
+# -- outputs that are files, and files that are empty --------------------------------------------------------
 def test_synth_out_naming_a_file_writes_nothing(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("keep me")
-    _one_error(capsys, _exit_code(["data", "synth", "--out", str(target), "--n", "4", "--size", "32"]), str(target))
+    _one_error(
+        capsys, _exit_code(["data", "synth", "--out", str(target), "--n", "4", "--size", "32"]), str(target)
+    )
     assert target.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [target]
 
 
@@ -217,12 +226,13 @@ def test_check_reports_a_header_only_csv(tmp_path, capsys):
 
 def test_grid_epochs_table_with_a_non_number_names_the_key(tmp_path, capsys):
     spec = tmp_path / "grid.yaml"
-    spec.write_text("experiment: t\ninits: [random]\nprotocols: [linear]\nfractions: [0.5, 1.0]\n"
-                    "epochs: {0.5: ten}\n")
+    spec.write_text(
+        "experiment: t\ninits: [random]\nprotocols: [linear]\nfractions: [0.5, 1.0]\nepochs: {0.5: ten}\n"
+    )
     _one_error(capsys, _exit_code(["grid", str(spec), "--dry-run"]), "epochs.0.5", "ten")
 
 
-# -- bugs, --debug and signals ------------------------------------------------------------------------------------
+# -- bugs, --debug and signals -------------------------------------------------------------------------------
 def test_a_bug_is_one_line_exit_1_and_debug_shows_the_traceback(monkeypatch, capsys):
     import mococxr.data.records as records
 
@@ -259,9 +269,25 @@ def test_sigterm_marks_the_run_killed_and_exits_143(store, monkeypatch, capsys):
 
 def test_sigterm_to_the_command_exits_143(tmp_path):
     """The real process: `mococxr data synth` (many images) terminated exits 143 with one line."""
-    proc = subprocess.Popen([sys.executable, "-m", "mococxr", "data", "synth", "--out", str(tmp_path / "ph"),
-                             "--n", "20000", "--size", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mococxr",
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "ph"),
+            "--n",
+            "20000",
+            "--size",
+            "64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "ph").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -272,13 +298,17 @@ def test_sigterm_to_the_command_exits_143(tmp_path):
     assert "Traceback" not in err and "SIGTERM" in err
 
 
-# -- full disk and read-only artifact folders ----------------------------------------------------------------------
+# -- full disk and read-only artifact folders ----------------------------------------------------------------
 def _mount_tmpfs(path: Path, options: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); needs root and "
-                    "CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); needs root and "
+            "CAP_SYS_ADMIN"
+        )
 
 
 @pytest.fixture()
@@ -296,15 +326,30 @@ def mounted(tmp_path):
         subprocess.run(["umount", str(path)], check=False)
 
 
-PRETRAIN = ["pretrain", "--init", "random", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-            "--moco-k", "16", "--workers", "0", "--experiment", "disk"]
+PRETRAIN = [
+    "pretrain",
+    "--init",
+    "random",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--moco-k",
+    "16",
+    "--workers",
+    "0",
+    "--experiment",
+    "disk",
+]
 
 
 def _pretrain_fails_on(artifacts: Path, phantom: Path, monkeypatch, capsys, *culprits: str) -> None:
     monkeypatch.setenv("MOCOCXR_ARTIFACT_ROOT", str(artifacts))
     code = _exit_code([*PRETRAIN, "--root", str(phantom)])
     err = capsys.readouterr().err
-    errors = [line[line.index("mococxr:"):] for line in err.splitlines() if "mococxr:" in line]
+    errors = [line[line.index("mococxr:") :] for line in err.splitlines() if "mococxr:" in line]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     for culprit in culprits:
         assert culprit in errors[0], errors[0]
@@ -332,7 +377,12 @@ def test_read_only_artifacts_are_one_line_and_the_run_failed(mounted, phantom, s
 def test_header_only_csv_read_is_one_line(tmp_path, capsys):
     csv = tmp_path / "labels.csv"
     csv.write_text("path,Effusion\n")
-    _one_error(capsys, _exit_code(["data", "stats", "--dataset", "csv", "--root", str(csv)]), str(csv), "no data rows")
+    _one_error(
+        capsys,
+        _exit_code(["data", "stats", "--dataset", "csv", "--root", str(csv)]),
+        str(csv),
+        "no data rows",
+    )
 
 
 def test_experiments_open_in_model_training_mode(store):
@@ -370,7 +420,11 @@ def test_a_server_store_bounds_mlflow_retries_unless_set(monkeypatch):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    names = (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    )
     for name in names:
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)  # restored (to unset) after the test

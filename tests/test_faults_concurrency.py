@@ -1,7 +1,7 @@
 """Faults and concurrency through the real command: grids started together, a grid killed mid-cell, a
 pretraining run stopped with SIGTERM (`python -m mococxr` subprocesses on one sqlite store and a 60-image,
 32 px phantom, one epoch per run; slow because each process imports torch and MLflow), then a dry run
-and the claim rule in-process (fast)."""
+(the work queue's own rules are tested in-process in test_queue.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -29,31 +28,59 @@ def phantom(tmp_path_factory) -> Path:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-            "MOCOCXR_ARTIFACT_ROOT": str(tmp / "artifacts"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "MOCOCXR_HEARTBEAT_S": "1", "MOCOCXR_CLAIM_SETTLE_S": "0.5"}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "MOCOCXR_ARTIFACT_ROOT": str(tmp / "artifacts"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _grid(tmp: Path, root: Path, epochs: int = 1) -> str:
-    spec = {"name": "faults", "experiment": EXPERIMENT,
-            "base": {"data": {"dataset": "chexpert", "root": str(root), "task": "pleural_effusion", "val": 0.25,
-                              "test": 0.25},
-                     "image_size": 32, "batch_size": 16, "epochs": epochs, "workers": 0},
-            "inits": {"random": "random"}, "protocols": ["linear", "e2e"], "fractions": [1.0], "draws": 1}
+    spec = {
+        "name": "faults",
+        "experiment": EXPERIMENT,
+        "base": {
+            "data": {
+                "dataset": "chexpert",
+                "root": str(root),
+                "task": "pleural_effusion",
+                "val": 0.25,
+                "test": 0.25,
+            },
+            "image_size": 32,
+            "batch_size": 16,
+            "epochs": epochs,
+            "workers": 0,
+        },
+        "inits": {"random": "random"},
+        "protocols": ["linear", "e2e"],
+        "fractions": [1.0],
+        "draws": 1,
+        "heartbeat": {"interval": 1, "grace_period": 3},
+    }  # a dead worker's cell is handed on after 3 s
     path = tmp / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
 
 
 def _mococxr(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mococxr", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mococxr", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _runs(tmp: Path, kind: str = "finetune") -> list:
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`{mt.tag('kind')}` = '{kind}'")
+    return (
+        [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`{mt.tag('kind')}` = '{kind}'")
+    )
 
 
 def _assert_one_finished_per_cell(tmp: Path, cells: int = 2) -> list:
@@ -91,20 +118,39 @@ def test_grid_killed_mid_cell_is_taken_over(tmp_path, phantom):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [r.info.status for r in _runs(tmp_path)] == ["RUNNING"]
-    again = subprocess.run([sys.executable, "-m", "mococxr", "grid", spec], env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "mococxr", "grid", spec], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     runs = _assert_one_finished_per_cell(tmp_path)
     dead = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
-    assert len(dead) == 1 and "owner died" in dead[0].data.tags[mt.tag("end_reason")]
+    assert len(dead) == 1 and "stopped sending heartbeats" in dead[0].data.tags[mt.tag("end_reason")]
+    assert "queued a retry" in again.stdout
 
 
 @pytest.mark.slow
 def test_sigterm_during_pretraining_marks_the_run_killed(tmp_path, phantom):
     env = _env(tmp_path)
-    proc = _mococxr("pretrain", "--root", str(phantom), "--experiment", EXPERIMENT, "--image-size", "32",
-                    "--batch-size", "8", "--moco-k", "16", "--epochs", "50", "--workers", "0", "--init", "random",
-                    env=env)  # --init random: no "init auto fell back" line beside the one under test
+    proc = _mococxr(
+        "pretrain",
+        "--root",
+        str(phantom),
+        "--experiment",
+        EXPERIMENT,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--moco-k",
+        "16",
+        "--epochs",
+        "50",
+        "--workers",
+        "0",
+        "--init",
+        "random",
+        env=env,
+    )  # --init random: no "init auto fell back" line beside the one under test
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not _runs(tmp_path, "pretrain"):
         time.sleep(0.2)
@@ -126,58 +172,3 @@ def test_grid_dry_run_writes_nothing(tmp_path, phantom, tracking_uri, capsys):
     assert capsys.readouterr().out.count(": would run") == 2
     assert MlflowClient().get_experiment_by_name(EXPERIMENT) is None
     assert [e.name for e in MlflowClient().search_experiments()] == ["Default"]
-
-
-# -- the claim rule, in-process (fast) ------------------------------------------------------------------
-KEY = {mt.tag("kind"): "finetune", mt.tag("config_hash"): "abc"}
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_claim_is_held_by_one_owner_and_taken_over_from_a_dead_one(tracking_uri, monkeypatch):
-    from mococxr.tracking import runs
-
-    monkeypatch.setenv("MOCOCXR_CLAIM_SETTLE_S", "0.05")
-    mt.open_store()
-    first, holder = runs.claim_run(EXPERIMENT, KEY, run_name="cell", tags={})
-    assert first and holder is None
-    second, holder = runs.claim_run(EXPERIMENT, KEY, run_name="cell", tags={})  # first is alive (this process)
-    assert second is None and holder.info.run_id == first
-    client = MlflowClient()
-    client.set_tag(first, mt.tag("owner"), f"{os.uname().nodename}:{_dead_pid()}")  # its process died
-    third, holder = runs.claim_run(EXPERIMENT, KEY, run_name="cell", tags={})
-    assert third and third != first and holder is None
-    dead = client.get_run(first)
-    assert dead.info.status == "FAILED" and "is gone" in dead.data.tags[mt.tag("end_reason")]
-    client.set_tag(third, mt.tag("owner"), "elsewhere:1")  # another host: judged by its heartbeat
-    client.set_tag(third, mt.tag("heartbeat"), str(int(time.time()) - 10))
-    assert runs.is_stale(client.get_run(third)) is None
-    assert "no heartbeat" in runs.is_stale(client.get_run(third), grace=5)
-    client.set_terminated(third, "FINISHED")
-    fourth, holder = runs.claim_run(EXPERIMENT, KEY, run_name="cell", tags={})
-    assert fourth is None and holder.info.run_id == third
-
-
-def _claim(run_id: str, start: int, claim: str, status: str = "RUNNING") -> SimpleNamespace:
-    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=start, status=status),
-                           data=SimpleNamespace(tags={mt.tag("claim"): claim}))
-
-
-def test_claim_order_one_winner_whatever_each_side_saw():
-    """Both rounds of the claim rule on what each claimant may see (see tracking/runs.py)."""
-    from mococxr.tracking.runs import _holder
-
-    a, b = _claim("a", 100, "pending"), _claim("b", 99, "pending")  # b looks older (clock skew, slow write)
-    assert _holder("a", (100, "a"), [], [a, b], pending=True) is b  # round 1: an older pending claim wins
-    assert _holder("b", (99, "b"), [], [b, a], pending=True) is None
-    a_won = _claim("a", 100, "won")  # a confirmed before b was visible to it: b yields to any confirmed claim
-    assert _holder("b", (99, "b"), [], [b, a_won], pending=True) is a_won
-    b_won = _claim("b", 99, "won")  # both confirmed at once: round 2 keeps the older on both sides
-    assert _holder("a", (100, "a"), [], [b_won, a_won], pending=False) is b_won
-    assert _holder("b", (99, "b"), [], [b_won, a_won], pending=False) is None
-    done = _claim("c", 50, "won", "FINISHED")
-    assert _holder("b", (99, "b"), [done], [b_won], pending=False) is done

@@ -37,9 +37,11 @@ PHANTOM_PLAN = REPO / "sweeps" / "paper_phantom.yaml"
 
 def _tree(root: Path) -> dict[str, str]:
     """Every file under ``root`` -> sha256: what 'unchanged' is checked against."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,11 @@ def real_shenzhen(tmp_path_factory) -> Path:
     return root
 
 
-# -- 1. the phantom never writes into a data root it did not create --------------------------------------------
+# -- 1. the phantom never writes into a data root it did not create ------------------------------------------
 @pytest.mark.parametrize("flag", ["--chexpert-root", "--shenzhen-root"])
-def test_phantom_plan_refuses_a_real_dataset_and_changes_no_byte(flag, real_chexpert, real_shenzhen, tmp_path,
-                                                                  tracking_uri, monkeypatch, capsys):
+def test_phantom_plan_refuses_a_real_dataset_and_changes_no_byte(
+    flag, real_chexpert, real_shenzhen, tmp_path, tracking_uri, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     real = real_chexpert if flag == "--chexpert-root" else real_shenzhen
     before = _tree(real)
@@ -76,8 +79,18 @@ def test_phantom_plan_refuses_a_real_dataset_and_changes_no_byte(flag, real_chex
 def test_a_relative_root_is_refused_the_same_way(real_chexpert, tmp_path, tracking_uri, monkeypatch, capsys):
     monkeypatch.chdir(real_chexpert.parent)
     before = _tree(real_chexpert)
-    code = main(["paper", str(PHANTOM_PLAN), "--only", "data", "--chexpert-root", real_chexpert.name,
-                 "--shenzhen-root", str(tmp_path / "sz")])
+    code = main(
+        [
+            "paper",
+            str(PHANTOM_PLAN),
+            "--only",
+            "data",
+            "--chexpert-root",
+            real_chexpert.name,
+            "--shenzhen-root",
+            str(tmp_path / "sz"),
+        ]
+    )
     _one_error(capsys, code, real_chexpert.name)
     assert _tree(real_chexpert) == before and not (tmp_path / "sz").exists()
 
@@ -115,9 +128,19 @@ def test_the_phantom_plan_writes_and_then_reuses_its_own_roots(tmp_path, trackin
     assert capsys.readouterr().out.count("reused") == 2 and [_tree(r) for r in roots] == trees
 
 
-# -- 2. a resume records its budget, and deletes no READY checkpoint it does not retrain -------------------------
-FLAGS = {"init": "random", "image_size": 32, "batch_size": 16, "moco_k": 32, "moco_m": 0.99, "lr": 1e-3,
-         "scheduler": "constant", "workers": 0, "seed": 3, "resume_state": "keep"}
+# -- 2. a resume records its budget, and deletes no READY checkpoint it does not retrain ---------------------
+FLAGS = {
+    "init": "random",
+    "image_size": 32,
+    "batch_size": 16,
+    "moco_k": 32,
+    "moco_m": 0.99,
+    "lr": 1e-3,
+    "scheduler": "constant",
+    "workers": 0,
+    "seed": 3,
+    "resume_state": "keep",
+}
 
 
 def _config_json(run_id: str) -> dict:
@@ -128,7 +151,9 @@ def _config_json(run_id: str) -> dict:
 def _models(run_id: str) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for m in checkpoints.run_models(run_id):
-        out.setdefault(checkpoints.model_epoch(m), []).append(str(m.status).removeprefix("LoggedModelStatus."))
+        out.setdefault(checkpoints.model_epoch(m), []).append(
+            str(m.status).removeprefix("LoggedModelStatus.")
+        )
     return out
 
 
@@ -139,8 +164,9 @@ def _loss_steps(run_id: str) -> list[int]:
 @pytest.fixture()
 def one_epoch_run(tmp_path, tracking_uri):
     synthesize(tmp_path / "ph", 48, size=32, seed=1)
-    cfg = build(PretrainConfig, {**FLAGS, "epochs": 1, "data": {"root": str(tmp_path / "ph")},
-                                 "experiment": "budget"})
+    cfg = build(
+        PretrainConfig, {**FLAGS, "epochs": 1, "data": {"root": str(tmp_path / "ph")}, "experiment": "budget"}
+    )
     return pretrain(cfg, progress=False).run_id
 
 
@@ -150,7 +176,10 @@ def test_resume_records_the_extension_and_resume_from_keeps_the_epoch_it_retrain
     assert _config_json(run)["epochs"] == 3  # recorded: the next --resume reads 3
     assert _models(run) == {1: ["READY"], 2: ["READY"], 3: ["READY"]}
     epoch3 = [m.model_id for m in checkpoints.run_models(run) if checkpoints.model_epoch(m) == 3]
-    assert "Extended by a resume from the 1 epochs" in MlflowClient().get_run(run).data.tags["mlflow.note.content"]
+    assert (
+        "Extended by a resume from the 1 epochs"
+        in MlflowClient().get_run(run).data.tags["mlflow.note.content"]
+    )
 
     # the probe's second command: retrains epoch 3 (it is in the budget) and only then replaces its checkpoint
     assert main(["pretrain", "--resume", run, "--resume-from", "2"]) == 0
@@ -199,21 +228,23 @@ def test_a_resume_that_does_not_reach_an_epoch_keeps_its_ready_checkpoint(one_ep
     assert {e: i for e, (i, _) in left.items()} == ids and all("READY" in s for _, s in left.values())
 
 
-# -- 3. a read-only artifact store is found before anything is deleted --------------------------------------------
+# -- 3. a read-only artifact store is found before anything is deleted ---------------------------------------
 @pytest.mark.slow
 def test_resume_on_a_read_only_artifact_store_changes_nothing(tmp_path, monkeypatch, capsys):
     disk = tmp_path / "disk"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(disk)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root and CAP_SYS_ADMIN")
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
         monkeypatch.setenv("MOCOCXR_ARTIFACT_ROOT", str(disk / "artifacts"))
         synthesize(tmp_path / "ph", 48, size=32, seed=1)
-        cfg = build(PretrainConfig, {**FLAGS, "epochs": 2, "data": {"root": str(tmp_path / "ph")},
-                                     "experiment": "ro"})
+        cfg = build(
+            PretrainConfig, {**FLAGS, "epochs": 2, "data": {"root": str(tmp_path / "ph")}, "experiment": "ro"}
+        )
         run = pretrain(cfg, progress=False).run_id
         client = MlflowClient()
         before = (client.get_run(run).info.status, _models(run), _tree(disk))
@@ -227,7 +258,7 @@ def test_resume_on_a_read_only_artifact_store_changes_nothing(tmp_path, monkeypa
         mlflow.set_tracking_uri(None)
 
 
-# -- 4. pool workers die with their parent -----------------------------------------------------------------------
+# -- 4. pool workers die with their parent -------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -250,9 +281,24 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find the workers")
 def test_sigkill_during_data_synth_leaves_no_worker(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "mococxr", "data", "synth", "--out", str(tmp_path / "ph"),
-                             "--n", "20000", "--size", "64"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mococxr",
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "ph"),
+            "--n",
+            "20000",
+            "--size",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     workers: list[int] = []
     deadline = time.monotonic() + 90
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -266,7 +312,7 @@ def test_sigkill_during_data_synth_leaves_no_worker(tmp_path):
     assert [p for p in workers if _alive(p)] == [], "process-pool workers outlived their SIGKILLed parent"
 
 
-# -- 5. a full disk under --out is named as such, not as a download problem --------------------------------------
+# -- 5. a full disk under --out is named as such, not as a download problem ----------------------------------
 def test_a_full_disk_under_out_names_the_folder_not_the_store(tmp_path, tracking_uri, monkeypatch):
     import errno
 

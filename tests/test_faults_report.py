@@ -22,7 +22,7 @@ from PIL import Image
 from test_report import _migrated_db, store  # noqa: F401  (a fresh sqlite store per test)
 
 from mococxr.errors import TrackingError, user_message
-from mococxr.report.record import FILES_TAG, NOTE_TAG, REVISION, log_report, report_dir
+from mococxr.report.record import FILES_TAG, REVISION, log_report, report_dir
 from mococxr.tracking import mlflow as mt
 
 EXP = "faults-report"
@@ -102,7 +102,10 @@ def _assert_first_revision_intact(run_id: str, before: dict[str, bytes]) -> None
     assert report_dir(run_id) == "revision-0001"
     assert _current(run_id) == before  # every file, byte for byte
     assert run.data.metrics[REVISION] == 1 and run.data.metrics["report/n_runs"] == 1
-    assert run.data.tags[NOTE_TAG].startswith("version 1") and "`revision-0001/`" in run.data.tags[NOTE_TAG]
+    assert (
+        run.data.tags[mt.NOTE_TAG].startswith("version 1")
+        and "`revision-0001/`" in run.data.tags[mt.NOTE_TAG]
+    )
 
 
 def _assert_second_revision_only(run_id: str, folder: Path, *, number: int = 2) -> None:
@@ -113,11 +116,12 @@ def _assert_second_revision_only(run_id: str, folder: Path, *, number: int = 2) 
     assert _current(run_id) == _snapshot(folder)
     assert _history(run_id) == [(1, 1.0), (number, float(number))]
     assert (
-        run.data.tags[NOTE_TAG].startswith("version 2") and f"`{name}/report.md`" in run.data.tags[NOTE_TAG]
+        run.data.tags[mt.NOTE_TAG].startswith("version 2")
+        and f"`{name}/report.md`" in run.data.tags[mt.NOTE_TAG]
     )
 
 
-# -- the ordinary path -------------------------------------------------------------------------------------------
+# -- the ordinary path ---------------------------------------------------------------------------------------
 def test_a_rerun_keeps_one_run_with_only_the_current_revision_folder(tmp_path):
     run_id, _ = _one_complete_revision(tmp_path)
     assert _root(run_id) == {"revision-0001"} and _history(run_id) == [(1, 1.0)]
@@ -132,7 +136,7 @@ def test_a_run_of_the_root_layout_moves_into_a_revision_folder(tmp_path):
     """A report run logged before revision folders (files at the artifact root, revision 1) is read at the
     root until its next revision, which moves its files into revision-0002/ and removes the root ones."""
     old, old_paths = _write(tmp_path / "out", 1)
-    tags = {**mt.tags(kind="report", config_hash=KEY), NOTE_TAG: "version 1"}
+    tags = {**mt.tags(kind="report", config_hash=KEY), mt.NOTE_TAG: "version 1"}
     with mt.start_run(EXP, run_name=NAME, run_tags=tags) as run:
         mlflow.log_artifacts(str(old))
         mlflow.log_metric(REVISION, 1, step=1)
@@ -170,7 +174,7 @@ def test_a_store_that_cannot_delete_keeps_old_folders_and_points_at_the_new_one(
     assert _root(run_id) == {"revision-0005"} and _history(run_id) == [(1, 1), (2, 2), (4, 4), (5, 5)]
 
 
-# -- interrupted uploads, deterministic: the repository's upload copies some files, then fails ---------------------
+# -- interrupted uploads, deterministic: the repository's upload copies some files, then fails ---------------
 def _copy_some_then(exc: BaseException):
     """LocalArtifactRepository.log_artifacts that copies report.md, then 24,576 of figure4.png's bytes (what
     the fault probe found), then raises ``exc``."""
@@ -229,7 +233,8 @@ def test_an_upload_that_lists_a_short_file_is_refused_and_the_previous_set_kept(
 
 
 def test_a_kill_after_the_switch_before_the_revision_metric_never_reuses_the_number(tmp_path, monkeypatch):
-    """Files switched to revision-0002 but ``report/revision`` still 1: the next revision is 3, not a second 2."""
+    """Files switched to revision-0002 but ``report/revision`` still 1: the next revision is 3, not a
+    second 2."""
     run_id, _ = _one_complete_revision(tmp_path)
     folder, paths = _write(tmp_path / "out", 2)
     original = mlflow.log_metric
@@ -250,7 +255,7 @@ def test_a_kill_after_the_switch_before_the_revision_metric_never_reuses_the_num
     _assert_second_revision_only(run_id, again, number=3)
 
 
-# -- interrupted uploads, for real: SIGKILL to a process mid-upload; a full tmpfs -----------------------------------
+# -- interrupted uploads, for real: SIGKILL to a process mid-upload; a full tmpfs ----------------------------
 CHILD = """
 import os, sys, time
 from pathlib import Path

@@ -26,14 +26,22 @@ from mococxr.errors import TrackingError
 from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
-from mococxr.train import checkpoints
+from mococxr.train import checkpoints, inits
 from mococxr.train.pretrain import StopTraining, pretrain
 
 EXPERIMENT = "faults"
 MODEL = "faults-encoder"
 FLAGS = {
-    "init": "random", "image_size": 32, "batch_size": 16, "epochs": 2, "moco_k": 32, "moco_m": 0.99,
-    "lr": 1e-3, "scheduler": "constant", "workers": 0, "seed": 3,
+    "init": "random",
+    "image_size": 32,
+    "batch_size": 16,
+    "epochs": 2,
+    "moco_k": 32,
+    "moco_m": 0.99,
+    "lr": 1e-3,
+    "scheduler": "constant",
+    "workers": 0,
+    "seed": 3,
 }
 
 
@@ -48,8 +56,10 @@ def store(tmp_path_factory):
 
 
 def _cfg(store: Path, **overrides) -> PretrainConfig:
-    return build(PretrainConfig, {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": EXPERIMENT,
-                                  **overrides})
+    return build(
+        PretrainConfig,
+        {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": EXPERIMENT, **overrides},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +84,33 @@ def _snapshot(run_id: str) -> dict:
     return {
         "status": (run.info.status, run.info.end_time),
         "tags": run.data.tags,
-        "models": sorted((m.model_id, str(m.status), m.name, tuple(sorted(m.tags.items())))
-                         for m in checkpoints.run_models(run_id)),
-        "files": {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                  for p in sorted(root.rglob("*")) if p.is_file()},
-        "metrics": {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
-                    for k in run.data.metrics},
-        "versions": sorted((v.version, v.source, tuple(sorted(v.tags.items())))
-                           for v in client.search_model_versions(f"name = '{MODEL}'")),
+        "models": sorted(
+            (m.model_id, str(m.status), m.name, tuple(sorted(m.tags.items())))
+            for m in checkpoints.run_models(run_id)
+        ),
+        "files": {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        },
+        "metrics": {
+            k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+            for k in run.data.metrics
+        },
+        "versions": sorted(
+            (v.version, v.source, tuple(sorted(v.tags.items())))
+            for v in client.search_model_versions(f"name = '{MODEL}'")
+        ),
         "production": client.get_model_version_by_alias(MODEL, "production").version,
     }
 
 
 def _state_file(run_id: str, epoch: int, ext: str = "pt") -> Path:
-    return _local(MlflowClient().get_run(run_id).info.artifact_uri) / checkpoints.RESUME_DIR / f"epoch_{epoch:04d}.{ext}"
+    return (
+        _local(MlflowClient().get_run(run_id).info.artifact_uri)
+        / checkpoints.RESUME_DIR
+        / f"epoch_{epoch:04d}.{ext}"
+    )
 
 
 class _Payload:
@@ -107,8 +130,11 @@ def _damage(how: str, pt: Path, sidecar: Path, marker: Path) -> None:
     torch.save({"epoch": 2, "model": _Payload(marker)}, pt)
     if how == "code-with-matching-sidecar":  # whoever swapped the file fixed the sidecar too
         data = pt.read_bytes()
-        sidecar.write_text(json.dumps({"file": pt.name, "epoch": 2, "size": len(data),
-                                       "sha256": hashlib.sha256(data).hexdigest()}))
+        sidecar.write_text(
+            json.dumps(
+                {"file": pt.name, "epoch": 2, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+        )
 
 
 @pytest.mark.parametrize("how", ["truncated", "code", "code-with-matching-sidecar"])
@@ -148,15 +174,19 @@ def test_resume_from_the_intact_epoch_keeps_the_registered_version(finished, cap
     assert names == {1: "faulty-epoch001", 2: "faulty-epoch002"}  # named after the run
     pt = _state_file(finished, 2)
     pt.write_bytes(pt.read_bytes()[:1000])
-    assert main(["pretrain", "--resume", finished, "--resume-from", "1", "--epochs", "3"]) == 0, capsys.readouterr()
+    assert main(["pretrain", "--resume", finished, "--resume-from", "1", "--epochs", "3"]) == 0, (
+        capsys.readouterr()
+    )
     assert client.get_run(finished).info.status == "FINISHED"
     models: dict[int, list] = {}
     for m in checkpoints.run_models(finished):
         models.setdefault(checkpoints.model_epoch(m), []).append(m)
-    assert sorted(models) == [1, 2, 3] and all(len(v) == 1 and "READY" in str(v[0].status) for v in models.values())
+    assert sorted(models) == [1, 2, 3] and all(
+        len(v) == 1 and "READY" in str(v[0].status) for v in models.values()
+    )
     # the production version still resolves to epoch 1's checkpoint
     assert client.get_model_version_by_alias(MODEL, "production").version == registered.version
-    state, info = registry.resolve(f"models:/{MODEL}@production")
+    state, info = inits.load_checkpoint(f"models:/{MODEL}@production")
     assert info["epoch"] == 1 and models[1][0].model_id in registered.source
     kept = sorted(i.path for i in client.list_artifacts(finished, checkpoints.RESUME_DIR))
     assert kept == [f"resume/epoch_000{e}.{x}" for e in (2, 3) for x in ("json", "pt")]  # resume_state=keep
@@ -166,10 +196,18 @@ def test_resume_from_the_intact_epoch_keeps_the_registered_version(finished, cap
 # -- registered checkpoints, sidecars and fallback, without training -----------------------------------------
 def _toy_run(epochs: int) -> tuple[str, dict[int, str]]:
     with mt.start_run("toys") as run:
-        ids = {e: ma.log_state_dict_model({"w": torch.full((2,), float(e))}, name=f"toy-epoch{e:03d}",
-                                          run_id=run.info.run_id, experiment_id=run.info.experiment_id, step=e,
-                                          info={}, model_tags=mt.tags(kind="pretrain"))
-               for e in range(1, epochs + 1)}
+        ids = {
+            e: ma.log_state_dict_model(
+                {"w": torch.full((2,), float(e))},
+                name=f"toy-epoch{e:03d}",
+                run_id=run.info.run_id,
+                experiment_id=run.info.experiment_id,
+                step=e,
+                info={},
+                model_tags=mt.tags(kind="pretrain"),
+            )
+            for e in range(1, epochs + 1)
+        }
     return run.info.run_id, ids
 
 
@@ -186,9 +224,15 @@ def test_reconcile_and_retention_never_delete_a_registered_checkpoint(tracking_u
     # retraining epochs 3 and 4 replaces their checkpoints, except the registered one (tagged instead)
     with mt.start_run("toys", run_id=run_id) as run:
         for epoch in (3, 4):
-            new = ma.log_state_dict_model({"w": torch.zeros(2)}, name=f"toy-epoch{epoch:03d}", run_id=run_id,
-                                          experiment_id=run.info.experiment_id, step=epoch, info={},
-                                          model_tags=mt.tags(kind="pretrain"))
+            new = ma.log_state_dict_model(
+                {"w": torch.zeros(2)},
+                name=f"toy-epoch{epoch:03d}",
+                run_id=run_id,
+                experiment_id=run.info.experiment_id,
+                step=epoch,
+                info={},
+                model_tags=mt.tags(kind="pretrain"),
+            )
             checkpoints.supersede(run_id, epoch, new)
     left = {m.model_id: m for m in checkpoints.run_models(run_id)}
     assert ids[4] not in left and ids[3] in left and len(left) == 5
@@ -196,8 +240,15 @@ def test_reconcile_and_retention_never_delete_a_registered_checkpoint(tracking_u
 
 
 def _fake_state(epoch: int) -> dict:
-    return {"epoch": epoch, "model": {"w": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "scaler": {},
-            "history": "{}", "metrics": {"train/loss": 1.0}}
+    return {
+        "epoch": epoch,
+        "model": {"w": torch.zeros(3)},
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "history": "{}",
+        "metrics": {"train/loss": 1.0},
+    }
 
 
 def test_sidecars_fallback_and_explicit_epoch(tracking_uri, capsys):
@@ -206,8 +257,11 @@ def test_sidecars_fallback_and_explicit_epoch(tracking_uri, capsys):
         checkpoints.save_resume_state(run_id, epoch, _fake_state(epoch))
     files = checkpoints.resume_files(run_id)
     assert sorted(files) == [2, 3] and all(set(f) == {"pt", "json"} for f in files.values())
-    sidecar = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                                  artifact_path="resume/epoch_0003.json")).read_text())
+    sidecar = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="resume/epoch_0003.json")
+        ).read_text()
+    )
     assert set(sidecar) == {"file", "epoch", "size", "sha256"} and sidecar["epoch"] == 3
     assert checkpoints.load_resume_state(run_id)["epoch"] == 3
     assert checkpoints.load_resume_state(run_id, resume_from=2)["epoch"] == 2
@@ -225,7 +279,9 @@ def test_sidecars_fallback_and_explicit_epoch(tracking_uri, capsys):
 
 # -- resume state storage ---------------------------------------------------------------------------------
 def test_resume_state_lives_only_while_the_run_can_resume(store, capsys):
-    done = pretrain(_cfg(store, epochs=1), progress=False)  # finished: its resume state goes, checkpoints stay
+    done = pretrain(
+        _cfg(store, epochs=1), progress=False
+    )  # finished: its resume state goes, checkpoints stay
     assert checkpoints.resume_files(done.run_id) == {}
     assert [checkpoints.model_epoch(m) for m in checkpoints.run_models(done.run_id)] == [1]
     capsys.readouterr()
@@ -244,8 +300,9 @@ def test_resume_state_lives_only_while_the_run_can_resume(store, capsys):
 
     with pytest.raises(RuntimeError, match="boom"):
         pretrain(_cfg(store, run_name="fails"), on_epoch_end=fail, progress=False)
-    (failed,) = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="attributes.run_name = 'fails'",
-                                   output_format="list")
+    (failed,) = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], filter_string="attributes.run_name = 'fails'", output_format="list"
+    )
     assert failed.info.status == "FAILED" and sorted(checkpoints.resume_files(failed.info.run_id)) == [1]
     resumed = pretrain(None, resume=failed.info.run_id, progress=False)  # a failed run resumes, then lets go
     assert sorted(resumed.history) == [1, 2] and checkpoints.resume_files(failed.info.run_id) == {}

@@ -21,6 +21,7 @@ from mococxr.errors import ConfigError, TrackingError, user_message
 from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import probe, registry
+from mococxr.train import inits
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +65,7 @@ def store(few_runs, tmp_path, monkeypatch) -> Path:
     return db
 
 
-
-
-# -- registry: stages are aliases, and versions whose LoggedModel is gone --------------------------------------
+# -- registry: stages are aliases, and versions whose LoggedModel is gone ------------------------------------
 def _checkpoints(experiment: str, n: int) -> list[str]:
     """``n`` LoggedModels (one per epoch) of one finished run."""
     ids = []
@@ -114,7 +113,7 @@ def test_a_version_whose_logged_model_was_deleted_is_refused(store, capsys):
 
     for uri in (f"models:/{name}/{v1}", f"models:/{name}@production", f"models:/{name}/Production"):
         with pytest.raises(TrackingError) as caught:
-            registry.resolve_init(uri, "resnet18")
+            inits.resolve_init(uri, "resnet18")
         message = str(caught.value)
         assert "\n" not in message
         for part in (repr(name), f"version {v1}", deleted, "deleted", "another version", "register another"):
@@ -127,13 +126,13 @@ def test_a_version_whose_logged_model_was_deleted_is_refused(store, capsys):
     line = _one_error(capsys, code, name, deleted, "deleted")
     assert f"version {v1}" in line
     # the other version still resolves and promotes; the orphan can still be archived, to retire it
-    assert torch.equal(registry.resolve(f"models:/{name}/{v2}")[0]["w"], torch.full((2,), 1.0))
+    assert torch.equal(inits.load_checkpoint(f"models:/{name}/{v2}")[0]["w"], torch.full((2,), 1.0))
     registry.promote(name, v2, "production")
     registry.promote(name, v1, "archived")
     assert _stages(name) == {1: "archived", 2: "production"}
 
 
-# -- damaged sqlite pages ------------------------------------------------------------------------------------------
+# -- damaged sqlite pages ------------------------------------------------------------------------------------
 def _quick_check(db: Path) -> list[str]:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -248,7 +247,7 @@ def test_check_store_0_skips_and_1_forces(few_runs, tmp_path, monkeypatch):
         probe.store_check_wanted(big)
 
 
-# -- experiment names ---------------------------------------------------------------------------------------------
+# -- experiment names ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [".", "..", "", "   ", " .. ", "a\x00b"])
 def test_experiment_names_that_are_path_components_are_refused(name, store):
     with pytest.raises(ConfigError) as caught:
@@ -309,7 +308,7 @@ def test_names_with_quotes_reach_the_registry(name, store):
     assert registry.count_consumers(name, version) == 1
 
 
-# -- resumed runs ---------------------------------------------------------------------------------------------------
+# -- resumed runs --------------------------------------------------------------------------------------------
 def test_a_resumed_run_that_finishes_drops_its_old_end_reason(store):
     client = MlflowClient()
     with pytest.raises(KeyboardInterrupt), mt.start_run("resume") as run:

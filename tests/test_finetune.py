@@ -65,14 +65,19 @@ def captured(monkeypatch) -> dict:
 
 
 def registered_checkpoint(name: str = "mococxr-test") -> tuple[str, str, dict[str, torch.Tensor]]:
-    """A random resnet18 logged as a pretraining run's epoch-3 LoggedModel and registered: (uri, run id, state)."""
+    """A random resnet18 logged as a pretraining run's epoch-3 LoggedModel and registered: (uri, run id,
+    state)."""
     torch.manual_seed(123)
     state = build_encoder("resnet18").state_dict()
     mt.open_store()
     with mt.start_run("test-pretrain", run_tags=mt.tags(kind="pretrain")) as run:
         model_id = ma.log_state_dict_model(
-            state, name="resnet18-epoch003", run_id=run.info.run_id, experiment_id=run.info.experiment_id,
-            step=3, info={"backbone": "resnet18", "epoch": 3, "run_id": run.info.run_id},
+            state,
+            name="resnet18-epoch003",
+            run_id=run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            step=3,
+            info={"backbone": "resnet18", "epoch": 3, "run_id": run.info.run_id},
         )
     version = registry.register(name, model_id=model_id)
     return f"models:/{name}/{version}", run.info.run_id, state
@@ -83,7 +88,9 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 
 def download_predictions(run_id: str) -> pd.DataFrame:
-    return pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.parquet"))
+    return pd.read_parquet(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.parquet")
+    )
 
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -97,7 +104,7 @@ def test_epochs_for_fraction_follows_the_paper_and_interpolates_in_log_fraction(
     assert [epochs_for_fraction(f) for f in (0.001, 0.01, 0.1, 1.0)] == [220, 95, 41, 18]
     # linear in log10(fraction) between the paper's points: 5 % sits 0.699 of the way from 1 % to 10 %
     assert epochs_for_fraction(0.05) == round(95 + (math.log10(0.05) + 2) * (41 - 95)) == 57
-    assert epochs_for_fraction(10 ** -2.5) == round((220 + 95) / 2)
+    assert epochs_for_fraction(10**-2.5) == round((220 + 95) / 2)
     assert epochs_for_fraction(0.5) == 25
     assert epochs_for_fraction(0.0001) == 220  # clamped below the smallest point
     fractions = np.logspace(-3, 0, 40)
@@ -110,8 +117,10 @@ def test_epochs_for_fraction_follows_the_paper_and_interpolates_in_log_fraction(
 def test_masked_bce_ignores_nan_labels_exactly():
     torch.manual_seed(0)
     logits = torch.randn(6, 3, requires_grad=True)
-    target = torch.tensor([[1, 0, np.nan], [np.nan, 1, 0], [0, np.nan, np.nan],
-                           [1, 1, 1], [np.nan, np.nan, np.nan], [0, 0, 1]], dtype=torch.float32)
+    target = torch.tensor(
+        [[1, 0, np.nan], [np.nan, 1, 0], [0, np.nan, np.nan], [1, 1, 1], [np.nan, np.nan, np.nan], [0, 0, 1]],
+        dtype=torch.float32,
+    )
     loss = ft.masked_bce(logits, target)
     known = ~torch.isnan(target)
     expected = F.binary_cross_entropy_with_logits(logits[known], target[known])
@@ -161,14 +170,30 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     train_manifest = make_manifest("train", splits["train"], seed=cfg.seed, fraction=1.0, draw=0)
     test_manifest = make_manifest("test", splits["test"], seed=cfg.data.split_seed)
     expected = {
-        "kind": "finetune", "init": "moco", "protocol": "linear", "dataset": "chexpert", "task": TWO_TASKS,
-        "label_fraction": "1.0", "draw": "0", "pretrain_run_id": pretrain_run, "checkpoint_epoch": "3",
-        "registry_version": "1", "backbone": "resnet18", "manifest_sha256": train_manifest.sha256,
+        "kind": "finetune",
+        "init": "moco",
+        "protocol": "linear",
+        "dataset": "chexpert",
+        "task": TWO_TASKS,
+        "label_fraction": "1.0",
+        "draw": "0",
+        "pretrain_run_id": pretrain_run,
+        "checkpoint_epoch": "3",
+        "registry_version": "1",
+        "backbone": "resnet18",
+        "manifest_sha256": train_manifest.sha256,
         "test_manifest_sha256": test_manifest.sha256,
     }
     assert {k: tags.get(mt.tag(k)) for k in expected} == expected
 
-    per_epoch = ["train/loss", "val/loss", "val/auc", "val/auprc", "val/auc_Pleural_Effusion", "val/auc_Cardiomegaly"]
+    per_epoch = [
+        "train/loss",
+        "val/loss",
+        "val/auc",
+        "val/auprc",
+        "val/auc_Pleural_Effusion",
+        "val/auc_Cardiomegaly",
+    ]
     for key in per_epoch:
         steps = [s for s, _ in history(client, res.run_id, key)]
         assert steps == [1, 2], key
@@ -177,7 +202,9 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
     assert res.val_auc == pytest.approx(val_aucs[res.best_epoch])
     # linear_lr paper (the default): the head trained at lr alone, said as the chosen lr; best-at-last flag
     assert params["linear_lr"] == "paper" and float(params["linear_lr_chosen"]) == cfg.lr
-    assert tags[mt.tag("linear_lr")] == f"{cfg.lr:g}" and not any(k.startswith("lr_select/") for k in run.data.metrics)
+    assert tags[mt.tag("linear_lr")] == f"{cfg.lr:g}" and not any(
+        k.startswith("lr_select/") for k in run.data.metrics
+    )
     assert run.data.metrics["best/at_last_epoch"] == float(res.best_epoch == 2)
     assert tags[mt.tag("best_at_last_epoch")] == ("true" if res.best_epoch == 2 else "false")
 
@@ -193,13 +220,17 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
         key = task.replace(" ", "_")
         assert logged[f"test/auc_{key}"] == pytest.approx(roc_auc_score(y[known, j], scores))
         assert logged[f"test/auprc_{key}"] == pytest.approx(average_precision_score(y[known, j], scores))
-    assert logged["test/auc"] == pytest.approx(np.mean([logged["test/auc_Pleural_Effusion"],
-                                                       logged["test/auc_Cardiomegaly"]]))
+    assert logged["test/auc"] == pytest.approx(
+        np.mean([logged["test/auc_Pleural_Effusion"], logged["test/auc_Cardiomegaly"]])
+    )
 
     for name, part in (("train", splits["train"]), ("val", splits["val"]), ("test", splits["test"])):
         manifest = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifests/{name}.json")
         assert sorted(manifest["image_ids"]) == sorted(part["image_id"])
-    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifests/test.json")["sha256"] == test_manifest.sha256
+    assert (
+        mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifests/test.json")["sha256"]
+        == test_manifest.sha256
+    )
 
     assert_explains_itself(client, run, res, splits, pretrain_run)
 
@@ -211,11 +242,21 @@ def test_linear_run_logs_everything_and_keeps_the_backbone_frozen(phantom, track
 def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run: str) -> None:
     """What a user sees of a run and its checkpoint's version in the MLflow UI."""
     note = run.data.tags["mlflow.note.content"]
-    for text in ("protocol linear", "init **moco**", "registered model mococxr-test version 1",
-                 f"pretraining run {pretrain_run}, epoch 3", "Label fraction **100%**", "draw 0",
-                 "Dataset chexpert (synthetic phantom)", f"task {TWO_TASKS}", "Epochs: 2 (set by --epochs)",
-                 "on standardized features (parameter-free BatchNorm, head standardized)", "**Probe**",
-                 "best validation AUC", f"best epoch {res.best_epoch} of 2"):
+    for text in (
+        "protocol linear",
+        "init **moco**",
+        "registered model mococxr-test version 1",
+        f"pretraining run {pretrain_run}, epoch 3",
+        "Label fraction **100%**",
+        "draw 0",
+        "Dataset chexpert (synthetic phantom)",
+        f"task {TWO_TASKS}",
+        "Epochs: 2 (set by --epochs)",
+        "on standardized features (parameter-free BatchNorm, head standardized)",
+        "**Probe**",
+        "best validation AUC",
+        f"best epoch {res.best_epoch} of 2",
+    ):
         assert text in note, text
     assert run.data.params["phantom"] == "True" and run.data.params["init_registered_model"] == "mococxr-test"
     metrics = run.data.metrics
@@ -231,7 +272,9 @@ def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run:
     assert inputs["train"].name == "chexpert-phantom train 100% draw 0"
     version = client.get_model_version("mococxr-test", "1")
     assert [m.model_id for m in run.inputs.model_inputs] == [version.tags["mococxr.model_id"]]
-    csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="predictions/test.csv"))
+    csv = pd.read_csv(
+        mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="predictions/test.csv")
+    )
     pd.testing.assert_frame_equal(csv, download_predictions(res.run_id), check_dtype=False)
 
     # the version names the runs that used it: a recount, the same however often it is recorded
@@ -257,7 +300,9 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     tags = run.data.tags
     assert tags[mt.tag("init")] == "random" and tags[mt.tag("protocol")] == "e2e"
     assert tags[mt.tag("label_fraction")] == "0.5" and tags[mt.tag("draw")] == "1"
-    assert "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "True"  # synthesize marks its folder
+    assert (
+        "Label fraction **50%**" in tags["mlflow.note.content"] and run.data.params["phantom"] == "True"
+    )  # synthesize marks its folder
     assert not run.inputs.model_inputs and "init_registered_model" not in run.data.params
     assert "val/probe_auc" not in run.data.metrics and "val/probe_gap" not in run.data.metrics
     assert mt.tag("pretrain_run_id") not in tags and mt.tag("registry_version") not in tags
@@ -280,8 +325,9 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])
-def test_the_test_split_never_influences_training_or_epoch_selection(phantom, tracking_uri, monkeypatch,
-                                                                     feature_cache):
+def test_the_test_split_never_influences_training_or_epoch_selection(
+    phantom, tracking_uri, monkeypatch, feature_cache
+):
     """Same seed, different test labels and images: identical val history, best epoch, val predictions;
     with cached features as with images through the encoder every epoch."""
     calls: list[tuple[str, np.ndarray]] = []
@@ -333,8 +379,19 @@ def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
     from mococxr.train.pretrain import pretrain
 
     data = DataConfig(dataset="nih", root=str(nih_sample), task="pneumonia")
-    pre = pretrain(PretrainConfig(data=data, init="random", image_size=64, batch_size=32, epochs=2,
-                                  moco_k=4096, workers=0, experiment="test-nih-pretrain"), progress=False)
+    pre = pretrain(
+        PretrainConfig(
+            data=data,
+            init="random",
+            image_size=64,
+            batch_size=32,
+            epochs=2,
+            moco_k=4096,
+            workers=0,
+            experiment="test-nih-pretrain",
+        ),
+        progress=False,
+    )
     uri = f"models:/{pre.model_ids[2]}"
     prepared = prepare(data)
     splits = prepared.splits
@@ -344,8 +401,16 @@ def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
     client = MlflowClient()
     aucs = {}
     for init in ("random", uri):
-        cfg = FinetuneConfig(data=data, init=init, protocol="linear", epochs=5, lr=1e-3, batch_size=32,
-                             image_size=64, experiment="test-nih-finetune")
+        cfg = FinetuneConfig(
+            data=data,
+            init=init,
+            protocol="linear",
+            epochs=5,
+            lr=1e-3,
+            batch_size=32,
+            image_size=64,
+            experiment="test-nih-finetune",
+        )
         res = ft.finetune(cfg, data=prepared, progress=False)
         run = client.get_run(res.run_id)
         assert run.info.status == "FINISHED" and run.data.tags[mt.tag("dataset")] == "nih"
@@ -355,7 +420,14 @@ def test_nih_pneumonia_random_vs_moco_checkpoint(nih_sample, tracking_uri):
         if init == uri:
             assert run.data.tags[mt.tag("pretrain_run_id")] == pre.run_id
             assert run.data.tags[mt.tag("checkpoint_epoch")] == "2"
-        aucs["moco" if init == uri else "random"] = (res.val_auc, res.test["test/auc"], res.test["test/auprc"])
+        aucs["moco" if init == uri else "random"] = (
+            res.val_auc,
+            res.test["test/auc"],
+            res.test["test/auprc"],
+        )
     for name, (val_auc, test_auc, test_ap) in aucs.items():
-        print(f"NIH pneumonia, {name:>6} init, linear 64 px: val AUC {val_auc:.4f}  test AUC {test_auc:.4f}  "
-              f"test AUPRC {test_ap:.4f}  ({len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images)")
+        print(
+            f"NIH pneumonia, {name:>6} init, linear 64 px: val AUC {val_auc:.4f}  test AUC {test_auc:.4f}  "
+            f"test AUPRC {test_ap:.4f}  "
+            f"({len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images)"
+        )

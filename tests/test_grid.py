@@ -28,9 +28,19 @@ def write_grid(path, root: str, **changes) -> str:
     grid = {
         "name": "tiny",
         "experiment": EXPERIMENT,
-        "base": {"data": {"dataset": "chexpert", "root": root, "task": "pleural_effusion", "val": 0.25,
-                          "test": 0.2},
-                 "image_size": 64, "batch_size": 32, "epochs": 1, "lr": 1e-3},
+        "base": {
+            "data": {
+                "dataset": "chexpert",
+                "root": root,
+                "task": "pleural_effusion",
+                "val": 0.25,
+                "test": 0.2,
+            },
+            "image_size": 64,
+            "batch_size": 32,
+            "epochs": 1,
+            "lr": 1e-3,
+        },
         "inits": {"random": "random"},
         "protocols": ["linear", "e2e"],
         "fractions": [0.25, 0.5],
@@ -43,8 +53,9 @@ def write_grid(path, root: str, **changes) -> str:
 
 def finetune_runs(experiment: str = EXPERIMENT) -> list:
     exp = MlflowClient().get_experiment_by_name(experiment)
-    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{mt.tag('kind')}` = 'finetune'",
-                              output_format="list")
+    return mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{mt.tag('kind')}` = 'finetune'", output_format="list"
+    )
 
 
 def test_load_grid_expands_and_validates(tmp_path):
@@ -52,7 +63,9 @@ def test_load_grid_expands_and_validates(tmp_path):
     jobs = spec.configs()
     assert len(jobs) == 2 * (3 + 1)
     assert all(cfg.image_size == 32 and cfg.experiment == EXPERIMENT for _, cfg in jobs)
-    assert [cfg.fraction for _, cfg in jobs] == sorted(cfg.fraction for _, cfg in jobs)  # small fractions first
+    assert [cfg.fraction for _, cfg in jobs] == sorted(
+        cfg.fraction for _, cfg in jobs
+    )  # small fractions first
     assert len({config_hash(cfg) for _, cfg in jobs}) == len(jobs)
     for changes, message in (
         ({"protocols": ["linear", "knn"]}, "protocols"),
@@ -68,13 +81,16 @@ def test_load_grid_expands_and_validates(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_runs_once_under_one_parent_and_redoes_failed_cells(phantom, tmp_path, tracking_uri, monkeypatch):
+def test_grid_runs_once_under_one_parent_and_redoes_failed_cells(
+    phantom, tmp_path, tracking_uri, monkeypatch
+):
     """2 inits x 2 protocols x 2 fractions x 2 draws = 16 runs; re-running starts none, except failed ones."""
     torch.manual_seed(7)
     checkpoint = tmp_path / "encoder.pt"
     torch.save(build_encoder("resnet18").state_dict(), checkpoint)
-    spec = load_grid(write_grid(tmp_path / "grid.yaml", phantom,
-                                inits={"random": "random", "ckpt": str(checkpoint)}))
+    spec = load_grid(
+        write_grid(tmp_path / "grid.yaml", phantom, inits={"random": "random", "ckpt": str(checkpoint)})
+    )
 
     table = ft.prediction_table
     calls = {"n": 0}
@@ -97,8 +113,15 @@ def test_grid_runs_once_under_one_parent_and_redoes_failed_cells(phantom, tmp_pa
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {first.parent_run_id}
     assert {r.data.tags[mt.tag("init")] for r in runs} == {"random", "ckpt"}
     assert {r.data.tags[mt.tag("grid")] for r in runs} == {"tiny"}
-    cells = {(r.data.tags[mt.tag("init")], r.data.tags[mt.tag("protocol")], r.data.tags[mt.tag("label_fraction")],
-              r.data.tags[mt.tag("draw")]) for r in runs}
+    cells = {
+        (
+            r.data.tags[mt.tag("init")],
+            r.data.tags[mt.tag("protocol")],
+            r.data.tags[mt.tag("label_fraction")],
+            r.data.tags[mt.tag("draw")],
+        )
+        for r in runs
+    }
     assert len(cells) == 16
     # one split for the whole grid: every run was scored on the same test set
     assert len({r.data.tags[mt.tag("test_manifest_sha256")] for r in runs}) == 1

@@ -17,11 +17,17 @@ NAN = float("nan")
 def records() -> pd.DataFrame:
     """A minimal records table: base columns, then three tasks with every label value kind."""
     n = 4
-    frame = pd.DataFrame({
-        "image_id": [f"img{i}.png" for i in range(n)], "path": [f"/x/img{i}.png" for i in range(n)],
-        "patient_id": ["p0", "p0", "p1", "p2"], "study_id": ["s0", "s1", "s2", "s3"],
-        "view": ["PA", "AP", "LATERAL", ""], "sex": ["F", "M", "", "F"], "age": [30.0, NAN, 50.0, 61.0],
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"img{i}.png" for i in range(n)],
+            "path": [f"/x/img{i}.png" for i in range(n)],
+            "patient_id": ["p0", "p0", "p1", "p2"],
+            "study_id": ["s0", "s1", "s2", "s3"],
+            "view": ["PA", "AP", "LATERAL", ""],
+            "sex": ["F", "M", "", "F"],
+            "age": [30.0, NAN, 50.0, 61.0],
+        }
+    )
     frame["Pleural Effusion"] = [1.0, 0.0, -1.0, NAN]
     frame["Edema"] = [-1.0, -1.0, NAN, 1.0]
     frame["Cardiomegaly"] = [0.0, 1.0, 0.0, 1.0]
@@ -34,7 +40,13 @@ def assert_same(values, expected):
 
 def test_task_sets():
     assert TASK_SETS["pleural_effusion"] == ["Pleural Effusion"]
-    assert TASK_SETS["competition5"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    assert TASK_SETS["competition5"] == [
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "Pleural Effusion",
+    ]
     assert TASK_SETS["all14"] == CHEXPERT_OBSERVATIONS and len(TASK_SETS["all14"]) == 14
     assert TASK_SETS["nih14"] == NIH_FINDINGS and len(set(NIH_FINDINGS)) == 14
     assert TASK_SETS["tb"] == ["Tuberculosis"]
@@ -47,7 +59,9 @@ def test_resolve_tasks(records):
     assert resolve_tasks("Edema, Pleural Effusion", records) == ["Edema", "Pleural Effusion"]
     assert resolve_tasks(["Cardiomegaly"], records) == ["Cardiomegaly"]
     assert resolve_tasks("competition5") == TASK_SETS["competition5"]  # no table: no validation
-    with pytest.raises(DataError, match="no label column 'Atelectasis'.*Pleural Effusion, Edema, Cardiomegaly"):
+    with pytest.raises(
+        DataError, match="no label column 'Atelectasis'.*Pleural Effusion, Edema, Cardiomegaly"
+    ):
         resolve_tasks("competition5", records)
     with pytest.raises(DataError, match="'age'"):
         resolve_tasks("age", records)  # a base column is not a task
@@ -83,8 +97,9 @@ def test_apply_policy_default_is_u_ignore_blank_negative(records):
 
 
 def test_apply_policy_per_task(records):
-    out = apply_policy(records, ["Pleural Effusion", "Edema"], {"Edema": "ones"},
-                       blank={"Pleural Effusion": "unknown"})
+    out = apply_policy(
+        records, ["Pleural Effusion", "Edema"], {"Edema": "ones"}, blank={"Pleural Effusion": "unknown"}
+    )
     assert_same(out["Pleural Effusion"], [1, 0, NAN, NAN])  # ignore (default) and blank unknown
     assert_same(out["Edema"], [1, 1, 0, 1])  # ones, blank negative (default)
     with pytest.raises(ConfigError, match="'Cardiomegaly', which is not one of the tasks"):
@@ -104,7 +119,9 @@ def test_apply_policy_rejects_values_outside_the_scheme(records):
 def test_label_matrix(records):
     with pytest.raises(DataError, match="'Pleural Effusion' still holds 1 uncertain"):
         label_matrix(records, "Pleural Effusion")
-    y = label_matrix(apply_policy(records, "Pleural Effusion,Edema", blank="unknown"), ["Edema", "Pleural Effusion"])
+    y = label_matrix(
+        apply_policy(records, "Pleural Effusion,Edema", blank="unknown"), ["Edema", "Pleural Effusion"]
+    )
     assert y.dtype == np.float32 and y.shape == (4, 2) and y.flags.c_contiguous
     np.testing.assert_array_equal(y, np.array([[NAN, 1], [NAN, 0], [NAN, NAN], [1, NAN]], np.float32))
     assert_same(label_matrix(records, "cardiomegaly")[:, 0], [0, 1, 0, 1])

@@ -1,4 +1,5 @@
-"""Fast linear evaluation: the probe, the frozen features, and that it ranks encoders like the slow protocol."""
+"""Fast linear evaluation: the probe, the frozen features, and that it ranks encoders like the slow
+protocol."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def test_fit_probe_learns_a_separable_signal_and_ignores_nan_rows():
     x_poisoned[::7] = 1e3  # rows whose label is unknown must not influence the fit
     C, auc, clf, scaler = fit_probe(x_poisoned[:200], y_masked[:200], x[200:], y[200:])
     assert auc > 0.9 and C in DEFAULT_CS
-    C2, auc2, _, _ = fit_probe(x[:200][~np.isnan(y_masked[:200])], y[:200][~np.isnan(y_masked[:200])],
-                               x[200:], y[200:])
+    C2, auc2, _, _ = fit_probe(
+        x[:200][~np.isnan(y_masked[:200])], y[:200][~np.isnan(y_masked[:200])], x[200:], y[200:]
+    )
     assert (C, auc) == (C2, pytest.approx(auc2))
     noise = fit_probe(rng.normal(size=(200, 20)), y[:200], rng.normal(size=(100, 20)), y[200:])[1]
     assert noise < auc - 0.2
@@ -65,12 +67,16 @@ def test_linear_eval_monitor_and_evaluate_report_val_auc(phantom, tmp_path):
     splits = prepared.splits
     torch.manual_seed(0)
     encoder = build_encoder("resnet18")
-    result = linear_eval(encoder, splits["train"], splits["val"], ["Pleural Effusion", "Cardiomegaly"],
-                         image_size=64)
+    result = linear_eval(
+        encoder, splits["train"], splits["val"], ["Pleural Effusion", "Cardiomegaly"], image_size=64
+    )
     assert set(result.per_task) == {"Pleural Effusion", "Cardiomegaly"}
     assert result.auc == pytest.approx(np.mean(list(result.per_task.values())))
-    assert set(result.metrics()) == {"val/linear_auc", "val/linear_auc_Pleural_Effusion",
-                                     "val/linear_auc_Cardiomegaly"}
+    assert set(result.metrics()) == {
+        "val/linear_auc",
+        "val/linear_auc_Pleural_Effusion",
+        "val/linear_auc_Cardiomegaly",
+    }
     monitor = make_monitor(prepared, 64)
     assert monitor(1, encoder, {})["val/linear_auc"] == pytest.approx(result.auc)
     # `mococxr linear-eval`: the same evaluation of an encoder given by its init (here a file)
@@ -97,8 +103,18 @@ def test_fast_linear_eval_ranks_a_trained_encoder_above_random_like_the_slow_pro
     monkeypatch.setattr(ft, "build_encoder", spy)
     # trained well enough to be clearly better: with 240 images x 4 epochs the slow (feature-standardised)
     # probe found it no better than random features, which on the phantom are strong
-    ft.finetune(FinetuneConfig(data=DataConfig(root=source, val=0.2, test=0.1), protocol="e2e", epochs=8,
-                               lr=1e-3, batch_size=32, image_size=64, experiment="rank-source"), progress=False)
+    ft.finetune(
+        FinetuneConfig(
+            data=DataConfig(root=source, val=0.2, test=0.1),
+            protocol="e2e",
+            epochs=8,
+            lr=1e-3,
+            batch_size=32,
+            image_size=64,
+            experiment="rank-source",
+        ),
+        progress=False,
+    )
     trained_file = root / "trained.pt"
     torch.save(box["encoder"].state_dict(), trained_file)
     torch.manual_seed(0)
@@ -111,9 +127,19 @@ def test_fast_linear_eval_ranks_a_trained_encoder_above_random_like_the_slow_pro
     fast, slow = {}, {}
     for name, path in (("trained", trained_file), ("random", random_file)):
         encoder = build_encoder("resnet18", init="checkpoint", state_dict=torch.load(path, weights_only=True))
-        fast[name] = linear_eval(encoder, splits["train"], splits["val"], ["Pleural Effusion"], image_size=64).auc
-        cfg = FinetuneConfig(data=data, init=str(path), protocol="linear", epochs=8, lr=3e-3, batch_size=32,
-                             image_size=64, experiment="rank-target")
+        fast[name] = linear_eval(
+            encoder, splits["train"], splits["val"], ["Pleural Effusion"], image_size=64
+        ).auc
+        cfg = FinetuneConfig(
+            data=data,
+            init=str(path),
+            protocol="linear",
+            epochs=8,
+            lr=3e-3,
+            batch_size=32,
+            image_size=64,
+            experiment="rank-target",
+        )
         slow[name] = ft.finetune(cfg, data=prepared, progress=False).val_auc
     print(f"fast linear_eval AUC {fast}; slow linear protocol val AUC {slow}")
     assert fast["trained"] > fast["random"] + 0.02

@@ -168,8 +168,9 @@ def test_shenzhen_e2e_at_6_percent_gets_the_size_scaled_budget(shenzhen, trackin
     flagged = MlflowClient().get_run(run.run_id).data.tags["mococxr.best_at_last_epoch"] == "true"
     print(
         f"\nShenzhen phantom e2e 6.25 % ({params['n_train']} images): size rule {params['epochs_resolved']} "
-        f"epochs x {params['steps_per_epoch']} steps -> best val AUC {run.val_auc:.4f} (epoch {run.best_epoch}); "
-        f"reference 440 epochs -> {ref.val_auc:.4f} (epoch {ref.best_epoch}); best at last: {flagged}; "
+        f"epochs x {params['steps_per_epoch']} steps -> best val AUC {run.val_auc:.4f} "
+        f"(epoch {run.best_epoch}); reference 440 epochs -> {ref.val_auc:.4f} (epoch {ref.best_epoch}); "
+        f"best at last: {flagged}; "
         f"{time.perf_counter() - t0:.0f} s"
     )
     assert 20 <= int(params["n_train"]) <= 40 and params["steps_per_epoch"] == "1"

@@ -31,7 +31,9 @@ def flat_encoder(width: int = 4) -> Encoder:
 
 def bn_encoder() -> Encoder:
     """A conv + BN trunk: its output depends on which images share a batch."""
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     return Encoder("tiny_bn", trunk, 4)
 
 
@@ -113,7 +115,9 @@ def test_infonce_logits_and_loss_match_hand_computation():
     T = 0.5
     model = MoCo(flat_encoder(), dim=4, K=3, m=0.0, T=T, mlp=False, shuffle="none")
     identity_head(model)
-    queue = F.normalize(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]), dim=1)
+    queue = F.normalize(
+        torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]), dim=1
+    )
     model.queue.copy_(queue.T)
     im_q = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
     im_k = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
@@ -122,10 +126,15 @@ def test_infonce_logits_and_loss_match_hand_computation():
 
     q = [[0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
     k = [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1 / math.sqrt(2), 1 / math.sqrt(2)]]
-    expected = torch.tensor(
-        [[sum(a * b for a, b in zip(qi, vec, strict=True)) for vec in [ki, *queue.tolist()]]
-         for qi, ki in zip(q, k, strict=True)]
-    ) / T
+    expected = (
+        torch.tensor(
+            [
+                [sum(a * b for a, b in zip(qi, vec, strict=True)) for vec in [ki, *queue.tolist()]]
+                for qi, ki in zip(q, k, strict=True)
+            ]
+        )
+        / T
+    )
     torch.testing.assert_close(logits, expected)
     assert labels.tolist() == [0, 0]
     loss = F.cross_entropy(logits, labels)
@@ -177,8 +186,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: dict) -> None:
     torch.manual_seed(10 + rank)  # different images in every process
     images = torch.randn(2, 4)
     logits, _ = model(images, images)
-    out[rank] = (model.shuffle_mode(), logits[:, 0].tolist(), model.queue[:, :4].T.tolist(),
-                 F.normalize(model.head_k(images), dim=1).tolist())
+    out[rank] = (
+        model.shuffle_mode(),
+        logits[:, 0].tolist(),
+        model.queue[:, :4].T.tolist(),
+        F.normalize(model.head_k(images), dim=1).tolist(),
+    )
     dist.destroy_process_group()
 
 
@@ -264,7 +277,9 @@ def test_checkpoint_round_trip_through_moco_state_dict(tmp_path):
         model.encoder_q.trunk.bn1.running_mean.fill_(0.5)
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "state.pt")
 
-    loaded = build_encoder("resnet18", init="checkpoint", state_dict=load_state_dict_file(tmp_path / "state.pt"))
+    loaded = build_encoder(
+        "resnet18", init="checkpoint", state_dict=load_state_dict_file(tmp_path / "state.pt")
+    )
     _assert_same_trunk(loaded, model.encoder_q)
 
     # FAIR's layout: DDP "module." prefix, torchvision keys, MLP head in fc, under "state_dict"
@@ -273,11 +288,15 @@ def test_checkpoint_round_trip_through_moco_state_dict(tmp_path):
     fair["module.encoder_k.conv1.weight"] = torch.zeros(64, 3, 7, 7)
     fair["module.queue"] = torch.zeros(128, 8)
     torch.save({"state_dict": fair, "arch": "resnet18", "epoch": 200}, tmp_path / "fair.pth.tar")
-    loaded = build_encoder("resnet18", init="checkpoint", state_dict=load_state_dict_file(tmp_path / "fair.pth.tar"))
+    loaded = build_encoder(
+        "resnet18", init="checkpoint", state_dict=load_state_dict_file(tmp_path / "fair.pth.tar")
+    )
     torch.testing.assert_close(loaded.trunk.conv1.weight, fair["module.encoder_q.conv1.weight"])
 
     # a fine-tuned model holding the encoder as `encoder`, next to its own head
-    finetuned = {f"encoder.{k}": v for k, v in model.encoder_q.state_dict().items()} | {"head.weight": torch.ones(2)}
+    finetuned = {f"encoder.{k}": v for k, v in model.encoder_q.state_dict().items()} | {
+        "head.weight": torch.ones(2)
+    }
     _assert_same_trunk(build_encoder("resnet18", init="checkpoint", state_dict=finetuned), model.encoder_q)
 
 

@@ -1,4 +1,5 @@
-"""The phantom writes real dataset layouts, is deterministic, and its findings are learnable but not trivial."""
+"""The phantom writes real dataset layouts, is deterministic, and its findings are learnable but not
+trivial."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ SMALL = "CheXpert-v1.0-small"
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _read(root: Path, name: str) -> pd.DataFrame:
@@ -44,8 +48,12 @@ def learn_set(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
     df = pd.concat([_read(root, "train.csv"), _read(root, "valid.csv")])
     df = df[(df["Frontal/Lateral"] == "Frontal") & (df["Pleural Effusion"] != -1.0)]
     y = (df["Pleural Effusion"] == 1.0).to_numpy(int)
-    x = np.stack([np.asarray(Image.open(root / p).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
-                  for p in df["Path"]])
+    x = np.stack(
+        [
+            np.asarray(Image.open(root / p).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+            for p in df["Path"]
+        ]
+    )
     return x, y
 
 
@@ -56,7 +64,11 @@ def test_chexpert_layout_and_header(chexpert):
     assert ",".join(CHEXPERT_HEADER) == EXPECTED_HEADER
     train, valid = _read(chexpert, "train.csv"), _read(chexpert, "valid.csv")
     assert len(train) == 120 and len(valid) == 20
-    assert train["Path"].str.match(r"^CheXpert-v1\.0-small/train/patient\d{5}/study\d+/view\d_(frontal|lateral)\.jpg$").all()
+    assert (
+        train["Path"]
+        .str.match(r"^CheXpert-v1\.0-small/train/patient\d{5}/study\d+/view\d_(frontal|lateral)\.jpg$")
+        .all()
+    )
     assert valid["Path"].str.startswith(f"{SMALL}/valid/patient").all()
     assert all((chexpert / p).is_file() for p in pd.concat([train, valid])["Path"])
     patients = train["Path"].str.split("/").str[2]
@@ -103,8 +115,10 @@ def test_deterministic_for_a_seed_and_workers(tmp_path):
     da, db, dc = _digest(a), _digest(b), _digest(c)
     assert da == db
     assert da != dc
-    assert _read(a, "train.csv").drop(columns="Path").to_numpy().tolist() != \
-        _read(c, "train.csv").drop(columns="Path").to_numpy().tolist()
+    assert (
+        _read(a, "train.csv").drop(columns="Path").to_numpy().tolist()
+        != _read(c, "train.csv").drop(columns="Path").to_numpy().tolist()
+    )
 
 
 def test_effusion_brightens_the_bases(learn_set):
@@ -148,9 +162,14 @@ def test_tb_opacities_brighten_the_upper_zones(tmp_path):
     assert roc_auc_score(y, upper) > 0.62
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n": 0}, "n=0"), ({"n": 5, "layout": "nih"}, "layout 'nih'"), ({"n": 5, "size": 8}, "size=8"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, "n=0"),
+        ({"n": 5, "layout": "nih"}, "layout 'nih'"),
+        ({"n": 5, "size": 8}, "size=8"),
+    ],
+)
 def test_invalid_arguments(tmp_path, kwargs, match):
     with pytest.raises(DataError, match=match):
         synthesize(tmp_path, **kwargs)

@@ -1,4 +1,5 @@
-"""`mococxr paper`: the paper as one plan (sweep/plan.py, sweep/stages.py, sweep/cost.py, report/paper_plan.py)."""
+"""`mococxr paper`: the paper as one plan (sweep/plan.py, sweep/stages.py, sweep/cost.py,
+report/paper_plan.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from mococxr.cli import main
 from mococxr.config import load_yaml
 from mococxr.errors import ConfigError
-from mococxr.report.paper_plan import run_paper
+from mococxr.flows.paper import run_paper
+from mococxr.flows.plan import load_plan, parse_plan, select_stages
 from mococxr.report.record import report_dir
-from mococxr.sweep.plan import load_plan, parse_plan, select_stages
 from mococxr.sweep.storage import make_sampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,13 @@ PAPER = REPO / "sweeps" / "paper.yaml"
 PHANTOM = REPO / "sweeps" / "paper_phantom.yaml"
 
 ITEMS = {  # report family -> the paper's items it must hold
-    "paper-chexpert": {"table1.md", "appendix_table1.md", "figure3.png", "figure4.png", "appendix_figure3.png"},
+    "paper-chexpert": {
+        "table1.md",
+        "appendix_table1.md",
+        "figure3.png",
+        "figure4.png",
+        "appendix_figure3.png",
+    },
     "paper-shenzhen": {"appendix_table2.md", "appendix_table3.md", "figure5.png", "appendix_figure4.png"},
     "paper-table2": {"table2.md", "table2.csv", "table2.json"},
     "paper-competition": {"appendix_table4.md", "appendix_table5.md"},
@@ -39,7 +46,9 @@ def _runs(experiment: str, kind: str):
 
 
 @pytest.mark.slow
-def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path, tracking_uri, monkeypatch, capsys):
+def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(
+    tmp_path, tracking_uri, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     plan = load_plan(PHANTOM)
     result = run_paper(PHANTOM)
@@ -54,31 +63,58 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
     # both backbones where the paper has both; the phantom's stand-in baseline is named as such
     table1 = Path(f"reports/{plan.name}/chexpert/table1.md").read_text()
     assert "| ResNet18 |" in table1 and "| DenseNet121 |" in table1 and "Random-init" in table1
-    assert "layout only" in table1 and "Linear head: a plain linear layer on the frozen features, as in the paper" in table1
+    assert (
+        "layout only" in table1
+        and "Linear head: a plain linear layer on the frozen features, as in the paper" in table1
+    )
     assert "| DenseNet121 |" in Path(f"reports/{plan.name}/shenzhen/appendix_table3.md").read_text()
     # every deviation named (issue 18): the per-cell linear lr, epochs in numeric order, augmentation,
     # pretraining data, policy, probe gap, best-at-last counts; no mark where nothing is comparable
-    for line in ("- Linear: learning rate chosen per run (backbone x init x fraction x draw) on validation AUC "
-                 "from {3e-5, 1e-4, 1e-3}, the test set read for the chosen one only:",
-                 "- Linear: augmentation none", "- End-to-end: augmentation random rotation",
-                 "- MoCo pretraining data: frontal images only", "- Uncertainty policy (data.policy): ignore",
-                 "- Linear: largest probe gap", "- Linear: the best validation epoch was the last one in",
-                 "- End-to-end: the best validation epoch was the last one in",
-                 "- Test set: 69 images of 59 patients", "no cell is marked."):
+    for line in (
+        "- Linear: learning rate chosen per run (backbone x init x fraction x draw) on validation AUC "
+        "from {3e-5, 1e-4, 1e-3}, the test set read for the chosen one only:",
+        "- Linear: augmentation none",
+        "- End-to-end: augmentation random rotation",
+        "- MoCo pretraining data: frontal images only",
+        "- Uncertainty policy (data.policy): ignore",
+        "- Linear: largest probe gap",
+        "- Linear: the best validation epoch was the last one in",
+        "- End-to-end: the best validation epoch was the last one in",
+        "- Test set: 69 images of 59 patients",
+        "no cell is marked.",
+    ):
         assert line in table1, line
-    assert re.search(r"- Linear: epochs per label fraction \(set per fraction by the spec's epochs\): "
-                     r"10%: \d+ \(\d+ steps\), 100%: \d+ \(\d+ steps\)", table1)
+    assert re.search(
+        r"- Linear: epochs per label fraction \(set per fraction by the spec's epochs\): "
+        r"10%: \d+ \(\d+ steps\), 100%: \d+ \(\d+ steps\)",
+        table1,
+    )
     assert "≠" not in table1 and "†" not in table1
-    linear_runs = [r for r in _runs(plan.experiment("chexpert"), "finetune") if r.data.tags["mococxr.protocol"] == "linear"]
-    assert linear_runs and all(r.data.params["linear_lr"] == "select" and "lr_select/val_auc/3e-05" in r.data.metrics
-                               and float(r.data.params["linear_lr_chosen"]) in (3e-5, 1e-4, 1e-3) for r in linear_runs)
-    assert "Corrected published cells" in Path(f"reports/{plan.name}/competition/appendix_table5.md").read_text()
-    table4 = Path(f"reports/{plan.name}/competition/appendix_table4.md").read_text()  # ResNet18 only, as the paper
+    linear_runs = [
+        r
+        for r in _runs(plan.experiment("chexpert"), "finetune")
+        if r.data.tags["mococxr.protocol"] == "linear"
+    ]
+    assert linear_runs and all(
+        r.data.params["linear_lr"] == "select"
+        and "lr_select/val_auc/3e-05" in r.data.metrics
+        and float(r.data.params["linear_lr_chosen"]) in (3e-5, 1e-4, 1e-3)
+        for r in linear_runs
+    )
+    assert (
+        "Corrected published cells" in Path(f"reports/{plan.name}/competition/appendix_table5.md").read_text()
+    )
+    table4 = Path(
+        f"reports/{plan.name}/competition/appendix_table4.md"
+    ).read_text()  # ResNet18 only, as the paper
     assert "| Cardiomegaly |" in table4 and "| pleural_effusion |" in table4 and "DenseNet121" not in table4
 
     # every Table 2 row is linked to a pretraining trial of the ResNet18 study
-    trials = {r.info.run_id: r for r in _runs(plan.experiment("pretrain"), "pretrain")
-              if r.data.tags.get("mococxr.optuna_study") == plan.study_name("resnet18")}
+    trials = {
+        r.info.run_id: r
+        for r in _runs(plan.experiment("pretrain"), "pretrain")
+        if r.data.tags.get("mococxr.optuna_study") == plan.study_name("resnet18")
+    }
     rows = yaml.safe_load(Path(f"reports/{plan.name}/table2/table2.json").read_text())["rows"]
     assert len(rows) == 2 and {r["pretrain_run_id"] for r in rows} == set(trials)
     # one Markdown row per learning rate, in the paper's order (largest first)
@@ -88,8 +124,10 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(tmp_path
     # every trial's checkpoint is registered with its values; production is the study's best
     versions = client.search_model_versions(f"name = '{plan.registered_model('resnet18')}'")
     assert sorted(v.tags["mococxr.optuna_trial"] for v in versions) == ["0", "1"]
-    assert all({"mococxr.lr", "mococxr.scheduler", "mococxr.backbone", "mococxr.checkpoint_epoch"} <= set(v.tags)
-               for v in versions)
+    assert all(
+        {"mococxr.lr", "mococxr.scheduler", "mococxr.backbone", "mococxr.checkpoint_epoch"} <= set(v.tags)
+        for v in versions
+    )
     assert client.get_model_version_by_alias(plan.registered_model("densenet121"), "production")
 
     # the second run finds everything: no training run starts, the reports update in place
@@ -116,7 +154,10 @@ def _tiny_imagenet_plan() -> dict:
     raw["pretrain"]["backbones"] = ["resnet18"]
     raw["pretrain"]["study"]["base"]["init"] = "imagenet"
     raw["pretrain"]["study"]["budget"] = {"n_trials": 1, "epochs": 1}
-    raw["pretrain"]["study"]["search_space"] = {"lr": {"choices": [1e-3]}, "scheduler": {"choices": ["cosine"]}}
+    raw["pretrain"]["study"]["search_space"] = {
+        "lr": {"choices": [1e-3]},
+        "scheduler": {"choices": ["cosine"]},
+    }
     raw["finetune"]["baseline"] = "imagenet"
     raw["stages"] = {"chexpert": {"fractions": [1.0], "draws": 1, "epochs": {1.0: 1}}}
     return raw
@@ -136,11 +177,15 @@ def test_imagenet_path_loads_torchvision_weight_files(tmp_path, tracking_uri, mo
     assert len(pretrain) == 1 and pretrain[0].data.params["init"] == "imagenet"
     finetunes = _runs(plan.experiment("chexpert"), "finetune")
     assert {r.data.tags["mococxr.init"] for r in finetunes} == {"imagenet", "moco"}
-    assert {r.data.params["init_resolved"] for r in finetunes if r.data.tags["mococxr.init"] == "imagenet"} == {"imagenet"}
+    assert {
+        r.data.params["init_resolved"] for r in finetunes if r.data.tags["mococxr.init"] == "imagenet"
+    } == {"imagenet"}
     assert result.started == 1 + 4
 
 
-def test_missing_imagenet_weights_stop_the_paper_before_anything_runs(tmp_path, tracking_uri, monkeypatch, capsys):
+def test_missing_imagenet_weights_stop_the_paper_before_anything_runs(
+    tmp_path, tracking_uri, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOCOCXR_IMAGENET_WEIGHTS", str(tmp_path / "nowhere"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -158,7 +203,9 @@ def test_plan_lists_every_run_and_its_cost_without_training(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
     chexpert = synthesize(tmp_path / "chexpert", 300, size=32, layout="chexpert", n_valid=60)
     shenzhen = synthesize(tmp_path / "shenzhen", 120, size=32, layout="shenzhen")
-    code = main(["paper", str(PAPER), "--plan", "--chexpert-root", str(chexpert), "--shenzhen-root", str(shenzhen)])
+    code = main(
+        ["paper", str(PAPER), "--plan", "--chexpert-root", str(chexpert), "--shenzhen-root", str(shenzhen)]
+    )
     out = capsys.readouterr().out
     assert code == 0
     # 16 trials; CheXpert 2 backbones x 2 inits x 2 protocols x 14 draws; Shenzhen x 9 draws; Table 2: 8
@@ -199,23 +246,47 @@ def test_shipped_plans_are_valid_and_the_paper_spec_is_the_papers():
     assert spec.pruner.name == "none" and spec.sampler.name == "grid" and spec.budget.n_trials == 8
     assert paper.grids["chexpert"].fractions == [0.001, 0.01, 0.1, 1.0]
     assert paper.grids["shenzhen"].fractions == [0.0625, 0.25, 1.0]
-    assert set(paper.grids["competition"].tasks) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                                                     "pleural_effusion"}
+    assert set(paper.grids["competition"].tasks) == {
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "pleural_effusion",
+    }
     assert paper.finetune.head == "plain"
     # the competition stage's effusion grid is the CheXpert stage's ResNet18 grid: the same cells
     from mococxr.config import config_hash
+
     chexpert = {config_hash(c) for g in paper.grid_specs("chexpert") for _, c in g.configs()}
     effusion = [g for g in paper.grid_specs("competition") if g.base.data.task == "pleural_effusion"][0]
     assert {config_hash(c) for _, c in effusion.configs()} <= chexpert
 
 
-PROTOCOL_FIELDS = ("protocol", "head", "lr", "linear_lr", "linear_lrs", "epochs_rule", "min_steps", "preset", "val_every",
-                   "batch_size", "image_size", "epochs", "epochs_scale", "weight_decay", "fraction", "draw", "seed")
+PROTOCOL_FIELDS = (
+    "protocol",
+    "head",
+    "lr",
+    "linear_lr",
+    "linear_lrs",
+    "epochs_rule",
+    "min_steps",
+    "preset",
+    "val_every",
+    "batch_size",
+    "image_size",
+    "epochs",
+    "epochs_scale",
+    "weight_decay",
+    "fraction",
+    "draw",
+    "seed",
+)
 DATA_FIELDS = ("dataset", "csv", "test_csv", "task", "policy", "frontal_only", "val", "test", "split_seed")
 
 
-@pytest.mark.parametrize(("grid_file", "stage"), [("finetune_grid.yaml", "chexpert"),
-                                                  ("finetune_grid_shenzhen.yaml", "shenzhen")])
+@pytest.mark.parametrize(
+    ("grid_file", "stage"), [("finetune_grid.yaml", "chexpert"), ("finetune_grid_shenzhen.yaml", "shenzhen")]
+)
 def test_standalone_grids_run_the_paper_specs_protocol(grid_file, stage):
     """The README's real-data recipe (the standalone grids) trains every cell exactly as sweeps/paper.yaml's
     stage does, init aside: same head, learning-rate rule, budget rule, floor, augmentation and cadence."""
@@ -231,7 +302,11 @@ def test_standalone_grids_run_the_paper_specs_protocol(grid_file, stage):
         for name in PROTOCOL_FIELDS:
             assert getattr(cfg, name) == getattr(theirs[key], name), (grid_file, key, name)
         for name in DATA_FIELDS:
-            assert getattr(cfg.data, name) == getattr(theirs[key].data, name), (grid_file, key, f"data.{name}")
+            assert getattr(cfg.data, name) == getattr(theirs[key].data, name), (
+                grid_file,
+                key,
+                f"data.{name}",
+            )
 
 
 def test_grid_sampler_visits_every_point_once(tmp_path):
@@ -246,27 +321,44 @@ def test_grid_sampler_visits_every_point_once(tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_plan_pieces_on_nih_radiographs_make_a_table1(tmp_path, tracking_uri, monkeypatch, nih_sample, capsys):
+def test_plan_pieces_on_nih_radiographs_make_a_table1(
+    tmp_path, tracking_uri, monkeypatch, nih_sample, capsys
+):
     """A miniature Table 1 on real radiographs: MoCo (a 2-trial study) vs random init, linear and e2e."""
     monkeypatch.chdir(tmp_path)
     raw = copy.deepcopy(load_yaml(PHANTOM))
     raw["name"] = "mococxr-paper-nih-test"
     del raw["phantom"]
-    nih = {"dataset": "nih", "root": str(nih_sample), "task": "pleural_effusion", "val": 0.15, "test": 0.3,
-           "split_seed": 0, "cache": str(tmp_path / "cache")}
+    nih = {
+        "dataset": "nih",
+        "root": str(nih_sample),
+        "task": "pleural_effusion",
+        "val": 0.15,
+        "test": 0.3,
+        "split_seed": 0,
+        "cache": str(tmp_path / "cache"),
+    }
     raw["data"] = {"chexpert": nih, "shenzhen": nih}
     raw["pretrain"]["backbones"] = ["resnet18"]
     raw["pretrain"]["study"]["budget"] = {"n_trials": 2, "epochs": 2}
-    raw["pretrain"]["study"]["search_space"] = {"lr": {"choices": [1e-3, 1e-4]}, "scheduler": {"choices": ["cosine"]}}
+    raw["pretrain"]["study"]["search_space"] = {
+        "lr": {"choices": [1e-3, 1e-4]},
+        "scheduler": {"choices": ["cosine"]},
+    }
     raw["pretrain"]["study"]["base"].update(image_size=64, moco_k=512)
     raw["finetune"]["base"]["image_size"] = 64
-    raw["stages"] = {"chexpert": {"fractions": [0.1, 1.0], "draws": {0.1: 2, 1.0: 1}, "epochs": {0.1: 4, 1.0: 3}}}
+    raw["stages"] = {
+        "chexpert": {"fractions": [0.1, 1.0], "draws": {0.1: 2, 1.0: 1}, "epochs": {0.1: 4, 1.0: 3}}
+    }
     path = tmp_path / "nih.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = run_paper(path)
     table1 = Path("reports/mococxr-paper-nih-test/chexpert/table1.md").read_text()
     print(table1)  # pasted in the closing note of issue 13
-    assert "| ResNet18 | Linear Model | Linear Model |" in table1 and "| ResNet18 | End-to-End | End-to-End |" in table1
+    assert (
+        "| ResNet18 | Linear Model | Linear Model |" in table1
+        and "| ResNet18 | End-to-End | End-to-End |" in table1
+    )
     assert "dataset nih" in table1 and "synthetic phantom" not in table1
     run = MlflowClient().get_run(result.reports["chexpert"])
     folder = report_dir(run.info.run_id)

@@ -217,7 +217,7 @@ def test_the_device_benchmark_runs_on_cpu_with_tiny_settings(tmp_path):
 
 
 def test_the_benchmark_writes_a_cost_section_the_plan_accepts(monkeypatch):
-    from mococxr.sweep.plan import Cost
+    from mococxr.flows.plan import Cost
 
     bench = _bench_module(monkeypatch)
     rows = [

@@ -36,8 +36,17 @@ EPOCHS = 4
 # Settings under which the phantom's loss falls within a few epochs: the queue (K = 2 batches) fills
 # with real keys after two steps, a fast-moving key encoder (m = 0.99) and a constant lr of 1e-3.
 FLAGS = {
-    "init": "random", "image_size": 64, "batch_size": 16, "epochs": EPOCHS, "moco_k": 32, "moco_m": 0.99,
-    "lr": 1e-3, "scheduler": "constant", "workers": 0, "seed": 3, "resume_state": "keep",
+    "init": "random",
+    "image_size": 64,
+    "batch_size": 16,
+    "epochs": EPOCHS,
+    "moco_k": 32,
+    "moco_m": 0.99,
+    "lr": 1e-3,
+    "scheduler": "constant",
+    "workers": 0,
+    "seed": 3,
+    "resume_state": "keep",
 }
 
 
@@ -47,8 +56,11 @@ def _cli_flags(flags: dict) -> list[str]:
 
 def _env(store: Path) -> dict[str, str]:
     return {
-        **os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "MOCOCXR_ARTIFACT_ROOT": str(store / "artifacts"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "MOCOCXR_ARTIFACT_ROOT": str(store / "artifacts"),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -67,7 +79,9 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(store):
     """An uninterrupted run with FLAGS, on one thread like the subprocesses below."""
-    cfg = build(PretrainConfig, {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": "reference"})
+    cfg = build(
+        PretrainConfig, {**FLAGS, "data": {"root": str(store / "phantom")}, "experiment": "reference"}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -90,7 +104,9 @@ def _assert_one_per_epoch(run_id: str, epochs: int) -> None:
     assert sorted(models) == list(range(1, epochs + 1))
     assert all(len(v) == 1 and "READY" in str(v[0].status) for v in models.values())
     for key in ("train/loss", "train/acc1", "train/lr", "train/images_per_s"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), key
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), (
+            key
+        )
 
 
 @pytest.mark.slow
@@ -108,14 +124,17 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
 
     # LoggedModels carry their epoch's metrics at step=epoch, found by search_logged_models
     found = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{reference.run_id}'",
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{reference.run_id}'",
         output_format="list",
     )
     assert len(found) == EPOCHS
     for model in found:
         epoch = checkpoints.model_epoch(model)
         assert model.model_id == reference.model_ids[epoch]
-        assert model.name == f"resnet18-{reference.run_id[:8]}-epoch{epoch:03d}"  # no run name: backbone and id
+        assert (
+            model.name == f"resnet18-{reference.run_id[:8]}-epoch{epoch:03d}"
+        )  # no run name: backbone and id
         linked = {m.key: m for m in model.metrics}
         assert linked["train/loss"].step == epoch
         assert linked["train/loss"].value == pytest.approx(loss[epoch])
@@ -127,12 +146,20 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
         assert info["epoch"] == epoch and info["run_id"] == reference.run_id and info["feature_dim"] == 512
 
     # what defines the run: config, manifest, parameters, tags
-    config = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=reference.run_id,
-                                                                 artifact_path="config.json")).read_text())
+    config = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=reference.run_id, artifact_path="config.json")
+        ).read_text()
+    )
     cfg = build(PretrainConfig, config)
     assert cfg.moco_k == 32 and cfg.data.root == str(store / "phantom") and to_dict(cfg) == config
-    manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=reference.run_id, artifact_path="manifests/pretrain.json")).read_text())
+    manifest = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=reference.run_id, artifact_path="manifests/pretrain.json"
+            )
+        ).read_text()
+    )
     assert manifest["sha256"] == run.data.tags["mococxr.manifest_sha256"]
     assert len(manifest["image_ids"]) >= 64
     seen = {m.step: m.value for m in client.get_metric_history(reference.run_id, "train/images")}
@@ -141,10 +168,24 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
     assert params["moco_k"] == "32" and params["data.root"] == str(store / "phantom")
     assert params["init_resolved"] == "random" and params["world_size"] == "1"
     tags = run.data.tags
-    assert {k: tags[k] for k in ("mococxr.kind", "mococxr.backbone", "mococxr.init", "mococxr.dataset",
-                                 "mococxr.image_size", "mococxr.preset")} == {
-        "mococxr.kind": "pretrain", "mococxr.backbone": "resnet18", "mococxr.init": "random",
-        "mococxr.dataset": "chexpert", "mococxr.image_size": "64", "mococxr.preset": "cxr"}
+    assert {
+        k: tags[k]
+        for k in (
+            "mococxr.kind",
+            "mococxr.backbone",
+            "mococxr.init",
+            "mococxr.dataset",
+            "mococxr.image_size",
+            "mococxr.preset",
+        )
+    } == {
+        "mococxr.kind": "pretrain",
+        "mococxr.backbone": "resnet18",
+        "mococxr.init": "random",
+        "mococxr.dataset": "chexpert",
+        "mococxr.image_size": "64",
+        "mococxr.preset": "cxr",
+    }
     assert len(tags["mococxr.config_hash"]) == 64
 
     # the resume point is a plain state dict too; the newest two are kept (resume_state=keep), each with
@@ -152,13 +193,17 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
     state = checkpoints.load_resume_state(reference.run_id)
     assert state["epoch"] == EPOCHS and "queue" in state["model"]
     names = sorted(i.path for i in client.list_artifacts(reference.run_id, checkpoints.RESUME_DIR))
-    assert names == [f"{checkpoints.RESUME_DIR}/epoch_{e:04d}.{x}" for e in (EPOCHS - 1, EPOCHS) for x in ("json", "pt")]
+    assert names == [
+        f"{checkpoints.RESUME_DIR}/epoch_{e:04d}.{x}" for e in (EPOCHS - 1, EPOCHS) for x in ("json", "pt")
+    ]
 
 
 def test_bad_queue_length_is_a_config_error(store):
     with pytest.raises(ConfigError, match="moco_k=40 is not a multiple of batch_size=16.*try moco_k=32"):
-        pretrain(build(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}}),
-                 progress=False)
+        pretrain(
+            build(PretrainConfig, {**FLAGS, "moco_k": 40, "data": {"root": str(store / "phantom")}}),
+            progress=False,
+        )
 
 
 def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch, capsys):
@@ -171,9 +216,18 @@ def test_a_monitored_run_reads_the_label_csv_once(store, monkeypatch, capsys):
         return read_records(dataset, root, csv, **kwargs)
 
     monkeypatch.setattr(prepare_module, "read_records", counting)
-    cfg = build(PretrainConfig, {**FLAGS, "epochs": 2, "monitor": True, "experiment": "read-once",
-                                 "data": {"root": str(store / "phantom"), "val": 0.25, "test": 0.2},
-                                 "run_name": "study-trial002", "resume_state": "until_done"})
+    cfg = build(
+        PretrainConfig,
+        {
+            **FLAGS,
+            "epochs": 2,
+            "monitor": True,
+            "experiment": "read-once",
+            "data": {"root": str(store / "phantom"), "val": 0.25, "test": 0.2},
+            "run_name": "study-trial002",
+            "resume_state": "until_done",
+        },
+    )
     result = pretrain(cfg, progress=False, extra_tags=mt.tags(optuna_study="study", optuna_trial=2))
     assert sorted(result.history) == [1, 2]
     assert all("val/linear_auc" in h for h in result.history.values())  # the monitor ran every epoch
@@ -193,12 +247,19 @@ def _check_what_the_ui_shows(result, cfg, out: str) -> None:
     assert run.data.metrics["best/epoch"] == best
     assert [m.step for m in client.get_metric_history(result.run_id, "best/epoch")] == [0, 0]  # no step
     note = run.data.tags["mlflow.note.content"]
-    assert note.startswith("MoCo v2 pretraining of resnet18 (random init) on chexpert/pleural_effusion: 2 epochs")
+    assert note.startswith(
+        "MoCo v2 pretraining of resnet18 (random init) on chexpert/pleural_effusion: 2 epochs"
+    )
     assert "Trial 2 of the Optuna study 'study'" in note and "adam lr 0.001" in note
     (dataset_input,) = run.inputs.dataset_inputs
-    manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=result.run_id, artifact_path="manifests/pretrain.json")).read_text())
-    assert dataset_input.dataset.name == "pretrain" and dataset_input.dataset.digest == manifest["sha256"][:32]
+    manifest = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="manifests/pretrain.json")
+        ).read_text()
+    )
+    assert (
+        dataset_input.dataset.name == "pretrain" and dataset_input.dataset.digest == manifest["sha256"][:32]
+    )
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == len(manifest["image_ids"])
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "pretrain"
     assert "[study-trial002] epoch 2/2  loss" in out
@@ -219,7 +280,9 @@ def test_progress_is_a_plain_line_unless_on_a_terminal():
         bar.set_postfix(loss=f"{i:.1f}")
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and "\r" not in out.getvalue()
-    assert lines[-1].startswith("[demo-trial002] pretrain epoch 1/4: 3/3 (") and lines[-1].endswith("loss 2.0")
+    assert lines[-1].startswith("[demo-trial002] pretrain epoch 1/4: 3/3 (") and lines[-1].endswith(
+        "loss 2.0"
+    )
     quiet = io.StringIO()
     assert list(progress(range(500), "fast", file=quiet)) == list(range(500))
     assert quiet.getvalue() == ""  # at most one line per 10 s
@@ -244,8 +307,17 @@ def _wait_for_epoch_1(proc: subprocess.Popen, artifacts: Path, experiment_dir: s
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(reference, store):
     env = _env(store)
-    cmd = [sys.executable, "-m", "mococxr", "pretrain", "--root", str(store / "phantom"),
-           "--experiment", "killed", *_cli_flags(FLAGS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mococxr",
+        "pretrain",
+        "--root",
+        str(store / "phantom"),
+        "--experiment",
+        "killed",
+        *_cli_flags(FLAGS),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_epoch_1(proc, store / "artifacts", "killed")
@@ -258,25 +330,39 @@ def test_killed_run_resumes_to_the_same_weights(reference, store):
     run_id = runs[0].info.run_id
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] in ([], [1])
 
-    done = subprocess.run([sys.executable, "-m", "mococxr", "pretrain", "--resume", run_id], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "mococxr", "pretrain", "--resume", run_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"pretraining run {run_id}: {EPOCHS} epoch(s) logged" in done.stdout
 
     assert len(mlflow.search_runs(experiment_names=["killed"], output_format="list")) == 1
     assert client.get_run(run_id).info.status == "FINISHED"
     _assert_one_per_epoch(run_id, EPOCHS)
-    resumed, uninterrupted = checkpoints.load_resume_state(run_id), checkpoints.load_resume_state(reference.run_id)
+    resumed, uninterrupted = (
+        checkpoints.load_resume_state(run_id),
+        checkpoints.load_resume_state(reference.run_id),
+    )
     assert resumed["model"].keys() == uninterrupted["model"].keys()
-    different = [k for k in resumed["model"] if not torch.equal(resumed["model"][k], uninterrupted["model"][k])]
+    different = [
+        k for k in resumed["model"] if not torch.equal(resumed["model"][k], uninterrupted["model"][k])
+    ]
     assert not different, different[:5]
     # the same holds for every epoch's logged encoder, and for the metrics of the resumed epochs
     for epoch, model_id in reference.model_ids.items():
         (mine,) = _models_by_epoch(run_id)[epoch]
-        a = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{mine.model_id}")) / ma.STATE_DICT_FILE,
-                       weights_only=True)
-        b = torch.load(Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}")) / ma.STATE_DICT_FILE,
-                       weights_only=True)
+        a = torch.load(
+            Path(mlflow.artifacts.download_artifacts(f"models:/{mine.model_id}")) / ma.STATE_DICT_FILE,
+            weights_only=True,
+        )
+        b = torch.load(
+            Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}")) / ma.STATE_DICT_FILE,
+            weights_only=True,
+        )
         assert all(torch.equal(a[k], b[k]) for k in b), epoch
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert losses == pytest.approx({e: h["train/loss"] for e, h in reference.history.items()}, abs=1e-12)
@@ -288,11 +374,21 @@ def test_torchrun_two_processes_killed_and_resumed(store):
     env = _env(store)
     flags = {**FLAGS, "epochs": 2}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "-m", "mococxr", "pretrain", "--root", str(store / "phantom"), "--experiment", "ddp",
-           *_cli_flags(flags)]
+    cmd = [
+        *torchrun,
+        "-m",
+        "mococxr",
+        "pretrain",
+        "--root",
+        str(store / "phantom"),
+        "--experiment",
+        "ddp",
+        *_cli_flags(flags),
+    ]
     # its own session, so SIGKILL reaches the agent and both workers at once, like a lost machine
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _wait_for_epoch_1(proc, store / "artifacts", "ddp")
     finally:
@@ -303,8 +399,13 @@ def test_torchrun_two_processes_killed_and_resumed(store):
     run_id = runs[0].info.run_id
     assert runs[0].data.params["world_size"] == "2"
 
-    done = subprocess.run([*torchrun, "-m", "mococxr", "pretrain", "--resume", run_id], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*torchrun, "-m", "mococxr", "pretrain", "--resume", run_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"pretraining run {run_id}: 2 epoch(s) logged") == 1  # rank 0 alone reports
     assert "destroy_process_group" not in done.stderr
@@ -324,11 +425,20 @@ def _manifest_ids(run_id: str) -> list[str]:
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_pretrain_on_the_nih_sample(nih_sample, tracking_uri):
-    cfg = build(PretrainConfig, {
-        "data": to_dict(DataConfig(dataset="nih", root=str(nih_sample), task="Effusion")),
-        "init": "random", "image_size": 64, "batch_size": 16, "epochs": 2, "moco_k": 64, "lr": 1e-3,
-        "workers": 0, "experiment": "nih",
-    })
+    cfg = build(
+        PretrainConfig,
+        {
+            "data": to_dict(DataConfig(dataset="nih", root=str(nih_sample), task="Effusion")),
+            "init": "random",
+            "image_size": 64,
+            "batch_size": 16,
+            "epochs": 2,
+            "moco_k": 64,
+            "lr": 1e-3,
+            "workers": 0,
+            "experiment": "nih",
+        },
+    )
     data = prepare_module.prepare(cfg.data)
     # decoding 2000 px PNGs bounds the time, not the model; the manifest follows the table it describes
     data = dataclasses.replace(data, pretrain=data.pretrain.head(160))

@@ -14,8 +14,8 @@ from mococxr.config import DataConfig, FinetuneConfig, PretrainConfig
 from mococxr.data.phantom import synthesize
 from mococxr.models.backbones import IMAGENET_ENV, build_encoder, imagenet_weights_filename
 from mococxr.tracking import mlflow as mt
-from mococxr.tracking import registry
 from mococxr.train import finetune as ft
+from mococxr.train import inits
 from mococxr.train.budget import epochs_for_fraction
 from mococxr.train.pretrain import pretrain
 
@@ -31,7 +31,13 @@ def data_cfg(root: str) -> DataConfig:
 
 
 def make_cfg(root: str, **kw) -> FinetuneConfig:
-    base = {"image_size": 32, "batch_size": 8, "lr": 1e-3, "protocol": "linear", "experiment": "test-protocol"}
+    base = {
+        "image_size": 32,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "protocol": "linear",
+        "experiment": "test-protocol",
+    }
     return FinetuneConfig(data=data_cfg(root), **{**base, **kw})
 
 
@@ -41,7 +47,7 @@ def no_imagenet(tmp_path, monkeypatch) -> str:
     Returns where the hub file was looked for."""
     monkeypatch.delenv(IMAGENET_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(registry, "_FALLBACKS_SAID", set())
+    monkeypatch.setattr(inits, "_FALLBACKS_SAID", set())
     return str(tmp_path / "hub" / "checkpoints" / imagenet_weights_filename("resnet18"))
 
 
@@ -61,18 +67,28 @@ def test_budget_rule_min_steps_is_a_floor_on_either_epoch_rule():
     today = ft.training_budget(cfg, 1)  # Shenzhen 6.25 %: ~29 images, batch 16, last partial batch dropped
     assert (today.epochs, today.optimizer_steps) == (epochs_for_fraction(0.0625), 52)
     assert today.params() == {"epochs_resolved": 52, "steps_per_epoch": 1, "optimizer_steps": 52}
-    assert today.describe() == "52 (MoCo-CXR's label-fraction schedule for 6.25%); 52 optimizer steps, 1 per epoch"
+    assert (
+        today.describe()
+        == "52 (MoCo-CXR's label-fraction schedule for 6.25%); 52 optimizer steps, 1 per epoch"
+    )
     raised = ft.training_budget(FinetuneConfig(fraction=0.0625, min_steps=500), 1)
     assert (raised.epochs, raised.rule_epochs, raised.optimizer_steps) == (500, 52, 500)
     assert raised.describe().startswith("500 (min_steps 500 raised them from 52, MoCo-CXR's label-fraction")
     met = ft.training_budget(FinetuneConfig(fraction=0.0625, min_steps=30), 1)
     assert met.epochs == 52 and "min_steps 30 already met" in met.describe()
-    explicit = ft.training_budget(FinetuneConfig(epochs=10, min_steps=25), 2)  # an explicit --epochs is a floor too
-    assert (explicit.epochs, explicit.optimizer_steps) == (13, 26) and "from 10, set by --epochs" in explicit.describe()
+    explicit = ft.training_budget(
+        FinetuneConfig(epochs=10, min_steps=25), 2
+    )  # an explicit --epochs is a floor too
+    assert (explicit.epochs, explicit.optimizer_steps) == (
+        13,
+        26,
+    ) and "from 10, set by --epochs" in explicit.describe()
     assert ft.training_budget(FinetuneConfig(epochs=10, min_steps=25), 0).steps_per_epoch == 1
 
 
-def test_plain_head_with_min_steps_and_init_auto_fallback(shenzhen, tracking_uri, no_imagenet, monkeypatch, capsys):
+def test_plain_head_with_min_steps_and_init_auto_fallback(
+    shenzhen, tracking_uri, no_imagenet, monkeypatch, capsys
+):
     built: list[ft.Classifier] = []
     classifier = ft.Classifier
 
@@ -88,13 +104,15 @@ def test_plain_head_with_min_steps_and_init_auto_fallback(shenzhen, tracking_uri
 
     # init auto fell back to random: one line on stderr naming where it looked, and a tag on the run
     said = [line for line in capsys.readouterr().err.splitlines() if "init auto" in line]
-    assert said == [f"mococxr: init auto: no ImageNet weights for resnet18 at {no_imagenet}; started from random "
-                    f"init (put torchvision's resnet18-f37072fd.pth there, or pass --init random to silence this)"]
-    assert registry.resolve_init("auto", "resnet18")[:2] == ("random", None)
+    assert said == [
+        f"mococxr: init auto: no ImageNet weights for resnet18 at {no_imagenet}; started from random "
+        f"init (put torchvision's resnet18-f37072fd.pth there, or pass --init random to silence this)"
+    ]
+    assert inits.resolve_init("auto", "resnet18")[:2] == ("random", None)
     assert "init auto" not in capsys.readouterr().err  # once per process
     run = MlflowClient().get_run(res.run_id)
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    assert tags[registry.INIT_FALLBACK_TAG].startswith("init auto: no ImageNet weights for resnet18 at ")
+    assert tags[inits.INIT_FALLBACK_TAG].startswith("init auto: no ImageNet weights for resnet18 at ")
     assert tags[mt.tag("init")] == "random" and params["init_resolved"] == "random"
 
     # the plain head: nothing between the frozen features and the linear layer, and it trained
@@ -103,7 +121,11 @@ def test_plain_head_with_min_steps_and_init_auto_fallback(shenzhen, tracking_uri
 
     # 18 draw images, batch 8, last partial batch dropped: 2 steps per epoch; min_steps 5 -> 3 epochs
     assert params["head"] == "plain" and params["min_steps"] == "5" and int(params["n_train"]) == 18
-    assert (params["steps_per_epoch"], params["epochs_resolved"], params["optimizer_steps"]) == ("2", "3", "6")
+    assert (params["steps_per_epoch"], params["epochs_resolved"], params["optimizer_steps"]) == (
+        "2",
+        "3",
+        "6",
+    )
     history = sorted(m.step for m in MlflowClient().get_metric_history(res.run_id, "val/auc"))
     assert history == [1, 2, 3]
 
@@ -111,10 +133,13 @@ def test_plain_head_with_min_steps_and_init_auto_fallback(shenzhen, tracking_uri
     assert 0.0 <= metrics["val/probe_auc"] <= 1.0 and metrics["val/probe_seconds"] > 0
     assert metrics["val/probe_gap"] == pytest.approx(metrics["val/probe_auc"] - metrics["best/val_auc"])
     note = tags["mlflow.note.content"]
-    for text in ("head plain, as in the paper", "init **random** (init auto: no ImageNet weights",
-                 "Epochs: 3 (min_steps 5 raised them from 1, set by --epochs); 6 optimizer steps, 2 per epoch",
-                 "**Probe**: a logistic regression on the frozen features of the same 18 training images",
-                 f"{metrics['val/probe_gap']:+.4f} (`val/probe_gap`"):
+    for text in (
+        "head plain, as in the paper",
+        "init **random** (init auto: no ImageNet weights",
+        "Epochs: 3 (min_steps 5 raised them from 1, set by --epochs); 6 optimizer steps, 2 per epoch",
+        "**Probe**: a logistic regression on the frozen features of the same 18 training images",
+        f"{metrics['val/probe_gap']:+.4f} (`val/probe_gap`",
+    ):
         assert text in note, text
     assert "from `auto`" not in note
 
@@ -124,15 +149,27 @@ def test_e2e_runs_have_no_probe(shenzhen, tracking_uri):
     run = MlflowClient().get_run(res.run_id)
     assert not {k for k in run.data.metrics if k.startswith("val/probe")}
     note = run.data.tags["mlflow.note.content"]
-    assert "**Probe**" not in note and "protocol end-to-end (all layers trained)" in note and "standardized" not in note
+    assert (
+        "**Probe**" not in note
+        and "protocol end-to-end (all layers trained)" in note
+        and "standardized" not in note
+    )
 
 
 def test_pretrain_run_is_tagged_when_init_auto_falls_back(shenzhen, tracking_uri, no_imagenet, capsys):
-    cfg = PretrainConfig(data=data_cfg(shenzhen), init="auto", image_size=32, batch_size=16, epochs=1, moco_k=32,
-                         workers=0, experiment="test-protocol-pretrain")
+    cfg = PretrainConfig(
+        data=data_cfg(shenzhen),
+        init="auto",
+        image_size=32,
+        batch_size=16,
+        epochs=1,
+        moco_k=32,
+        workers=0,
+        experiment="test-protocol-pretrain",
+    )
     res = pretrain(cfg, progress=False)
     assert sum("mococxr: init auto" in line for line in capsys.readouterr().err.splitlines()) == 1
     tags = MlflowClient().get_run(res.run_id).data.tags
-    assert no_imagenet in tags[registry.INIT_FALLBACK_TAG] and tags[mt.tag("init")] == "random"
+    assert no_imagenet in tags[inits.INIT_FALLBACK_TAG] and tags[mt.tag("init")] == "random"
     assert "random init; init auto: no ImageNet weights" in tags["mlflow.note.content"]
     assert math.isfinite(res.history[1]["train/loss"])

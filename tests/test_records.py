@@ -72,8 +72,14 @@ CHEXPERT_ROWS = [
 
 def chexpert_row(path, sex, age, orientation, projection, effusion, cardiomegaly) -> list[str]:
     labels = {"Pleural Effusion": effusion, "Cardiomegaly": cardiomegaly}
-    return [f"CheXpert-v1.0-small/train/{path}", sex, age, orientation, projection,
-            *(labels.get(o, "") for o in CHEXPERT_OBSERVATIONS)]
+    return [
+        f"CheXpert-v1.0-small/train/{path}",
+        sex,
+        age,
+        orientation,
+        projection,
+        *(labels.get(o, "") for o in CHEXPERT_OBSERVATIONS),
+    ]
 
 
 @pytest.fixture()
@@ -101,8 +107,12 @@ def test_chexpert_table(chexpert):
     assert records["image_id"].iloc[0] == "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
     assert records["path"].iloc[0] == str(chexpert / records["image_id"].iloc[0])
     assert records["patient_id"].tolist() == ["patient00001", "patient00001", "patient00002", "patient00002"]
-    assert records["study_id"].tolist() == ["patient00001/study1", "patient00001/study1",
-                                            "patient00002/study1", "patient00002/study2"]
+    assert records["study_id"].tolist() == [
+        "patient00001/study1",
+        "patient00001/study1",
+        "patient00002/study1",
+        "patient00002/study2",
+    ]
     assert records["view"].tolist() == ["AP", "LATERAL", "PA", "FRONTAL"]
     assert records["sex"].tolist() == ["F", "F", "M", ""]
     assert same(records["age"], [68, 68, 40, NAN])
@@ -137,8 +147,12 @@ def test_chexpert_frontal_only_and_csv_choice(chexpert):
     assert frontal.index.tolist() == [0, 1, 2]
     # A relative csv is taken relative to root; valid.csv in its usual place.
     valid = chexpert / "CheXpert-v1.0-small" / "valid.csv"
-    valid.write_text((chexpert / "CheXpert-v1.0-small" / "train.csv").read_text().splitlines()[0] + "\n"
-                     + ",".join(chexpert_row(*CHEXPERT_ROWS[2])) + "\n")
+    valid.write_text(
+        (chexpert / "CheXpert-v1.0-small" / "train.csv").read_text().splitlines()[0]
+        + "\n"
+        + ",".join(chexpert_row(*CHEXPERT_ROWS[2]))
+        + "\n"
+    )
     one = read_chexpert(chexpert, "CheXpert-v1.0-small/valid.csv")
     assert one["patient_id"].tolist() == ["patient00002"]
     # Root given as the CheXpert folder itself still resolves the CSV's paths.
@@ -190,8 +204,10 @@ def test_error_duplicate_image(chexpert):
 
 def test_reader_lists_every_problem_then_counts(chexpert):
     def edit(header, rows):
-        bad = [chexpert_row(f"patient{i:05d}/study1/view1_frontal.jpg", "Male", "50", "Frontal", "PA", "yes", "")
-               for i in range(10, 35)]
+        bad = [
+            chexpert_row(f"patient{i:05d}/study1/view1_frontal.jpg", "Male", "50", "Frontal", "PA", "yes", "")
+            for i in range(10, 35)
+        ]
         return header, rows + bad
 
     rewrite_chexpert(chexpert, edit)
@@ -218,10 +234,12 @@ def generic(tmp_path) -> Path:
     return write_csv(
         tmp_path / "labels.csv",
         ["path", "patient_id", "view", "sex", "age", "Pneumonia", "Effusion"],
-        [["imgs/a.png", "p1", "PA", "F", "30", "1.0", "1"],
-         ["imgs/b.png", "p1", "ap", "male", "", "0.0", "-1"],
-         ["imgs/c.png", "p2", "", "", "51.5", "-1.0", ""],
-         ["imgs/d.png", "", "Lateral", "M", "7", "", "0"]],
+        [
+            ["imgs/a.png", "p1", "PA", "F", "30", "1.0", "1"],
+            ["imgs/b.png", "p1", "ap", "male", "", "0.0", "-1"],
+            ["imgs/c.png", "p2", "", "", "51.5", "-1.0", ""],
+            ["imgs/d.png", "", "Lateral", "M", "7", "", "0"],
+        ],
     )
 
 
@@ -290,8 +308,10 @@ def test_generic_csv_bad_metadata(generic):
 # --------------------------------------------------------------------------------------------------
 # NIH layout on a written table (header quirk, trailing commas, split image folders)
 
-NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+NIH_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 
 
 def write_nih(root: Path, lines: list[str]) -> Path:
@@ -304,12 +324,15 @@ def test_nih_header_quirk_and_folders(tmp_path):
     write_image(tmp_path / "images_001" / "images" / "00000001_000.png")
     write_image(tmp_path / "images_002" / "images" / "00000002_000.png")
     write_image(tmp_path / "images_002" / "images" / "00000002_001.png")
-    write_nih(tmp_path, [
-        "00000001_000.png,Cardiomegaly|Emphysema,0,1,58,M,PA,2682,2749,0.143,0.143",
-        "00000002_000.png,No Finding,0,2,081Y,F,AP,2500,2048,0.168,0.168,",  # 2017 file: trailing comma
-        "",
-        "00000002_001.png,Pneumonia,1,2,81,F,AP,2500,2048,0.168,0.168",
-    ])
+    write_nih(
+        tmp_path,
+        [
+            "00000001_000.png,Cardiomegaly|Emphysema,0,1,58,M,PA,2682,2749,0.143,0.143",
+            "00000002_000.png,No Finding,0,2,081Y,F,AP,2500,2048,0.168,0.168,",  # 2017 file: trailing comma
+            "",
+            "00000002_001.png,Pneumonia,1,2,81,F,AP,2500,2048,0.168,0.168",
+        ],
+    )
     records = read_nih(tmp_path, verify_images=True)
     assert list(records.columns) == BASE_COLUMNS + NIH_FINDINGS
     assert records["path"].tolist() == [
@@ -330,13 +353,19 @@ def test_nih_header_quirk_and_folders(tmp_path):
 
 def test_nih_errors_name_line_and_field(tmp_path):
     write_image(tmp_path / "images" / "00000001_000.png")
-    file = write_nih(tmp_path, [
-        "00000001_000.png,Cardiomegaly|Pneumonitis,0,1,58,M,PA,2682,2749,0.143,0.143",
-        "00000001_000.png,No Finding|Mass,1,1,58,M,PA,2682,2749,0.143,0.143",
-    ])
+    file = write_nih(
+        tmp_path,
+        [
+            "00000001_000.png,Cardiomegaly|Pneumonitis,0,1,58,M,PA,2682,2749,0.143,0.143",
+            "00000001_000.png,No Finding|Mass,1,1,58,M,PA,2682,2749,0.143,0.143",
+        ],
+    )
     problems = check_dataset("nih", tmp_path)
-    assert [(p.row, p.field) for p in problems] == [(2, "Finding Labels"), (3, "Finding Labels"),
-                                                    (3, "Image Index")]
+    assert [(p.row, p.field) for p in problems] == [
+        (2, "Finding Labels"),
+        (3, "Finding Labels"),
+        (3, "Image Index"),
+    ]
     assert all(p.file == str(file) for p in problems)
     assert "Pneumonitis" in problems[0].message
     assert "combines 'No Finding' with findings" in problems[1].message
@@ -353,20 +382,29 @@ def test_tb_reader(tmp_path):
     write_image(tmp_path / "MCUCXR_0001_1.png")
     (tmp_path / "CXR_png" / "Thumbs.db").write_bytes(b"not an image")
     (tmp_path / "ClinicalReadings").mkdir()
-    (tmp_path / "ClinicalReadings" / "CHNCXR_0002_1.txt").write_text("female 35yrs\nPTB in the left upper field\n")
-    (tmp_path / "ClinicalReadings" / "MCUCXR_0001_1.txt").write_text("Patient's Sex: M\nPatient's Age: 047Y\n")
+    (tmp_path / "ClinicalReadings" / "CHNCXR_0002_1.txt").write_text(
+        "female 35yrs\nPTB in the left upper field\n"
+    )
+    (tmp_path / "ClinicalReadings" / "MCUCXR_0001_1.txt").write_text(
+        "Patient's Sex: M\nPatient's Age: 047Y\n"
+    )
 
     records = read_tb(tmp_path, verify_images=True)
     assert list(records.columns) == BASE_COLUMNS + ["Tuberculosis"]
     assert records["image_id"].tolist() == ["CHNCXR_0001_0.png", "CHNCXR_0002_1.png", "MCUCXR_0001_1.png"]
-    assert records["path"].tolist() == [str(tmp_path / "CXR_png" / "CHNCXR_0001_0.png"),
-                                        str(tmp_path / "CXR_png" / "CHNCXR_0002_1.png"),
-                                        str(tmp_path / "MCUCXR_0001_1.png")]
+    assert records["path"].tolist() == [
+        str(tmp_path / "CXR_png" / "CHNCXR_0001_0.png"),
+        str(tmp_path / "CXR_png" / "CHNCXR_0002_1.png"),
+        str(tmp_path / "MCUCXR_0001_1.png"),
+    ]
     assert records["patient_id"].tolist() == ["CHNCXR_0001", "CHNCXR_0002", "MCUCXR_0001"]
     assert same(records["Tuberculosis"], [0, 1, 1])
     assert records["sex"].tolist() == ["", "F", "M"]
     assert same(records["age"], [NAN, 35, 47])
-    assert read_records("shenzhen", tmp_path)["image_id"].tolist() == ["CHNCXR_0001_0.png", "CHNCXR_0002_1.png"]
+    assert read_records("shenzhen", tmp_path)["image_id"].tolist() == [
+        "CHNCXR_0001_0.png",
+        "CHNCXR_0002_1.png",
+    ]
     assert read_records("montgomery", tmp_path)["image_id"].tolist() == ["MCUCXR_0001_1.png"]
 
 
@@ -402,7 +440,11 @@ def test_every_configured_dataset_has_a_reader(tmp_path):
 def test_summarize(chexpert):
     text = summarize(read_chexpert(chexpert), ["Pleural Effusion", "Cardiomegaly"])
     assert text.splitlines()[0] == "images 4, patients 2, studies 3"
-    table = {line.split()[0]: line.split()[-4:] for line in text.splitlines() if line.startswith(("Pleural", "Card"))}
+    table = {
+        line.split()[0]: line.split()[-4:]
+        for line in text.splitlines()
+        if line.startswith(("Pleural", "Card"))
+    }
     assert table == {"Pleural": ["1", "1", "1", "1"], "Cardiomegaly": ["1", "1", "1", "1"]}
     assert "view: AP 1, LATERAL 1, PA 1, FRONTAL 1" in text
     assert "sex: F 2, M 1, unknown 1" in text

@@ -15,6 +15,7 @@ from mococxr.errors import DataError, TrackingError
 from mococxr.tracking import artifacts as ma
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking import registry
+from mococxr.train import inits
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,23 @@ def run(store):
     """A finished run with one LoggedModel (and linked metrics) per epoch; returns (run id, states)."""
     mt.open_store()
     states = {}
-    with mt.start_run("registry", run_tags=mt.tags(kind="pretrain", backbone="resnet18", dataset="chexpert",
-                                                   manifest_sha256="ab" * 32)) as active:
+    with mt.start_run(
+        "registry",
+        run_tags=mt.tags(kind="pretrain", backbone="resnet18", dataset="chexpert", manifest_sha256="ab" * 32),
+    ) as active:
         info = active.info
         for epoch in (1, 2, 3):
-            states[epoch] = {"trunk.w": torch.randn(4, 3), "trunk.bn.num_batches_tracked": torch.tensor(epoch)}
+            states[epoch] = {
+                "trunk.w": torch.randn(4, 3),
+                "trunk.bn.num_batches_tracked": torch.tensor(epoch),
+            }
             model_id = ma.log_state_dict_model(
-                states[epoch], name=f"toy-epoch{epoch:03d}", run_id=info.run_id,
-                experiment_id=info.experiment_id, step=epoch, info={"backbone": "resnet18", "epoch": epoch},
+                states[epoch],
+                name=f"toy-epoch{epoch:03d}",
+                run_id=info.run_id,
+                experiment_id=info.experiment_id,
+                step=epoch,
+                info={"backbone": "resnet18", "epoch": epoch},
             )
             mlflow.log_metrics({"train/loss": 4.0 - epoch}, step=epoch, model_id=model_id)
     return info.run_id, states
@@ -61,7 +71,7 @@ def test_register_promote_resolve_round_trip(name, run):
     v1 = registry.register(name, run_id=run_id, epoch=2)
     registry.promote(name, v1, "production")
     for uri in (f"models:/{name}/Production", f"models:/{name}@production", f"models:/{name}/1"):
-        state, info = registry.resolve(uri)
+        state, info = inits.load_checkpoint(uri)
         assert _equal(state, states[2]), uri
         assert info["run_id"] == run_id and info["epoch"] == 2 and info["registry_version"] == "1", uri
     table = registry.list_versions(name)
@@ -72,8 +82,8 @@ def test_register_promote_resolve_round_trip(name, run):
     # a new production version takes the alias; the old one is left without a stage, then archived
     v2 = registry.register(name, run_id=run_id, epoch=3)
     registry.promote(name, v2, "production")
-    assert _equal(registry.resolve(f"models:/{name}@production")[0], states[3])
-    assert _equal(registry.resolve(f"models:/{name}/1")[0], states[2])
+    assert _equal(inits.load_checkpoint(f"models:/{name}@production")[0], states[3])
+    assert _equal(inits.load_checkpoint(f"models:/{name}/1")[0], states[2])
     stages = dict(zip(*registry.list_versions(name)[["version", "stage"]].T.values, strict=True))
     assert stages == {1: "", 2: "production"}
     registry.promote(name, v1, "staging")
@@ -81,7 +91,7 @@ def test_register_promote_resolve_round_trip(name, run):
     stages = dict(zip(*registry.list_versions(name)[["version", "stage"]].T.values, strict=True))
     assert stages == {1: "archived", 2: "production"}
     with pytest.raises(TrackingError):
-        registry.resolve(f"models:/{name}@staging")
+        inits.load_checkpoint(f"models:/{name}@staging")
 
 
 def test_unknown_references_are_tracking_errors(name, run):
@@ -96,9 +106,9 @@ def test_unknown_references_are_tracking_errors(name, run):
         ("runs:/0123456789abcdef/state_dict.pt", "cannot resolve"),
     ]:
         with pytest.raises(TrackingError, match=message):
-            registry.resolve(uri)
+            inits.load_checkpoint(uri)
     with pytest.raises(DataError, match="does not exist"):  # a bad file is a DataError, from the one loader
-        registry.resolve("/no/such/checkpoint.pt")
+        inits.load_checkpoint("/no/such/checkpoint.pt")
 
 
 def test_register_and_promote_errors(name, run):
@@ -124,23 +134,27 @@ def test_resolve_a_run_artifact_and_a_local_file(run, tmp_path):
         path = tmp_path / "weights.pt"
         torch.save(states[1], path)
         mlflow.log_artifact(str(path), "extra")
-    assert _equal(registry.resolve(f"runs:/{run_id}/extra/weights.pt")[0], states[1])
-    assert _equal(registry.resolve(str(path))[0], states[1])
-    kind, state, origin = registry.resolve_init(f"runs:/{run_id}/extra/weights.pt", "resnet18")
+    assert _equal(inits.load_checkpoint(f"runs:/{run_id}/extra/weights.pt")[0], states[1])
+    assert _equal(inits.load_checkpoint(str(path))[0], states[1])
+    kind, state, origin = inits.resolve_init(f"runs:/{run_id}/extra/weights.pt", "resnet18")
     assert kind == "checkpoint" and _equal(state, states[1]) and origin["run_id"] == run_id
-    assert registry.resolve_init("random", "resnet18") == ("random", None, {})
+    assert inits.resolve_init("random", "resnet18") == ("random", None, {})
     pickled = tmp_path / "object.pt"
     torch.save({"w": torch.nn.Linear(1, 1)}, pickled)  # a pickled module, not a plain state dict
     with pytest.raises(DataError, match="plain state dict|pickled Python objects"):
-        registry.resolve(str(pickled))
+        inits.load_checkpoint(str(pickled))
 
 
 def test_cli_registry(name, run, capsys):
     run_id, _ = run
     assert cli.main(["registry", "list"]) == 0  # every model in the store, one line per version
     capsys.readouterr()
-    assert cli.main(["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "2",
-                     "--stage", "staging"]) == 0
+    assert (
+        cli.main(
+            ["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "2", "--stage", "staging"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"registered {name} version 1" in out and f"models:/{name}@staging" in out
     assert cli.main(["registry", "promote", "--name", name, "--version", "1", "--stage", "Production"]) == 0
@@ -151,9 +165,11 @@ def test_cli_registry(name, run, capsys):
     assert listing[1].split()[:5] == [name, "1", "production", run_id, "2"]
 
     # user errors: one line on stderr, no traceback, exit 2
-    for argv in (["registry", "promote", "--name", name, "--version", "9", "--stage", "production"],
-                 ["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "7"],
-                 ["registry", "list", "--name", "missing"]):
+    for argv in (
+        ["registry", "promote", "--name", name, "--version", "9", "--stage", "production"],
+        ["registry", "register", "--name", name, "--run-id", run_id, "--epoch", "7"],
+        ["registry", "list", "--name", "missing"],
+    ):
         assert cli.main(argv) == 2, argv
         captured = capsys.readouterr()
         assert captured.err.startswith("mococxr: error: ") and captured.err.count("\n") == 1, captured.err
@@ -187,6 +203,8 @@ def test_a_version_counts_the_finetune_runs_that_used_it(name, run):
     assert mv.tags[registry.FINETUNE_RUNS_TAG] == "2"
     assert mv.description.startswith(described) and mv.description.count(registry.USES_HEADING) == 1
     exp_ids = [client.get_experiment_by_name(e).experiment_id for e in ("ft-a", "ft-b")]
-    assert len(client.search_runs(exp_ids, registry.consumers_filter(name, version))) == 2  # the filter shown works
+    assert (
+        len(client.search_runs(exp_ids, registry.consumers_filter(name, version))) == 2
+    )  # the filter shown works
     with pytest.warns(UserWarning, match="could not record"):
         assert registry.record_finetune_use(name, "99") is None

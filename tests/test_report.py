@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from mococxr.data.phantom import MARKER
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.report.bootstrap import bootstrap_counts
 from mococxr.report.record import report_dir
@@ -37,28 +38,63 @@ S8 = {
     0.625: [0.1, 0.6, 0.7, 0.8, 0.5, 0.65, 0.75, 0.9],  # 3 + 2 + 1 wrong
 }
 # (init, fraction) -> the AUCs of draws 0 and 1
-TOY = {("random", 0.1): (0.625, 0.875), ("random", 1.0): (0.875, 0.9375),
-       ("moco", 0.1): (0.9375, 1.0), ("moco", 1.0): (1.0, 1.0)}
+TOY = {
+    ("random", 0.1): (0.625, 0.875),
+    ("random", 1.0): (0.875, 0.9375),
+    ("moco", 0.1): (0.9375, 1.0),
+    ("moco", 1.0): (1.0, 1.0),
+}
 
 
 def _predictions(y, scores, *, image_ids=None, patients=None, task="Effusion") -> pd.DataFrame:
     y = np.asarray(y, dtype=float)
     ids = image_ids if image_ids is not None else [f"img{i:04d}.png" for i in range(y.size)]
     pats = patients if patients is not None else [f"p{i // 2}" for i in range(y.size)]
-    return pd.DataFrame({"image_id": ids, "patient_id": pats, f"label:{task}": y,
-                         f"score:{task}": np.asarray(scores, dtype=float)})
+    return pd.DataFrame(
+        {
+            "image_id": ids,
+            "patient_id": pats,
+            f"label:{task}": y,
+            f"score:{task}": np.asarray(scores, dtype=float),
+        }
+    )
 
 
-def _log_run(preds: pd.DataFrame, *, init, protocol="linear", fraction=1.0, draw=0, backbone="resnet18",
-             sha="sha-test", task="pleural_effusion", dataset="nih", experiment=EXP, params=None) -> str:
+def _log_run(
+    preds: pd.DataFrame,
+    *,
+    init,
+    protocol="linear",
+    fraction=1.0,
+    draw=0,
+    backbone="resnet18",
+    sha="sha-test",
+    task="pleural_effusion",
+    dataset="nih",
+    experiment=EXP,
+    params=None,
+) -> str:
     """A fake fine-tune run: tags and params as finetune logs them, and the predictions artifact."""
     moco = init.startswith("moco")
-    run_tags = mt.tags(kind="finetune", backbone=backbone, init=init, protocol=protocol, dataset=dataset,
-                       task=task, label_fraction=str(float(fraction)), draw=str(draw), test_manifest_sha256=sha,
-                       config_hash="cfg", pretrain_run_id="pre" if moco else None,
-                       registry_version="3" if moco else None, checkpoint_epoch="5" if moco else None)
+    run_tags = mt.tags(
+        kind="finetune",
+        backbone=backbone,
+        init=init,
+        protocol=protocol,
+        dataset=dataset,
+        task=task,
+        label_fraction=str(float(fraction)),
+        draw=str(draw),
+        test_manifest_sha256=sha,
+        config_hash="cfg",
+        pretrain_run_id="pre" if moco else None,
+        registry_version="3" if moco else None,
+        checkpoint_epoch="5" if moco else None,
+    )
     default = {"phantom": "False", "data.test_csv": "valid.csv", "data.root": "/data/nih"}
-    with mt.start_run(experiment, run_name=f"{init}-{protocol}-{fraction:g}-d{draw}", run_tags=run_tags) as run:
+    with mt.start_run(
+        experiment, run_name=f"{init}-{protocol}-{fraction:g}-d{draw}", run_tags=run_tags
+    ) as run:
         logged = {**default, **({"init_registered_model": "mococxr-x"} if moco else {}), **(params or {})}
         mlflow.log_params({k: v for k, v in logged.items() if v is not None})  # None: a param left out
         ma.log_parquet(preds, "predictions/test.parquet")
@@ -84,9 +120,13 @@ def store(tracking_uri, _migrated_db) -> str:
 def _toy_runs(label=None, experiment=EXP) -> dict[tuple, str]:
     """The TOY runs; ``label`` renames inits (e.g. ``{"moco": "moco-v2"}``) as a grid may call them."""
     label = label or {}
-    return {(init, f, d): _log_run(_predictions(Y8, S8[auc]), init=label.get(init, init), fraction=f, draw=d,
-                                   experiment=experiment)
-            for (init, f), aucs in TOY.items() for d, auc in enumerate(aucs)}
+    return {
+        (init, f, d): _log_run(
+            _predictions(Y8, S8[auc]), init=label.get(init, init), fraction=f, draw=d, experiment=experiment
+        )
+        for (init, f), aucs in TOY.items()
+        for d, auc in enumerate(aucs)
+    }
 
 
 def _synthetic(n=120, seed=0):
@@ -113,7 +153,9 @@ def test_toy_table_by_hand(store, tmp_path):
         idx = np.repeat(np.arange(8), c)
         if np.unique(Y8[idx]).size < 2:
             continue
-        per_rep.append(np.mean([roc_auc_score(Y8[idx], np.asarray(S8[a])[idx]) for a in TOY[("random", 0.1)]]))
+        per_rep.append(
+            np.mean([roc_auc_score(Y8[idx], np.asarray(S8[a])[idx]) for a in TOY[("random", 0.1)]])
+        )
     lo, hi = np.percentile(per_rep, [2.5, 97.5])
     assert auc.loc[("random", 0.1), "lo"] == pytest.approx(lo, abs=1e-12)
     assert auc.loc[("random", 0.1), "hi"] == pytest.approx(hi, abs=1e-12)
@@ -128,7 +170,10 @@ def test_toy_table_by_hand(store, tmp_path):
     assert list(table["Init"]) == ["random", "moco"]
     assert table.loc[0, "10%"].startswith("0.750 (")
     md = to_markdown(table)
-    assert md.splitlines()[:2] == ["| Architecture | Init | Protocol | 10% | 100% |", "|---|---|---|---:|---:|"]
+    assert md.splitlines()[:2] == [
+        "| Architecture | Init | Protocol | 10% | 100% |",
+        "|---|---|---|---:|---:|",
+    ]
     assert "| resnet18 | moco | linear | 0.969 (" in md
     tex = to_latex(table)
     assert r"10\% & 100\% \\" in tex and tex.strip().endswith(r"\end{tabular}")
@@ -139,7 +184,9 @@ def test_toy_table_by_hand(store, tmp_path):
     where = ", task pleural_effusion, dataset nih"
     labelled = to_markdown(wide_table(report.absolute, "auc", header="label fraction "))
     improvement_md = to_markdown(wide_table(report.improvement, "auc", header="label fraction "))
-    tables = f"\nAUC (95% CI){where}\n\n{labelled}\n\nAUC difference, paired (95% CI){where}\n\n{improvement_md}"
+    tables = (
+        f"\nAUC (95% CI){where}\n\n{labelled}\n\nAUC difference, paired (95% CI){where}\n\n{improvement_md}"
+    )
     assert text == "\n".join(report.context.lines()) + "\n" + tables
     assert text.splitlines()[:6] == [
         "Task pleural_effusion on dataset nih (MLflow experiment report-test).",
@@ -152,12 +199,27 @@ def test_toy_table_by_hand(store, tmp_path):
     assert "| Architecture | Init | Protocol | label fraction 10% | label fraction 100% |" in text
     assert "| resnet18 | moco linear - random linear | +0.219 (" in text
     md_file = (tmp_path / "out" / "report.md").read_text()
-    assert md_file.startswith("# mococxr report: task pleural_effusion, dataset nih\n\n- Task pleural_effusion")
+    assert md_file.startswith(
+        "# mococxr report: task pleural_effusion, dataset nih\n\n- Task pleural_effusion"
+    )
     assert "label fraction 10%" in md_file and "AUC difference, moco - baseline" in md_file
     assert "8 images of 4 patients" in report.context.plot_title()
     csv = pd.read_csv(tmp_path / "out" / "tables" / "absolute.csv")  # the tidy CSV keeps its columns
-    assert list(csv.columns) == ["task", "backbone", "init", "protocol", "fraction", "metric", "point", "lo", "hi",
-                                 "n_draws", "n_replicates", "n_single_class", "run_ids"]
+    assert list(csv.columns) == [
+        "task",
+        "backbone",
+        "init",
+        "protocol",
+        "fraction",
+        "metric",
+        "point",
+        "lo",
+        "hi",
+        "n_draws",
+        "n_replicates",
+        "n_single_class",
+        "run_ids",
+    ]
 
 
 def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
@@ -177,9 +239,18 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
     def walk(path):
         for f in client.list_artifacts(report.run_id, path):
             yield from walk(f.path) if f.is_dir else [f.path.removeprefix(folder + "/")]
+
     files = set(walk(folder))
-    assert {"report.md", "runs.json", "tables/absolute.csv", "tables/improvement.csv", "tables/absolute_auc.tex",
-            "tables/improvement_auc.tex", "plots/auc.png", "plots/auprc.png"} <= files
+    assert {
+        "report.md",
+        "runs.json",
+        "tables/absolute.csv",
+        "tables/improvement.csv",
+        "tables/absolute_auc.tex",
+        "tables/improvement_auc.tex",
+        "plots/auc.png",
+        "plots/auprc.png",
+    } <= files
     assert not any(".cache" in f for f in files)
     local = client.download_artifacts(report.run_id, f"{folder}/runs.json", str(tmp_path / "dl"))
     used = json.loads(open(local).read())["runs"]
@@ -198,7 +269,9 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
     note = run.data.tags["mlflow.note.content"]
     assert "Task pleural_effusion on dataset nih" in note and "mean over 2 draws" in note
     metrics = run.data.metrics
-    assert metrics["report/n_runs"] == 8 and metrics["report/n_cells"] == 4 and metrics["report/revision"] == 1
+    assert (
+        metrics["report/n_runs"] == 8 and metrics["report/n_cells"] == 4 and metrics["report/revision"] == 1
+    )
     assert metrics["report/n_test_images"] == 8 and metrics["report/n_test_patients"] == 4
     assert metrics["improvement/linear_vs_random/auc_frac0.1"] == pytest.approx(0.96875 - 0.75)
     assert metrics["absolute/moco_linear/auc_frac1"] == pytest.approx(1.0)
@@ -216,16 +289,23 @@ def test_rerunning_a_report_updates_its_run(store, tmp_path):
             _log_run(_predictions(Y8, S8[1.0 if init == "moco" else 0.875]), init=init, fraction=0.01, draw=d)
     second = build_report(EXP, out=tmp_path / "b", n_replicates=30, seed=1, progress=False)
     assert second.run_id == first.run_id
-    reports = client.search_runs([client.get_experiment_by_name(EXP).experiment_id], "tags.`mococxr.kind` = 'report'")
+    reports = client.search_runs(
+        [client.get_experiment_by_name(EXP).experiment_id], "tags.`mococxr.kind` = 'report'"
+    )
     assert len(reports) == 1
     run = reports[0]
     assert run.info.status == "FINISHED" and run.data.metrics["report/n_runs"] == 12
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "report/n_runs")] == [(1, 8), (2, 12)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "report/n_runs")] == [
+        (1, 8),
+        (2, 12),
+    ]
     assert run.data.metrics["improvement/linear_vs_random/auc_frac0.01"] == pytest.approx(0.125)
     folder = report_dir(run.info.run_id)
     assert {f.path for f in client.list_artifacts(run.info.run_id)} == {folder}  # stale.txt is gone
     assert f"{folder}/report.md" in {f.path for f in client.list_artifacts(run.info.run_id, folder)}
-    used = json.loads(open(client.download_artifacts(run.info.run_id, f"{folder}/runs.json", str(tmp_path / "dl"))).read())
+    used = json.loads(
+        open(client.download_artifacts(run.info.run_id, f"{folder}/runs.json", str(tmp_path / "dl"))).read()
+    )
     assert len(used["runs"]) == 12
 
     other = build_report(EXP, out=tmp_path / "c", n_replicates=30, seed=2, progress=False)  # another seed
@@ -236,12 +316,25 @@ def test_phantom_is_named_as_such(store, tmp_path):
     """The phantom param names it; a run without the param is recognised by the demo's marker file."""
     marked = tmp_path / "phantom-root"
     marked.mkdir()
-    (marked / ".mococxr-phantom").write_text("demo\n")
+    (marked / MARKER).write_text("demo\n")
     y, rng = _synthetic(n=40)
-    _log_run(_predictions(y, rng.random(y.size)), init="random", dataset="chexpert", params={"phantom": "True"})
-    legacy = {"phantom": None, "data.root": str(marked), "data.test_csv": "None", "data.test": "0.2", "data.split_seed": "0"}
-    _log_run(_predictions(y, rng.random(y.size)), init="random", dataset="chexpert", experiment="report-legacy",
-             params=legacy)
+    _log_run(
+        _predictions(y, rng.random(y.size)), init="random", dataset="chexpert", params={"phantom": "True"}
+    )
+    legacy = {
+        "phantom": None,
+        "data.root": str(marked),
+        "data.test_csv": "None",
+        "data.test": "0.2",
+        "data.split_seed": "0",
+    }
+    _log_run(
+        _predictions(y, rng.random(y.size)),
+        init="random",
+        dataset="chexpert",
+        experiment="report-legacy",
+        params=legacy,
+    )
     for experiment in (EXP, "report-legacy"):
         report = build_report(experiment, out=tmp_path / experiment, n_replicates=20, log_to_mlflow=False)
         assert report.context.phantom and "dataset chexpert (synthetic phantom" in format_report(report)
@@ -259,13 +352,18 @@ def test_a_corrupt_predictions_file_is_named_and_never_cached(store, tmp_path, c
     client.log_artifact(bad, str(broken), "predictions")
     cache = tmp_path / "cache"
     kw = {"n_replicates": 20, "log_to_mlflow": False, "cache_dir": cache, "progress": False}
-    with pytest.raises(DataError, match=f"run {bad}: artifact predictions/test.parquet is not a readable parquet"):
+    with pytest.raises(
+        DataError, match=f"run {bad}: artifact predictions/test.parquet is not a readable parquet"
+    ):
         build_report(EXP, out=tmp_path / "out", **kw)
     assert not (cache / f"{bad}.parquet").exists() and (cache / f"{good}.parquet").is_file()
     from mococxr import cli
+
     assert cli.main(["report", "--experiment", EXP, "--out", str(tmp_path / "cli"), "--no-mlflow"]) == 2
     err = capsys.readouterr().err.split("\r")[-1]  # after the progress bar: one line
-    assert err.startswith("mococxr: error: ") and bad in err and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        err.startswith("mococxr: error: ") and bad in err and err.count("\n") == 1 and "Traceback" not in err
+    )
 
     # fixed in MLflow: the next report reads it (the failure was not cached)
     ma.log_parquet(_predictions(y, rng.random(y.size)), "predictions/test.parquet", run_id=bad)
@@ -306,12 +404,19 @@ def test_improvement_sign_follows_the_better_model(store, tmp_path):
     for init, gain in (("random", 0.2), ("imagenet", 0.6), ("moco", 2.0)):
         for protocol in ("linear", "e2e"):
             for f in (0.01, 1.0):
-                _log_run(_predictions(y, y * gain + rng.normal(size=y.size)), init=init, protocol=protocol,
-                         fraction=f)
+                _log_run(
+                    _predictions(y, y * gain + rng.normal(size=y.size)),
+                    init=init,
+                    protocol=protocol,
+                    fraction=f,
+                )
     report = build_report(EXP, out=tmp_path / "out", n_replicates=200, groups="patient", log_to_mlflow=False)
     imp = report.improvement
-    assert set(imp["comparison"]) == {f"moco {a} - {b} {c}" for b in ("random", "imagenet")
-                                      for a, c in (("e2e", "e2e"), ("linear", "linear"), ("linear", "e2e"))}
+    assert set(imp["comparison"]) == {
+        f"moco {a} - {b} {c}"
+        for b in ("random", "imagenet")
+        for a, c in (("e2e", "e2e"), ("linear", "linear"), ("linear", "e2e"))
+    }
     assert len(imp) == 6 * 2 * 2  # comparisons x fractions x metrics
     assert (imp["point"] > 0).all() and (imp["lo"] > 0).all() and (imp["frac_greater"] > 0.97).all()
     assert wide_table(imp, "auc").iloc[0, 2].startswith("+0.")  # signed: a difference
@@ -326,8 +431,11 @@ def test_multitask_runs_get_one_table_per_task(store, tmp_path):
         preds = _predictions(y, s1).assign(**{"label:Cardiomegaly": y2, "score:Cardiomegaly": s2})
         _log_run(preds, init=init, task="Effusion,Cardiomegaly")
         known = ~np.isnan(y2)
-        expected[init] = (roc_auc_score(y, s1), roc_auc_score(y2[known], s2[known]),
-                          average_precision_score(y2[known], s2[known]))
+        expected[init] = (
+            roc_auc_score(y, s1),
+            roc_auc_score(y2[known], s2[known]),
+            average_precision_score(y2[known], s2[known]),
+        )
     report = build_report(EXP, out=tmp_path / "out", n_replicates=50, log_to_mlflow=False)
     assert set(report.per_task) == {"Effusion", "Cardiomegaly"}
     for init, (auc1, auc2, ap2) in expected.items():
@@ -348,7 +456,9 @@ def test_guards_refuse_different_test_sets_and_missing_cells(store, tmp_path):
     with pytest.raises(ConfigError, match="groups"):
         build_report(EXP, out=out, groups="study", log_to_mlflow=False)
     base = _log_run(_predictions(y, rng.random(y.size)), init="random")
-    with pytest.raises(TrackingError, match=r"no FINISHED runs in experiment 'report-test' with .*backbone=densenet121"):
+    with pytest.raises(
+        TrackingError, match=r"no FINISHED runs in experiment 'report-test' with .*backbone=densenet121"
+    ):
         build_report(EXP, out=out, backbone="densenet121", log_to_mlflow=False)
 
     other = _log_run(_predictions(y, rng.random(y.size)), init="moco", sha="sha-other")
@@ -366,7 +476,9 @@ def test_guards_refuse_different_test_sets_and_missing_cells(store, tmp_path):
 
     # a fraction present for random but not for moco, and a draw missing at another fraction
     for init, f, d in (("random", 0.1, 0), ("random", 0.1, 1), ("random", 1.0, 0), ("moco", 0.1, 0)):
-        _log_run(_predictions(y, rng.random(y.size)), init=init, fraction=f, draw=d, experiment="report-cells")
+        _log_run(
+            _predictions(y, rng.random(y.size)), init=init, fraction=f, draw=d, experiment="report-cells"
+        )
     with pytest.raises(DataError, match="missing runs") as err:
         build_report("report-cells", out=out, log_to_mlflow=False)
     msg = str(err.value)
@@ -385,10 +497,15 @@ def test_treatment_and_baseline_are_the_grids_labels(store, tmp_path):
     """A MoCo init labelled other than "moco" is named, not silently dropped from the improvement table."""
     _toy_runs({"moco": "moco-v2"})
     kw = {"n_replicates": 20, "log_to_mlflow": False, "cache_dir": tmp_path / "cache"}
-    with pytest.raises(ConfigError, match=r"treatment init 'moco'; the runs carry inits \['moco-v2', 'random'\]"):
+    with pytest.raises(
+        ConfigError, match=r"treatment init 'moco'; the runs carry inits \['moco-v2', 'random'\]"
+    ):
         build_report(EXP, out=tmp_path / "a", **kw)
-    with pytest.raises(ConfigError, match=r"baseline inits \['imagenet'\] to compare 'moco-v2' against; "
-                                          r"the runs carry inits \['moco-v2', 'random'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"baseline inits \['imagenet'\] to compare 'moco-v2' against; "
+        r"the runs carry inits \['moco-v2', 'random'\]",
+    ):
         build_report(EXP, out=tmp_path / "b", treatment="moco-v2", baseline="imagenet", **kw)
 
     report = build_report(EXP, out=tmp_path / "c", treatment="moco-v2", tracking_uri=store, **kw)

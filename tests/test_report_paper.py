@@ -31,7 +31,9 @@ from mococxr.tracking import mlflow as mt
 
 N = 40
 Y = (np.arange(N) % 2).astype(float)
-IMAGENET = PaperNotes(baseline="imagenet", moco_start="imagenet", extra=("pretraining: 2 epochs per trial, 64 px",))
+IMAGENET = PaperNotes(
+    baseline="imagenet", moco_start="imagenet", extra=("pretraining: 2 epochs per trial, 64 px",)
+)
 PHANTOM = PaperNotes(baseline="random", moco_start="random")
 pytestmark = pytest.mark.usefixtures("store")  # test_report's fresh store per test
 
@@ -46,8 +48,18 @@ def _scores(backbone: str, init: str, protocol: str, fraction: float, rng) -> np
     return Y * (1.5 if init == "moco" else 1.0) + rng.normal(size=N)
 
 
-def _grid(experiment, *, baseline, fractions, backbones=("resnet18", "densenet121"), task="pleural_effusion",
-          column="Pleural Effusion", params=None, seed=0, extra=None) -> list[str]:
+def _grid(
+    experiment,
+    *,
+    baseline,
+    fractions,
+    backbones=("resnet18", "densenet121"),
+    task="pleural_effusion",
+    column="Pleural Effusion",
+    params=None,
+    seed=0,
+    extra=None,
+) -> list[str]:
     """A fake grid; ``extra(backbone, init, protocol, fraction)`` -> (params, metrics, tags) logged on top, as
     the runs of the current finetune log them."""
     rng = np.random.default_rng(seed)
@@ -58,10 +70,25 @@ def _grid(experiment, *, baseline, fractions, backbones=("resnet18", "densenet12
                 for f in fractions:
                     epochs = str(pub.PAPER_EPOCHS.get(f, 30))
                     more, metrics, tags = extra(backbone, init, protocol, f) if extra else ({}, {}, {})
-                    logged = {"epochs_resolved": epochs, "lr": "3e-05", "batch_size": "16", **(params or {}), **more}
+                    logged = {
+                        "epochs_resolved": epochs,
+                        "lr": "3e-05",
+                        "batch_size": "16",
+                        **(params or {}),
+                        **more,
+                    }
                     preds = _predictions(Y, _scores(backbone, init, protocol, f, rng), task=column)
-                    rid = _log_run(preds, init=init, protocol=protocol, fraction=f, backbone=backbone, task=task,
-                                   dataset="chexpert", experiment=experiment, params=logged)
+                    rid = _log_run(
+                        preds,
+                        init=init,
+                        protocol=protocol,
+                        fraction=f,
+                        backbone=backbone,
+                        task=task,
+                        dataset="chexpert",
+                        experiment=experiment,
+                        params=logged,
+                    )
                     for k, v in metrics.items():
                         MlflowClient().log_metric(rid, k, v)
                     for k, v in tags.items():
@@ -72,16 +99,28 @@ def _grid(experiment, *, baseline, fractions, backbones=("resnet18", "densenet12
 
 def _current_runs(backbone, init, protocol, fraction):
     """What a run of the current finetune logs beside the params the reports always read."""
-    params = {"epochs_rule": "fraction", "optimizer_steps": str(10 * pub.PAPER_EPOCHS.get(fraction, 30)),
-              "n_test": str(N), "data.frontal_only": "True", "data.policy": "ignore", "preset": "cxr"}
+    params = {
+        "epochs_rule": "fraction",
+        "optimizer_steps": str(10 * pub.PAPER_EPOCHS.get(fraction, 30)),
+        "n_test": str(N),
+        "data.frontal_only": "True",
+        "data.policy": "ignore",
+        "preset": "cxr",
+    }
     metrics = {"best/epoch": 3.0, "best/val_auc": 0.8}
     tags = {"mococxr.best_at_last_epoch": "true" if (protocol, fraction) == ("e2e", 0.01) else "false"}
     if protocol == "linear":
         chosen = 3e-5 if fraction == 0.01 else 1e-3
-        params |= {"linear_lr": "select", "linear_lrs": "(3e-05, 0.0001, 0.001)", "linear_lr_chosen": str(chosen),
-                   "head": "plain"}
+        params |= {
+            "linear_lr": "select",
+            "linear_lrs": "(3e-05, 0.0001, 0.001)",
+            "linear_lr_chosen": str(chosen),
+            "head": "plain",
+        }
         metrics |= {f"lr_select/val_auc/{lr:g}": 0.7 + (lr == chosen) * 0.1 for lr in (3e-5, 1e-4, 1e-3)}
-        metrics["val/probe_gap"] = 0.25 if (backbone, init, fraction) == ("densenet121", "imagenet", 0.01) else 0.01
+        metrics["val/probe_gap"] = (
+            0.25 if (backbone, init, fraction) == ("densenet121", "imagenet", 0.01) else 0.01
+        )
     return params, metrics, tags
 
 
@@ -92,7 +131,9 @@ def _artifacts(run_id: str) -> set[str]:
 
 
 def _read(run_id: str, path: str, tmp_path) -> str:
-    return open(MlflowClient().download_artifacts(run_id, f"{report_dir(run_id)}/{path}", str(tmp_path / "dl"))).read()
+    return open(
+        MlflowClient().download_artifacts(run_id, f"{report_dir(run_id)}/{path}", str(tmp_path / "dl"))
+    ).read()
 
 
 def _csv(run_id: str, path: str, tmp_path) -> pd.DataFrame:
@@ -117,31 +158,62 @@ def _z(mine: str, theirs: str) -> float:
 
 
 def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
-    ids = _grid("paper-cx", baseline="imagenet", fractions=(0.01, 1.0), params={"min_steps": "200"},
-                extra=_current_runs)
+    ids = _grid(
+        "paper-cx",
+        baseline="imagenet",
+        fractions=(0.01, 1.0),
+        params={"min_steps": "200"},
+        extra=_current_runs,
+    )
     run_id = chexpert_family("paper-cx", notes=IMAGENET, out=tmp_path / "out", n_replicates=50)
     run = MlflowClient().get_run(run_id)
     assert run.info.run_name == "paper-chexpert" and run.data.tags["mococxr.kind"] == "report"
-    items = {"table1.md", "table1.csv", "appendix_table1.md", "appendix_table1.csv", "figure3.png", "figure4.png",
-             "appendix_figure3.png", "report.md", "runs.json"}
+    items = {
+        "table1.md",
+        "table1.csv",
+        "appendix_table1.md",
+        "appendix_table1.csv",
+        "figure3.png",
+        "figure4.png",
+        "appendix_figure3.png",
+        "report.md",
+        "runs.json",
+    }
     assert _artifacts(run_id) == items
     note = run.data.tags["mlflow.note.content"]
     assert all(f"`{name}`" in note for name in items)
 
     table1 = _csv(run_id, "table1.csv", tmp_path)
-    assert list(table1.columns) == ["Architecture", "MoCo-CXR-pretrained", "ImageNet-pretrained",
-                                    *_fraction_columns(pub.CHEXPERT_FRACTIONS)]
+    assert list(table1.columns) == [
+        "Architecture",
+        "MoCo-CXR-pretrained",
+        "ImageNet-pretrained",
+        *_fraction_columns(pub.CHEXPERT_FRACTIONS),
+    ]
     assert [tuple(r) for r in table1.iloc[:, :3].to_numpy()] == [
-        (a, x, y) for a in ("ResNet18", "DenseNet121") for x, y in
-        (("End-to-End", "End-to-End"), ("Linear Model", "Linear Model"), ("Linear Model", "End-to-End"))]
+        (a, x, y)
+        for a in ("ResNet18", "DenseNet121")
+        for x, y in (
+            ("End-to-End", "End-to-End"),
+            ("Linear Model", "Linear Model"),
+            ("Linear Model", "End-to-End"),
+        )
+    ]
     e2e = table1.iloc[0]
     assert e2e["100%"] == "+0.000 (0.000, 0.000)" and e2e["100% paper"] == "+0.000 (-0.009, 0.009)"  # inside
     assert e2e["1%"] == "+0.000 (0.000, 0.000)" and e2e["1% paper"] == f"+0.027 (0.006, 0.047) {MARK}"
     assert e2e["0.1%"] == "" and e2e["0.1% paper"] == "+0.037 (0.015, 0.062)"  # a fraction we lack: no mark
-    assert table1.iloc[1]["100%"].startswith("+") and table1.iloc[1]["100% paper"].startswith("+0.034 (-0.009, 0.080)")
+    assert table1.iloc[1]["100%"].startswith("+") and table1.iloc[1]["100% paper"].startswith(
+        "+0.034 (-0.009, 0.080)"
+    )
 
     app1 = _csv(run_id, "appendix_table1.csv", tmp_path)
-    assert list(app1.columns) == ["Pretraining", "Architecture", "Fine tuning", *_fraction_columns(pub.CHEXPERT_FRACTIONS)]
+    assert list(app1.columns) == [
+        "Pretraining",
+        "Architecture",
+        "Fine tuning",
+        *_fraction_columns(pub.CHEXPERT_FRACTIONS),
+    ]
     assert len(app1) == 8 and list(app1["Pretraining"][:2]) == ["MoCo", "ImageNet"]
     assert list(app1["Fine tuning"]) == ["Linear Model"] * 4 + ["End-to-End"] * 4
     moco = app1.iloc[0]
@@ -149,48 +221,73 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
     marked = 0
     for row in app1.itertuples(index=False):  # the mark says exactly where the two numbers differ
         for f in (0.01, 1.0):
-            mine, theirs = row[app1.columns.get_loc(pub_percent(f))], row[app1.columns.get_loc(f"{pub_percent(f)} paper")]
+            mine, theirs = (
+                row[app1.columns.get_loc(pub_percent(f))],
+                row[app1.columns.get_loc(f"{pub_percent(f)} paper")],
+            )
             z = _z(mine, theirs)  # from the printed, rounded numbers: a cell near the edge may go either way
             if abs(abs(z) - 1.96) > 0.05:
-                assert theirs.endswith(MARK) == differs(tuple(_numbers(mine)), tuple(_numbers(theirs)[:3])) == (
-                    abs(z) > 1.96)
+                assert (
+                    theirs.endswith(MARK)
+                    == differs(tuple(_numbers(mine)), tuple(_numbers(theirs)[:3]))
+                    == (abs(z) > 1.96)
+                )
             marked += theirs.endswith(MARK)
-    assert any(c.endswith(MARK) for c in app1["1% paper"]) and not all(c.endswith(MARK) for c in app1["100% paper"])
+    assert any(c.endswith(MARK) for c in app1["1% paper"]) and not all(
+        c.endswith(MARK) for c in app1["100% paper"]
+    )
     app1_md = _read(run_id, "appendix_table1.md", tmp_path)
     assert "16 cells compared, so about 0.8 would be marked by chance alone" in app1_md
     assert f"; {marked} marked." in app1_md
 
     md = _read(run_id, "table1.md", tmp_path)
     assert md.startswith("# Table 1. AUC improvement of MoCo-CXR-pretrained over ImageNet-pretrained models")
-    for words in ("from the images of valid.csv", f"(every run logged n_test {N}); the paper does not name its test",
-                  "Linear head: a plain linear layer on the frozen features, as in the paper",
-                  "Linear: epochs per label fraction (epochs_rule fraction: keyed to the label fraction, the paper's "
-                  "CheXpert rule): 1%: 95 (950 steps), 100%: 18 (180 steps) (the paper: 0.1%: 220, 1%: 95, "
-                  "10%: 41, 100%: 18)", "at least 200 optimizer steps per run (min_steps",
-                  "Linear: learning rate chosen per run (backbone x init x fraction x draw) on validation AUC from "
-                  "{3e-5, 1e-4, 1e-3}, the test set read for the chosen one only: 3e-5 in 4 runs, 1e-3 in 4 runs; "
-                  "batch size 16 (the paper: 3e-5 and 16, one rate).",
-                  "End-to-end: learning rate 3e-5; batch size 16 (as the paper).",
-                  "Linear: augmentation random rotation", "End-to-end: augmentation random rotation",
-                  "Linear: largest probe gap +0.250 (DenseNet121 imagenet 1% draw 0;",
-                  "Linear: the best validation epoch was the last one in 0 of 8 runs",
-                  "End-to-end: the best validation epoch was the last one in 4 of 8 runs",
-                  "Linear: validated every epoch", "End-to-end: validated every epoch",
-                  "MoCo pretraining images (data.frontal_only of the fine-tune runs; the pretraining runs were not "
-                  "found): frontal views only (the paper pretrains on CheXpert, whose 224k images include laterals",
-                  "Uncertainty policy (data.policy): ignore (uncertain labels left out",
-                  "Baseline: ImageNet-pretrained, as in the paper",
-                  "MoCo pretraining started from ImageNet weights", "Pretraining: 2 epochs per trial, 64 px.",
-                  "50 paired bootstrap replicates", f"{MARK} after a published number: it and ours differ at the 5% "
-                  "level", "cells compared, so about"):
+    for words in (
+        "from the images of valid.csv",
+        f"(every run logged n_test {N}); the paper does not name its test",
+        "Linear head: a plain linear layer on the frozen features, as in the paper",
+        "Linear: epochs per label fraction (epochs_rule fraction: keyed to the label fraction, the paper's "
+        "CheXpert rule): 1%: 95 (950 steps), 100%: 18 (180 steps) (the paper: 0.1%: 220, 1%: 95, "
+        "10%: 41, 100%: 18)",
+        "at least 200 optimizer steps per run (min_steps",
+        "Linear: learning rate chosen per run (backbone x init x fraction x draw) on validation AUC from "
+        "{3e-5, 1e-4, 1e-3}, the test set read for the chosen one only: 3e-5 in 4 runs, 1e-3 in 4 runs; "
+        "batch size 16 (the paper: 3e-5 and 16, one rate).",
+        "End-to-end: learning rate 3e-5; batch size 16 (as the paper).",
+        "Linear: augmentation random rotation",
+        "End-to-end: augmentation random rotation",
+        "Linear: largest probe gap +0.250 (DenseNet121 imagenet 1% draw 0;",
+        "Linear: the best validation epoch was the last one in 0 of 8 runs",
+        "End-to-end: the best validation epoch was the last one in 4 of 8 runs",
+        "Linear: validated every epoch",
+        "End-to-end: validated every epoch",
+        "MoCo pretraining images (data.frontal_only of the fine-tune runs; the pretraining runs were not "
+        "found): frontal views only (the paper pretrains on CheXpert, whose 224k images include laterals",
+        "Uncertainty policy (data.policy): ignore (uncertain labels left out",
+        "Baseline: ImageNet-pretrained, as in the paper",
+        "MoCo pretraining started from ImageNet weights",
+        "Pretraining: 2 epochs per trial, 64 px.",
+        "50 paired bootstrap replicates",
+        f"{MARK} after a published number: it and ours differ at the 5% level",
+        "cells compared, so about",
+    ):
         assert words in md, words
     assert md.index("- Linear: ") < md.index("- End-to-end: ")  # one block per protocol, linear first
     linear = [x for x in md.splitlines() if x.startswith("- Linear: ")]
     assert md.index(linear[0]) < md.index(linear[-1]) < md.index("- End-to-end: ")
     assert "layout only" not in md and "Phantom" not in md
     report_md = _read(run_id, "report.md", tmp_path)
-    assert all(h in report_md for h in ("## Table 1.", "## Appendix Table 1.", "## Figure 3.", "## Figure 4.",
-                                        "## Appendix Figure 3.", "![Figure 3](figure3.png)"))
+    assert all(
+        h in report_md
+        for h in (
+            "## Table 1.",
+            "## Appendix Table 1.",
+            "## Figure 3.",
+            "## Figure 4.",
+            "## Appendix Figure 3.",
+            "![Figure 3](figure3.png)",
+        )
+    )
     used = json.loads(_read(run_id, "runs.json", tmp_path))
     assert {r["run_id"] for r in used["runs"]} == set(ids) and used["notes"]["baseline"] == "imagenet"
 
@@ -203,24 +300,42 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
 
 def test_shenzhen_family_on_the_phantom_says_random_init_and_not_comparable(tmp_path):
     params = {"phantom": "True", "head": "plain"}
-    _grid("paper-sz", baseline="random", fractions=(0.0625, 1.0), backbones=("resnet18",), task="tb",
-          column="Tuberculosis", params=params)
+    _grid(
+        "paper-sz",
+        baseline="random",
+        fractions=(0.0625, 1.0),
+        backbones=("resnet18",),
+        task="tb",
+        column="Tuberculosis",
+        params=params,
+    )
     run_id = shenzhen_family("paper-sz", notes=PHANTOM, out=tmp_path / "out", n_replicates=30)
     assert MlflowClient().get_run(run_id).info.run_name == "paper-shenzhen"
-    assert {"appendix_table2.csv", "appendix_table3.md", "figure5.png", "appendix_figure4.png"} <= _artifacts(run_id)
+    assert {"appendix_table2.csv", "appendix_table3.md", "figure5.png", "appendix_figure4.png"} <= _artifacts(
+        run_id
+    )
     imp = _csv(run_id, "appendix_table3.csv", tmp_path)
-    assert list(imp.columns) == ["Architecture", "MoCo-CXR-pretrained", "Random-init",
-                                 *_fraction_columns(pub.SHENZHEN_FRACTIONS)]
+    assert list(imp.columns) == [
+        "Architecture",
+        "MoCo-CXR-pretrained",
+        "Random-init",
+        *_fraction_columns(pub.SHENZHEN_FRACTIONS),
+    ]
     assert imp.iloc[1]["25%"] == "" and imp.iloc[1]["25% paper"] == "+0.026 (-0.001, 0.056)"
     absolute = _csv(run_id, "appendix_table2.csv", tmp_path)
     assert list(absolute["Pretraining"]) == ["MoCo", "Random-init"] * 2
     md = _read(run_id, "appendix_table2.md", tmp_path)
-    for words in ("shown for layout only and are not comparable with these runs: these runs are on synthetic "
-                  "phantom images, the paper's on radiographs; our MoCo pretraining started from random weights, "
-                  "the paper's from ImageNet; our baseline is Random-init, the paper's ImageNet-pretrained; no cell "
-                  "is marked.", "Phantom data", "Linear head: a plain linear layer on the frozen features, as in the paper",
-                  "MoCo pretraining started from random weights; the paper started from ImageNet",
-                  "Baseline: Random-init (init 'random')", "the paper gives none for this dataset"):
+    for words in (
+        "shown for layout only and are not comparable with these runs: these runs are on synthetic "
+        "phantom images, the paper's on radiographs; our MoCo pretraining started from random weights, "
+        "the paper's from ImageNet; our baseline is Random-init, the paper's ImageNet-pretrained; no cell "
+        "is marked.",
+        "Phantom data",
+        "Linear head: a plain linear layer on the frozen features, as in the paper",
+        "MoCo pretraining started from random weights; the paper started from ImageNet",
+        "Baseline: Random-init (init 'random')",
+        "the paper gives none for this dataset",
+    ):
         assert words in md, words
     # not comparable: no mark in any table, and no line saying what a mark means
     for stem in ("appendix_table2", "appendix_table3"):
@@ -231,9 +346,16 @@ def test_shenzhen_family_on_the_phantom_says_random_init_and_not_comparable(tmp_
 # Table 2's trials: (lr, scheduler) -> the trial's validation objective (None: not given, the fine-tune
 # runs' best/val_auc decides) and that best/val_auc. 1e-5's milestone trial lacks its objective, so both
 # 1e-5 rows fall back to best/val_auc, where cosine wins although milestone's objective would not matter.
-TRIALS = {(1e-2, "cosine"): (0.61, 0.9), (1e-2, "milestone"): (0.65, 0.5), (1e-3, "cosine"): (0.72, 0.5),
-          (1e-3, "milestone"): (0.70, 0.9), (1e-4, "cosine"): (0.80, 0.6), (1e-4, "milestone"): (0.81, 0.6),
-          (1e-5, "cosine"): (0.79, 0.85), (1e-5, "milestone"): (None, 0.84)}
+TRIALS = {
+    (1e-2, "cosine"): (0.61, 0.9),
+    (1e-2, "milestone"): (0.65, 0.5),
+    (1e-3, "cosine"): (0.72, 0.5),
+    (1e-3, "milestone"): (0.70, 0.9),
+    (1e-4, "cosine"): (0.80, 0.6),
+    (1e-4, "milestone"): (0.81, 0.6),
+    (1e-5, "cosine"): (0.79, 0.85),
+    (1e-5, "milestone"): (None, 0.84),
+}
 
 
 def _table2_trials():
@@ -244,12 +366,28 @@ def _table2_trials():
             mlflow.log_params({"lr": lr, "scheduler": scheduler})
             pre = run.info.run_id
         label = f"moco-lr{lr:g}-{scheduler}"
-        rid = _log_run(_predictions(Y, Y + rng.normal(size=N), task="Tuberculosis"), init=label, task="tb",
-                       dataset="shenzhen", experiment="paper-t2")
+        rid = _log_run(
+            _predictions(Y, Y + rng.normal(size=N), task="Tuberculosis"),
+            init=label,
+            task="tb",
+            dataset="shenzhen",
+            experiment="paper-t2",
+        )
         MlflowClient().set_tag(rid, "mococxr.pretrain_run_id", pre)
         MlflowClient().log_metric(rid, "best/val_auc", val_auc)
-        rows.append(Table2Row(label=label, lr=lr, scheduler=scheduler, trial=i, pretrain_run_id=pre,
-                              registered_model="mococxr-resnet18", version=str(i + 1), epoch=5, val_objective=objective))
+        rows.append(
+            Table2Row(
+                label=label,
+                lr=lr,
+                scheduler=scheduler,
+                trial=i,
+                pretrain_run_id=pre,
+                registered_model="mococxr-resnet18",
+                version=str(i + 1),
+                epoch=5,
+                val_objective=objective,
+            )
+        )
     return rows
 
 
@@ -259,34 +397,57 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
     run_id = table2_report("paper-t2", rows, notes=IMAGENET, out=tmp_path / "out", n_replicates=30)
     assert MlflowClient().get_run(run_id).info.run_name == "paper-table2"
     assert {"table2.md", "table2.csv", "table2.json", "report.md", "runs.json"} == _artifacts(run_id)
-    chosen = [(1e-2, "milestone"), (1e-3, "cosine"), (1e-4, "milestone"), (1e-5, "cosine")]  # the paper's order
+    chosen = [
+        (1e-2, "milestone"),
+        (1e-3, "cosine"),
+        (1e-4, "milestone"),
+        (1e-5, "cosine"),
+    ]  # the paper's order
 
     table = _csv(run_id, "table2.csv", tmp_path)  # every trial, the chosen one first within its rate
-    assert list(table.columns) == ["Learning rate", "Scheduler", "AUC (lo, hi)", "paper", "validation", "chosen",
-                                   "pretraining run", "trial", "checkpoint", "link"]
+    assert list(table.columns) == [
+        "Learning rate",
+        "Scheduler",
+        "AUC (lo, hi)",
+        "paper",
+        "validation",
+        "chosen",
+        "pretraining run",
+        "trial",
+        "checkpoint",
+        "link",
+    ]
     assert list(table["Learning rate"]) == ["1e-2", "1e-2", "1e-3", "1e-3", "1e-4", "1e-4", "1e-5", "1e-5"]
     assert list(table["chosen"]) == ["True", "False"] * 4
     assert list(zip(table["Learning rate"][::2], table["Scheduler"][::2], strict=True)) == [
-        (lr_text(lr), s) for lr, s in chosen]
+        (lr_text(lr), s) for lr, s in chosen
+    ]
     assert list(table["validation"][:2]) == ["0.650 (val/linear_auc)", "0.610 (val/linear_auc)"]
     assert list(table["validation"][6:]) == ["0.850 (best/val_auc)", "0.840 (best/val_auc)"]
     assert all(table["paper"][1::2] == "")  # the published number only beside the chosen row
-    assert table["paper"][4].startswith("0.944 (0.907, 0.972)") and table["paper"][0].startswith("0.786 (0.699, 0.861)")
+    assert table["paper"][4].startswith("0.944 (0.907, 0.972)") and table["paper"][0].startswith(
+        "0.786 (0.699, 0.861)"
+    )
     exp_id = MlflowClient().get_experiment_by_name("paper-pretrain").experiment_id
     assert table["link"][0] == f"#/experiments/{exp_id}/runs/{pre[chosen[0]]}"
     assert table["checkpoint"][0] == "mococxr-resnet18 v2, epoch 5"
 
     md = _read(run_id, "table2.md", tmp_path)
-    body = md[md.index("| Learning rate"):]
+    body = md[md.index("| Learning rate") :]
     assert len([x for x in body.splitlines() if x.startswith("| 1e-")]) == 4  # the paper's shape: 4 rows
-    assert [re.match(r"\| (1e-\d) +\| (\w+)", x).groups() for x in body.splitlines() if x.startswith("| 1e-")] == [
-        (lr_text(lr), s) for lr, s in chosen]
+    assert [
+        re.match(r"\| (1e-\d) +\| (\w+)", x).groups() for x in body.splitlines() if x.startswith("| 1e-")
+    ] == [(lr_text(lr), s) for lr, s in chosen]
     assert f"[{pre[(1e-4, 'milestone')]}](#/experiments/{exp_id}/runs/{pre[(1e-4, 'milestone')]})" in md
     assert "chosen" not in body.splitlines()[0]
-    for words in ("One row per pretraining learning rate, as the paper's Table 2",
-                  "1e-2: milestone (val/linear_auc 0.650 against cosine 0.610)",
-                  "1e-5: cosine (best/val_auc 0.850 against milestone 0.840)", "never the test AUC",
-                  "kept in table2.csv and table2.json (chosen false)", "4 cells compared, so about 0.2 would be marked"):
+    for words in (
+        "One row per pretraining learning rate, as the paper's Table 2",
+        "1e-2: milestone (val/linear_auc 0.650 against cosine 0.610)",
+        "1e-5: cosine (best/val_auc 0.850 against milestone 0.840)",
+        "never the test AUC",
+        "kept in table2.csv and table2.json (chosen false)",
+        "4 cells compared, so about 0.2 would be marked",
+    ):
         assert words in md, words
     assert "Baseline:" not in md and "layout only" not in md  # no baseline here; comparable runs
     records = json.loads(_read(run_id, "table2.json", tmp_path))["rows"]
@@ -301,8 +462,13 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
     with pytest.raises(DataError, match=r"paper-table2: .*came from pretraining run\(s\)"):
         table2_report("paper-t2", wrong, notes=IMAGENET, out=tmp_path / "out", n_replicates=30)
     with pytest.raises(DataError, match="no finished fine-tune runs of init"):
-        table2_report("paper-t2", [Table2Row(**{**rows[0].__dict__, "label": "moco-nowhere"})], notes=IMAGENET,
-                      out=tmp_path / "out", n_replicates=30)
+        table2_report(
+            "paper-t2",
+            [Table2Row(**{**rows[0].__dict__, "label": "moco-nowhere"})],
+            notes=IMAGENET,
+            out=tmp_path / "out",
+            n_replicates=30,
+        )
     phantom = table2_report("paper-t2", rows, notes=PHANTOM, out=tmp_path / "again", n_replicates=30)
     md = _read(phantom, "table2.md", tmp_path / "p")  # random-start MoCo: not comparable, no mark
     assert MARK not in md and "no cell is marked" in md and "cells compared" not in md
@@ -310,16 +476,37 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
 
 def test_competition_family_groups_rows_by_task(tmp_path):
     for task in ("Atelectasis", "Edema"):
-        _grid("paper-comp", baseline="imagenet", fractions=(0.001, 1.0), backbones=("resnet18",), task=task,
-              column=task)
-    run_id = competition_family("paper-comp", ["Atelectasis", "Edema"], notes=IMAGENET, out=tmp_path / "out",
-                                n_replicates=30)
+        _grid(
+            "paper-comp",
+            baseline="imagenet",
+            fractions=(0.001, 1.0),
+            backbones=("resnet18",),
+            task=task,
+            column=task,
+        )
+    run_id = competition_family(
+        "paper-comp", ["Atelectasis", "Edema"], notes=IMAGENET, out=tmp_path / "out", n_replicates=30
+    )
     assert MlflowClient().get_run(run_id).info.run_name == "paper-competition"
-    assert {"appendix_table4.md", "appendix_table4.csv", "appendix_table5.md", "appendix_table5.csv",
-            "report.md", "runs.json"} == _artifacts(run_id)
+    assert {
+        "appendix_table4.md",
+        "appendix_table4.csv",
+        "appendix_table5.md",
+        "appendix_table5.csv",
+        "report.md",
+        "runs.json",
+    } == _artifacts(run_id)
     t4 = _csv(run_id, "appendix_table4.csv", tmp_path)
-    assert list(t4.columns) == ["Task", "Baseline (ImageNet)", "Baseline (ImageNet) paper", "MoCo-CXR", "MoCo-CXR paper",
-                                "Improvement", "Improvement paper", "Label fraction"]
+    assert list(t4.columns) == [
+        "Task",
+        "Baseline (ImageNet)",
+        "Baseline (ImageNet) paper",
+        "MoCo-CXR",
+        "MoCo-CXR paper",
+        "Improvement",
+        "Improvement paper",
+        "Label fraction",
+    ]
     assert list(t4["Task"]) == ["Atelectasis"] * 4 + ["Edema"] * 4
     assert list(t4["Label fraction"][:4]) == ["0.1%", "1%", "10%", "100%"]
     first = t4.iloc[0]
@@ -329,35 +516,46 @@ def test_competition_family_groups_rows_by_task(tmp_path):
     assert t5.iloc[7]["Improvement paper"].startswith("-0.013 (-0.027, 0.001)")
     md = _read(run_id, "appendix_table4.md", tmp_path)
     assert "Atelectasis: Task Atelectasis on dataset chexpert" in md and "Edema: Task Edema" in md
-    assert "Linear head: standardized, unlike the paper" in md and md.count("Linear head") == 1  # a shared line is said once
+    assert (
+        "Linear head: standardized, unlike the paper" in md and md.count("Linear head") == 1
+    )  # a shared line is said once
     # comparable (ImageNet baseline, real data): 2 tasks x 2 fractions x 3 columns compared
     assert "12 cells compared, so about 0.6 would be marked by chance alone" in md
     md5 = _read(run_id, "appendix_table5.md", tmp_path)
-    assert "Corrected published cells" not in md5  # its corrected cells are Pleural Effusion's, not shown here
+    assert (
+        "Corrected published cells" not in md5
+    )  # its corrected cells are Pleural Effusion's, not shown here
 
 
 def test_missing_runs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"^paper-chexpert: experiment 'nowhere' not found"):
         chexpert_family("nowhere", notes=IMAGENET, out=tmp_path / "a", n_replicates=20)
     _log_run(_predictions(Y, Y), init="moco", experiment="paper-half")
-    with pytest.raises(DataError, match=r"experiment 'paper-half' has no finished fine-tune runs of init \['imagenet'\]"):
+    with pytest.raises(
+        DataError, match=r"experiment 'paper-half' has no finished fine-tune runs of init \['imagenet'\]"
+    ):
         chexpert_family("paper-half", notes=IMAGENET, out=tmp_path / "b", n_replicates=20)
-    with pytest.raises(DataError, match=r"paper-competition: no FINISHED runs in experiment 'paper-half' .*Edema"):
+    with pytest.raises(
+        DataError, match=r"paper-competition: no FINISHED runs in experiment 'paper-half' .*Edema"
+    ):
         competition_family("paper-half", ["Edema"], notes=IMAGENET, out=tmp_path / "c", n_replicates=20)
 
 
 def test_the_validation_cadence_is_a_caption_line():
     """The paper states no cadence: a caption says when a protocol's runs validated."""
     assert validation_line(pd.DataFrame({"val_every": ["5", "5"]})) == (
-        "validated every 5 epochs and after the last; the epoch of best validation AUC scores the test set (the "
-        "paper states no validation cadence).")
+        "validated every 5 epochs and after the last; the epoch of best validation AUC scores the test set "
+        "(the paper states no validation cadence)."
+    )
     older = pd.DataFrame({"val_every": ["1"]})  # runs before val_every: every epoch
     assert validation_line(older).startswith("validated every epoch;")
 
 
 def test_fine_tune_augmentation_is_a_caption_line():
     assert augmentation_line(pd.DataFrame({"preset": ["none"]})) == (
-        "augmentation none (the eval resize only; linear heads train on cached frozen features) (preset none; the "
-        "paper does not say whether it augmented).")
+        "augmentation none (the eval resize only; linear heads train on cached frozen features) (preset "
+        "none; the paper does not say whether it augmented)."
+    )
     assert augmentation_line(pd.DataFrame({"preset": ["cxr"]})).startswith(
-        "augmentation random rotation within 10 degrees and horizontal flip (preset cxr;")
+        "augmentation random rotation within 10 degrees and horizontal flip (preset cxr;"
+    )

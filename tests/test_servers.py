@@ -79,7 +79,9 @@ def _clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MOCOCXR_", "PG", "AWS_"))}
 
 
-def _server_command(compose_env: dict[str, str], pg: Postgres, port: int, artifacts: Path | None) -> list[str]:
+def _server_command(
+    compose_env: dict[str, str], pg: Postgres, port: int, artifacts: Path | None
+) -> list[str]:
     """The compose mlflow command, moved to 127.0.0.1:PORT; ``artifacts``: a local folder in place of S3."""
     rewrites = {"--host=": "--host=127.0.0.1", "--port=": f"--port={port}", "--workers=": "--workers=1"}
     if artifacts is not None:
@@ -91,7 +93,9 @@ def _server_command(compose_env: dict[str, str], pg: Postgres, port: int, artifa
         prefix = next((p for p in rewrites if arg.startswith(p)), None)
         argv.append(rewrites.pop(prefix) if prefix else arg)
     assert not rewrites, f"compose mlflow command lost {sorted(rewrites)}: {command}"
-    assert argv[:2] == ["mlflow", "server"] and "--app-name=basic-auth" in argv and "--serve-artifacts" in argv
+    assert (
+        argv[:2] == ["mlflow", "server"] and "--app-name=basic-auth" in argv and "--serve-artifacts" in argv
+    )
     return [str(Path(sys.executable).parent / "mlflow"), *argv[1:]]
 
 
@@ -103,8 +107,13 @@ def object_store(work: Path, env: dict[str, str]) -> Iterator[S3 | str]:
     bucket = compose_service("storage-init", env)["environment"]["MLFLOW_BUCKET"]
     with ExitStack() as stop:
         try:  # only the start may skip; what the tests raise later passes through untouched
-            s3 = stop.enter_context(s3_server(work / "s3.log", access_key=keys["RUSTFS_ACCESS_KEY"],
-                                              secret_key=keys["RUSTFS_SECRET_KEY"]))
+            s3 = stop.enter_context(
+                s3_server(
+                    work / "s3.log",
+                    access_key=keys["RUSTFS_ACCESS_KEY"],
+                    secret_key=keys["RUSTFS_SECRET_KEY"],
+                )
+            )
         except pytest.skip.Exception as skipped:
             print(f"test_servers: no S3 object store, artifacts go to a local folder: {skipped}")
             yield str(skipped)
@@ -117,36 +126,76 @@ def object_store(work: Path, env: dict[str, str]) -> Iterator[S3 | str]:
 def stack(tmp_path_factory) -> Iterator[Stack]:
     from mococxr.data.phantom import synthesize
 
-    pytest.importorskip("flask_wtf", reason="`mlflow server --app-name basic-auth` needs mlflow[auth] (Flask-WTF)")
+    pytest.importorskip(
+        "flask_wtf", reason="`mlflow server --app-name basic-auth` needs mlflow[auth] (Flask-WTF)"
+    )
     work = tmp_path_factory.mktemp("stack")
     token = lambda: secrets.token_urlsafe(18)  # noqa: E731
-    env = {name: token() for name in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD", "S3_ACCESS_KEY",
-                                       "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")}
-    env.update(MLFLOW_WORKER_PASSWORD=env["MLFLOW_ADMIN_PASSWORD"], SWEEP_SPEC=str(work / "study.yaml"),
-               STUDY_NAME=STUDY)
+    env = {
+        name: token()
+        for name in (
+            "POSTGRES_PASSWORD",
+            "MLFLOW_DB_PASSWORD",
+            "OPTUNA_DB_PASSWORD",
+            "S3_ACCESS_KEY",
+            "S3_SECRET_KEY",
+            "MLFLOW_ADMIN_PASSWORD",
+            "MLFLOW_SECRET_KEY",
+        )
+    }
+    env.update(
+        MLFLOW_WORKER_PASSWORD=env["MLFLOW_ADMIN_PASSWORD"],
+        SWEEP_SPEC=str(work / "study.yaml"),
+        STUDY_NAME=STUDY,
+    )
     with postgres() as pg, object_store(work, env) as s3:
-        init_env = {k: compose_service("postgres", env)["environment"][k]
-                    for k in ("MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD")}
-        pg.run("sh", str(DOCKER / "postgres" / "init-databases.sh"),
-               env={**init_env, "POSTGRES_USER": pg.superuser, "POSTGRES_DB": "postgres"})
+        init_env = {
+            k: compose_service("postgres", env)["environment"][k]
+            for k in ("MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD")
+        }
+        pg.run(
+            "sh",
+            str(DOCKER / "postgres" / "init-databases.sh"),
+            env={**init_env, "POSTGRES_USER": pg.superuser, "POSTGRES_DB": "postgres"},
+        )
         port = free_port()
         argv = _server_command(env, pg, port, None if isinstance(s3, S3) else work / "artifacts")
-        server_env = {**_clean_environ(), **compose_service("mlflow", env)["environment"],
-                      "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(work / "basic_auth.ini",
-                                                              {"postgres:5432": f"127.0.0.1:{pg.port}"}))}
+        server_env = {
+            **_clean_environ(),
+            **compose_service("mlflow", env)["environment"],
+            "MLFLOW_AUTH_CONFIG_PATH": str(
+                auth_ini(work / "basic_auth.ini", {"postgres:5432": f"127.0.0.1:{pg.port}"})
+            ),
+        }
         if isinstance(s3, S3):
             assert server_env["MLFLOW_S3_ENDPOINT_URL"] == "http://storage:9000"
             server_env["MLFLOW_S3_ENDPOINT_URL"] = s3.endpoint
         username = server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
-        with mlflow_server(argv, server_env, port=port, username=username, password=env["MLFLOW_ADMIN_PASSWORD"],
-                           log=work / "mlflow-server.log") as server, pytest.MonkeyPatch.context() as mp:
+        with (
+            mlflow_server(
+                argv,
+                server_env,
+                port=port,
+                username=username,
+                password=env["MLFLOW_ADMIN_PASSWORD"],
+                log=work / "mlflow-server.log",
+            ) as server,
+            pytest.MonkeyPatch.context() as mp,
+        ):
             for key in [k for k in os.environ if k.startswith("MOCOCXR_")]:
                 mp.delenv(key)
             for key, value in server.client_env().items():  # in-process clients authenticate too
                 mp.setenv(key, value)
             phantom = synthesize(work / "phantom", 64, size=64)
-            yield Stack(pg=pg, server=server, env=env, work=work, phantom=phantom,
-                        s3=s3 if isinstance(s3, S3) else None, s3_missing="" if isinstance(s3, S3) else s3)
+            yield Stack(
+                pg=pg,
+                server=server,
+                env=env,
+                work=work,
+                phantom=phantom,
+                s3=s3 if isinstance(s3, S3) else None,
+                s3_missing="" if isinstance(s3, S3) else s3,
+            )
 
 
 def client(stack: Stack) -> MlflowClient:
@@ -163,14 +212,21 @@ def worker_env(stack: Stack) -> dict[str, str]:
 
 def start_worker(stack: Stack, log: Path) -> subprocess.Popen:
     """The compose worker command (``mococxr sweep SPEC --storage postgresql...``) as a process group."""
-    command = [a.replace("postgres:5432", f"127.0.0.1:{stack.pg.port}")
-               for a in compose_service("worker", stack.env)["command"]]
+    command = [
+        a.replace("postgres:5432", f"127.0.0.1:{stack.pg.port}")
+        for a in compose_service("worker", stack.env)["command"]
+    ]
     assert command[:2] == ["mococxr", "sweep"]
     with open(log, "w") as fh:
         # --debug: a failing trial leaves its traceback in the log this test prints.
-        return subprocess.Popen([sys.executable, "-m", "mococxr", "--debug", *command[1:]], stdout=fh,
-                                stderr=subprocess.STDOUT, env=worker_env(stack), cwd=stack.work,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mococxr", "--debug", *command[1:]],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=worker_env(stack),
+            cwd=stack.work,
+            start_new_session=True,
+        )
 
 
 def load_study(stack: Stack) -> optuna.Study:
@@ -184,34 +240,57 @@ def test_anonymous_requests_are_refused_and_users_are_added(stack):
     search = f"{url}/api/2.0/mlflow/experiments/search"
     anonymous = requests.get(search, params={"max_results": 1}, timeout=60)
     assert anonymous.status_code == 401 and "Basic" in anonymous.headers.get("WWW-Authenticate", "")
-    assert requests.get(search, params={"max_results": 1}, auth=(admin[0], "wrong-password-1"),
-                        timeout=60).status_code == 401
+    assert (
+        requests.get(
+            search, params={"max_results": 1}, auth=(admin[0], "wrong-password-1"), timeout=60
+        ).status_code
+        == 401
+    )
     assert requests.get(search, params={"max_results": 1}, auth=admin, timeout=60).status_code == 200
 
     # docker/README.md "Add a user": the auth REST API, as the admin.
     alice = ("alice", secrets.token_urlsafe(12))
-    created = requests.post(f"{url}/api/2.0/mlflow/users/create", auth=admin, timeout=60,
-                            json={"username": alice[0], "password": alice[1]})
+    created = requests.post(
+        f"{url}/api/2.0/mlflow/users/create",
+        auth=admin,
+        timeout=60,
+        json={"username": alice[0], "password": alice[1]},
+    )
     assert created.status_code == 200, created.text
     experiment_id = client(stack).create_experiment("servers-shared")
 
     def alice_creates_run() -> int:
-        return requests.post(f"{url}/api/2.0/mlflow/runs/create", auth=alice, timeout=60,
-                             json={"experiment_id": experiment_id}).status_code
+        return requests.post(
+            f"{url}/api/2.0/mlflow/runs/create", auth=alice, timeout=60, json={"experiment_id": experiment_id}
+        ).status_code
 
     assert requests.get(search, params={"max_results": 1}, auth=alice, timeout=60).status_code == 200
     assert alice_creates_run() == 403  # default_permission = READ
-    granted = requests.post(f"{url}/api/3.0/mlflow/users/permissions/grant", auth=admin, timeout=60,
-                            json={"username": alice[0], "resource_type": "experiment",
-                                  "resource_id": experiment_id, "permission": "EDIT"})
+    granted = requests.post(
+        f"{url}/api/3.0/mlflow/users/permissions/grant",
+        auth=admin,
+        timeout=60,
+        json={
+            "username": alice[0],
+            "resource_type": "experiment",
+            "resource_id": experiment_id,
+            "permission": "EDIT",
+        },
+    )
     assert granted.status_code == 200, granted.text
     assert alice_creates_run() == 200
 
     # The worker's database role cannot open the MLflow databases.
     psql = str(stack.pg.bindir / "psql")
     with pytest.raises(AssertionError, match="permission denied for database"):
-        stack.pg.run(psql, "-d", "mlflow", "-c", "select 1",
-                     env={"PGUSER": "optuna", "PGPASSWORD": stack.env["OPTUNA_DB_PASSWORD"]})
+        stack.pg.run(
+            psql,
+            "-d",
+            "mlflow",
+            "-c",
+            "select 1",
+            env={"PGUSER": "optuna", "PGPASSWORD": stack.env["OPTUNA_DB_PASSWORD"]},
+        )
 
 
 # -- (b, c) sweep workers -------------------------------------------------------------------------------
@@ -219,13 +298,21 @@ def test_anonymous_requests_are_refused_and_users_are_added(stack):
 def sweep(stack) -> dict:
     """Two compose workers on one study; one is SIGKILLed mid-trial and replaced, as `restart:` would."""
     spec = {
-        "name": STUDY, "experiment": SWEEP_EXPERIMENT,
+        "name": STUDY,
+        "experiment": SWEEP_EXPERIMENT,
         "budget": {"n_trials": N_TRIALS, "epochs": 2},
         "search_space": {"lr": {"type": "float", "low": 1.0e-3, "high": 5.0e-2, "log": True}},
-        "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
         "heartbeat": {"interval": 1, "grace_period": 4, "max_retry": 1},
-        "base": {"data": {"dataset": "chexpert", "root": str(stack.phantom), "val": 0.25, "test": 0.2},
-                 "init": "random", "image_size": 32, "batch_size": 16, "moco_k": 64, "workers": 0},
+        "base": {
+            "data": {"dataset": "chexpert", "root": str(stack.phantom), "val": 0.25, "test": 0.2},
+            "init": "random",
+            "image_size": 32,
+            "batch_size": 16,
+            "moco_k": 64,
+            "workers": 0,
+        },
     }
     Path(stack.env["SWEEP_SPEC"]).write_text(yaml.safe_dump(spec))
     logs = [stack.work / f"worker{i}.log" for i in range(3)]
@@ -281,8 +368,9 @@ def test_workers_finish_the_study_and_everything_reaches_the_server(stack, sweep
         assert [m.step for m in mc.get_metric_history(run.info.run_id, "val/linear_auc")] == [1, 2]
         # A finished trial keeps no resume state (resume_state=until_done): deleted through the server.
         assert mc.list_artifacts(run.info.run_id, "resume") == []
-        models = mc.search_logged_models(experiment_ids=[experiment.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+        models = mc.search_logged_models(
+            experiment_ids=[experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
         assert trial.user_attrs["best_model_id"] in {m.model_id for m in models}
         assert all(m.artifact_location.startswith("mlflow-artifacts:") for m in models)
         assert {"READY"} == {str(m.status).rsplit(".", 1)[-1] for m in models}
@@ -292,8 +380,9 @@ def test_workers_finish_the_study_and_everything_reaches_the_server(stack, sweep
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(stack.server.url)
     try:
-        local = mlflow.artifacts.download_artifacts(f"models:/{best.user_attrs['best_model_id']}",
-                                                    dst_path=str(stack.work / "dl"))
+        local = mlflow.artifacts.download_artifacts(
+            f"models:/{best.user_attrs['best_model_id']}", dst_path=str(stack.work / "dl")
+        )
     finally:
         mlflow.set_tracking_uri(previous)
     state = torch.load(Path(local) / "state_dict.pt", map_location="cpu", weights_only=True)
@@ -328,11 +417,39 @@ def finetune(stack, sweep):
     """``mococxr finetune`` from the best trial's LoggedModel, logging to the server; its MLflow run."""
     best = max(load_study(stack).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     init = f"models:/{best.user_attrs['best_model_id']}"
-    argv = [sys.executable, "-m", "mococxr", "finetune", "--dataset", "chexpert", "--root", str(stack.phantom),
-            "--task", "pleural_effusion", "--val", "0.25", "--test", "0.2", "--init", init, "--protocol", "linear",
-            "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--workers", "0",
-            "--experiment", "servers-finetune"]
-    proc = subprocess.run(argv, env=worker_env(stack), cwd=stack.work, capture_output=True, text=True, timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "mococxr",
+        "finetune",
+        "--dataset",
+        "chexpert",
+        "--root",
+        str(stack.phantom),
+        "--task",
+        "pleural_effusion",
+        "--val",
+        "0.25",
+        "--test",
+        "0.2",
+        "--init",
+        init,
+        "--protocol",
+        "linear",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--experiment",
+        "servers-finetune",
+    ]
+    proc = subprocess.run(
+        argv, env=worker_env(stack), cwd=stack.work, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     mc = client(stack)
     [run] = mc.search_runs([mc.get_experiment_by_name("servers-finetune").experiment_id])
@@ -343,8 +460,12 @@ def finetune(stack, sweep):
 def test_finetune_from_a_sweep_checkpoint_logs_predictions(stack, finetune):
     run = finetune
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions/test.parquet",
-                                                tracking_uri=stack.server.url, dst_path=str(stack.work / "pred"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="predictions/test.parquet",
+        tracking_uri=stack.server.url,
+        dst_path=str(stack.work / "pred"),
+    )
     predictions = pd.read_parquet(local)
     assert len(predictions) == int(run.data.params["n_test"]) > 0
     assert {"image_id", "patient_id", "label:Pleural Effusion", "score:Pleural Effusion"} <= set(predictions)
@@ -375,7 +496,9 @@ def test_checkpoints_and_predictions_land_in_the_bucket(stack, sweep, finetune):
     # The bytes in the bucket are the checkpoint itself: a plain state dict.
     best = max(load_study(stack).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     blob = stack.s3.client().get_object(
-        Bucket=bucket, Key=f"artifacts/{sweep_id}/models/{best.user_attrs['best_model_id']}/artifacts/state_dict.pt")
+        Bucket=bucket,
+        Key=f"artifacts/{sweep_id}/models/{best.user_attrs['best_model_id']}/artifacts/state_dict.pt",
+    )
     state = torch.load(io.BytesIO(blob["Body"].read()), map_location="cpu", weights_only=True)
     assert any(k.endswith("weight") for k in state)
 
@@ -383,7 +506,9 @@ def test_checkpoints_and_predictions_land_in_the_bucket(stack, sweep, finetune):
 # -- (e) optuna-dashboard ---------------------------------------------------------------------------------
 def test_optuna_dashboard_serves_the_study(stack, sweep):
     """The compose optuna-dashboard command, on 127.0.0.1, lists the workers' study through its API."""
-    pytest.importorskip("optuna_dashboard", reason="pip install 'optuna-dashboard>=0.17' (the dashboard extra)")
+    pytest.importorskip(
+        "optuna_dashboard", reason="pip install 'optuna-dashboard>=0.17' (the dashboard extra)"
+    )
     service = compose_service("optuna-dashboard", stack.env)
     argv = [a.replace("postgres:5432", f"127.0.0.1:{stack.pg.port}") for a in service["command"]]
     port = free_port()

@@ -214,11 +214,16 @@ def test_draws_are_stratified(train):
             assert abs(len(frame) - fraction * len(train)) < 0.1 * fraction * len(train) + 8
 
 
-@pytest.mark.parametrize(("fraction", "positives", "negatives"), [(0.1, 10, 90), (0.25, 25, 225), (0.001, 1, 1)])
+@pytest.mark.parametrize(
+    ("fraction", "positives", "negatives"), [(0.1, 10, 90), (0.25, 25, 225), (0.001, 1, 1)]
+)
 def test_quota_is_exact_with_one_image_per_patient(fraction, positives, negatives):
     frame = pd.DataFrame(
-        {"image_id": [f"i{i}" for i in range(1000)], "patient_id": [f"p{i}" for i in range(1000)],
-         TASK: np.r_[np.ones(100), np.zeros(900)]}
+        {
+            "image_id": [f"i{i}" for i in range(1000)],
+            "patient_id": [f"p{i}" for i in range(1000)],
+            TASK: np.r_[np.ones(100), np.zeros(900)],
+        }
     )
     drawn = draw_fraction(frame, fraction, draw=0, seed=0, task=TASK)
     assert ((drawn[TASK] == 1.0).sum(), (drawn[TASK] == 0.0).sum()) == (positives, negatives)
@@ -241,8 +246,11 @@ def test_single_class_draw_raises(train):
 
 def test_uncertain_counts_as_rest_for_stratification():
     frame = pd.DataFrame(
-        {"image_id": [f"i{i}" for i in range(6)], "patient_id": ["a", "a", "b", "c", "d", "e"],
-         TASK: [-1.0, 0.0, 1.0, np.nan, -1.0, 0.0]}
+        {
+            "image_id": [f"i{i}" for i in range(6)],
+            "patient_id": ["a", "a", "b", "c", "d", "e"],
+            TASK: [-1.0, 0.0, 1.0, np.nan, -1.0, 0.0],
+        }
     )
     # one positive patient (b) of five: with test=0.2 per stratum, only "rest" patients go to test
     splits = split_patients(frame, val=0.0, test=0.2, seed=0, stratify=TASK)
@@ -271,13 +279,17 @@ def test_manifest_hash_is_stable_and_sensitive(train, tmp_path):
     assert m.image_ids == sorted(frame["image_id"]) and m.patient_ids == sorted(set(frame["patient_id"]))
     again = make_manifest("effusion-0.1-draw1", frame.iloc[::-1], seed=4, fraction=0.1, draw=1)
     assert again.sha256 == m.sha256 and len(m.sha256) == 64
-    assert make_manifest("effusion-0.1-draw1", frame.iloc[1:], seed=4, fraction=0.1, draw=1).sha256 != m.sha256
+    assert (
+        make_manifest("effusion-0.1-draw1", frame.iloc[1:], seed=4, fraction=0.1, draw=1).sha256 != m.sha256
+    )
     assert make_manifest("effusion-0.1-draw1", frame, seed=5, fraction=0.1, draw=1).sha256 != m.sha256
 
     path = m.write(tmp_path / "sub" / "manifest.json")
     read = Manifest._read(path)
     assert read == m and read.to_dict() == m.to_dict()
-    assert m._select(train)["image_id"].tolist() == sorted(frame["image_id"], key=list(train["image_id"]).index)
+    assert m._select(train)["image_id"].tolist() == sorted(
+        frame["image_id"], key=list(train["image_id"]).index
+    )
 
 
 def test_manifest_tampering_is_detected(train, tmp_path):
@@ -310,7 +322,11 @@ def test_manifest_rejects_duplicates_and_missing_images(train):
 def test_split_manifests(records):
     splits = split_patients(records, seed=2, stratify=TASK)
     manifests = _split_manifests(splits, seed=2, prefix="nih-")
-    assert {k: m.name for k, m in manifests.items()} == {"train": "nih-train", "val": "nih-val", "test": "nih-test"}
+    assert {k: m.name for k, m in manifests.items()} == {
+        "train": "nih-train",
+        "val": "nih-val",
+        "test": "nih-test",
+    }
     assert len({m.sha256 for m in manifests.values()}) == 3
     assert sum(len(m.image_ids) for m in manifests.values()) == len(records)
 
@@ -354,8 +370,10 @@ def test_full_nih_table_splits_and_nested_draws(nih_sample):
     train = splits["train"]
     train_rate = float((train["Pneumonia"] == 1.0).mean())
     train_share = float(in_positive_patient(train, "Pneumonia").mean())
-    print(f"\nsplit of {len(table)} rows: {split_s:.3f} s; train {len(train)} images, "
-          f"pneumonia rate {train_rate:.4f}, positive-patient image share {train_share:.4f}")
+    print(
+        f"\nsplit of {len(table)} rows: {split_s:.3f} s; train {len(train)} images, "
+        f"pneumonia rate {train_rate:.4f}, positive-patient image share {train_share:.4f}"
+    )
 
     n_train_pos = int((train["Pneumonia"] == 1.0).sum())
     max_pos_per_patient = int((train["Pneumonia"] == 1.0).groupby(train["patient_id"]).sum().max())
@@ -369,8 +387,10 @@ def test_full_nih_table_splits_and_nested_draws(nih_sample):
             frame = frames[fraction]
             rate = float((frame["Pneumonia"] == 1.0).mean())
             share = float(in_positive_patient(frame, "Pneumonia").mean())
-            print(f"draw {draw} fraction {fraction}: {len(frame)} images, "
-                  f"{int((frame['Pneumonia'] == 1.0).sum())} positive, rate {rate:.4f}, share {share:.4f}")
+            print(
+                f"draw {draw} fraction {fraction}: {len(frame)} images, "
+                f"{int((frame['Pneumonia'] == 1.0).sum())} positive, rate {rate:.4f}, share {share:.4f}"
+            )
             n_pos = int((frame["Pneumonia"] == 1.0).sum())
             # positives are held to the fraction: reach the quota, overshoot by less than one patient
             target = max(1, round(fraction * n_train_pos))

@@ -7,6 +7,7 @@ study and kill one with SIGKILL.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from mococxr.errors import ConfigError
-from mococxr.sweep.study import load_spec, make_storage, parent_run, parse_spec, run_study
+from mococxr.sweep.study import _open_study, load_spec, make_storage, parse_spec, run_study
 from mococxr.tracking import mlflow as mt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +43,21 @@ def spec_dict(root: Path, storage: str, **over) -> dict:
         "storage": storage,
         "experiment": EXPERIMENT,
         "budget": {"n_trials": 4, "epochs": 2},
-        "search_space": {"lr": {"type": "float", "low": "1.0e-3", "high": "5.0e-2", "log": True},
-                         "scheduler": ["cosine", "milestone"]},
+        "search_space": {
+            "lr": {"type": "float", "low": "1.0e-3", "high": "5.0e-2", "log": True},
+            "scheduler": ["cosine", "milestone"],
+        },
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
         "pruner": {"name": "median", "n_startup_trials": 1},
         "heartbeat": {"interval": 1, "grace_period": 3, "max_retry": 2},
-        "base": {"data": {"dataset": "chexpert", "root": str(root), "val": 0.25, "test": 0.2},
-                 "init": "random", "image_size": 32, "batch_size": 16, "moco_k": 64, "workers": 0},
+        "base": {
+            "data": {"dataset": "chexpert", "root": str(root), "val": 0.25, "test": 0.2},
+            "init": "random",
+            "image_size": 32,
+            "batch_size": 16,
+            "moco_k": 64,
+            "workers": 0,
+        },
     }
     data.update(over)
     return data
@@ -86,8 +95,13 @@ def worker(spec_path: Path, log: Path) -> subprocess.Popen:
     code = "import sys; from mococxr.sweep.study import run_sweep; run_sweep(sys.argv[1])"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-c", code, str(spec_path)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=spec_path.parent)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(spec_path)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=spec_path.parent,
+        )
 
 
 def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
@@ -104,8 +118,9 @@ def prepare_stores(spec) -> None:
     """Create the MLflow and optuna tables once, as a first `mococxr sweep` would."""
     mt.open_store()
     mt.ensure_experiment(EXPERIMENT)
-    optuna.create_study(study_name=spec.name, storage=make_storage(spec), load_if_exists=True,
-                        direction=spec.direction)
+    optuna.create_study(
+        study_name=spec.name, storage=make_storage(spec), load_if_exists=True, direction=spec.direction
+    )
 
 
 # -- the spec ------------------------------------------------------------------------------------------
@@ -116,7 +131,11 @@ def test_shipped_specs_load():
     assert (paper.base.backbone, paper.base.image_size, paper.base.batch_size) == ("resnet18", 224, 16)
     assert paper.base.monitor and paper.base.epochs == paper.epochs
     assert paper.base.keep == "best:1:val/linear_auc"
-    demo = load_spec(REPO / "mococxr" / "specs" / "demo.yaml")
+    from mococxr.flows.demo import demo_names, load_demo_plan
+
+    plan = load_demo_plan()  # the demo's study is a section of its plan (mococxr/specs/demo_plan.yaml)
+    size = plan.sizes["full"]
+    demo = plan.study_spec(demo_names(), size, plan.data_config("phantom", REPO / "data"))
     lr = demo.search_space["lr"]
     assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-4, 3e-3, True)
     assert (demo.base.optimizer, demo.base.keep) == ("adam", "all")
@@ -130,8 +149,10 @@ def test_shipped_specs_load():
         ({"budget": {"n_trials": 2, "epoch": 3}}, "budget: unknown key(s) epoch"),
         ({"search_space": {"lrr": [1, 2]}}, "search_space.lrr: not a pretraining config key"),
         ({"search_space": {"epochs": [1, 2]}}, "search_space.epochs"),
-        ({"search_space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True, "type": "float", "x": 1}}},
-         "search_space.lr: unknown key(s) x"),
+        (
+            {"search_space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True, "type": "float", "x": 1}}},
+            "search_space.lr: unknown key(s) x",
+        ),
         ({"search_space": {"lr": {"type": "float", "low": 0, "high": 1e-2, "log": True}}}, "low > 0"),
         ({"search_space": {"lr": ["fast"]}}, "search_space.lr.choices='fast': expected a number"),
         ({"search_space": {"scheduler": ["cosine", "linear-ish"]}}, "search_space.scheduler"),
@@ -155,14 +176,17 @@ def test_spec_errors_name_the_key(tmp_path, change, message):
     assert str(err.value).startswith("s.yaml")
 
 
-def test_parent_run_is_shared_by_study_name(tmp_path, tracking_uri):
+def test_parent_run_is_made_once_per_study_by_its_creator(tmp_path, tracking_uri):
     spec = parse_spec(spec_dict(tmp_path, f"sqlite:///{tmp_path / 'o.db'}"))
     mt.open_store()
-    first = parent_run(spec, "a")
-    assert parent_run(spec, "a") == first
-    assert parent_run(spec, "b") != first
+    said: list[str] = []
+    study, first = _open_study(spec, said.append)
+    assert _open_study(spec, said.append)[1] == first  # a second worker joins: same parent, no waiting
+    assert study.user_attrs["ready"] is True and not said
+    other, second = _open_study(dataclasses.replace(spec, name="b"), said.append)
+    assert second != first
     run = MlflowClient().get_run(first)
-    assert run.data.tags["mococxr.kind"] == "sweep" and run.data.tags["mococxr.optuna_study"] == "a"
+    assert run.data.tags["mococxr.kind"] == "sweep" and run.data.tags["mococxr.optuna_study"] == spec.name
     assert run.data.params["search.lr"] == "float[0.001, 0.05] log"
 
 
@@ -187,7 +211,7 @@ def test_interrupted_sweep_ends_its_parent_killed_with_a_description(tmp_path, t
 # -- studies -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
-    from mococxr.tracking import registry
+    from mococxr.train import inits
 
     spec = parse_spec(spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}"))
     lines: list[str] = []
@@ -214,8 +238,8 @@ def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
     assert parent.data.metrics["val/linear_auc"] == pytest.approx(best.value)
 
     assert result.promoted_uri == "models:/mococxr-resnet18@staging"
-    promoted, info = registry.resolve(result.promoted_uri)
-    logged, _ = registry.resolve(f"models:/{best.user_attrs['best_model_id']}")
+    promoted, info = inits.load_checkpoint(result.promoted_uri)
+    logged, _ = inits.load_checkpoint(f"models:/{best.user_attrs['best_model_id']}")
     assert info["run_id"] == best.user_attrs["mlflow_run_id"]
     assert str(info["epoch"]) == str(best.user_attrs["best_epoch"])
     assert promoted.keys() == logged.keys()
@@ -241,8 +265,14 @@ def test_study_reads_the_label_csv_once(tmp_path, tracking_uri, phantom, monkeyp
     for module in [m for name, m in sys.modules.items() if name.startswith("mococxr")]:
         if getattr(module, "read_records", None) is original:  # every module that imported the reader
             monkeypatch.setattr(module, "read_records", counting)
-    spec = parse_spec(spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}",
-                                budget={"n_trials": 3, "epochs": 1}, pruner={"name": "none"}))
+    spec = parse_spec(
+        spec_dict(
+            phantom,
+            f"sqlite:///{tmp_path / 'optuna.db'}",
+            budget={"n_trials": 3, "epochs": 1},
+            pruner={"name": "none"},
+        )
+    )
     result = run_study(spec, log=lambda line: None)
     assert result.trials_run == [0, 1, 2] and result.n_complete == 3
     assert len(calls) == 1, calls
@@ -250,17 +280,25 @@ def test_study_reads_the_label_csv_once(tmp_path, tracking_uri, phantom, monkeyp
 
 @pytest.mark.slow
 def test_pruned_trials_stop_early_and_are_tagged(tmp_path, tracking_uri, phantom):
-    spec = parse_spec(spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}",
-                                budget={"n_trials": 3, "epochs": 2}))
+    spec = parse_spec(
+        spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}", budget={"n_trials": 3, "epochs": 2})
+    )
     prepare_stores(spec)
     study = load_study(spec)
     # A reference trial no phantom encoder can beat at epoch 1: the median pruner must stop the others there.
-    distributions = {"lr": optuna.distributions.FloatDistribution(1e-3, 5e-2, log=True),
-                     "scheduler": optuna.distributions.CategoricalDistribution(["cosine", "milestone"])}
-    study.add_trial(optuna.create_trial(
-        params={"lr": 1e-2, "scheduler": "cosine"}, distributions=distributions, value=1.0,
-        intermediate_values={1: 1.0, 2: 1.0}, user_attrs={"reference": True},
-    ))
+    distributions = {
+        "lr": optuna.distributions.FloatDistribution(1e-3, 5e-2, log=True),
+        "scheduler": optuna.distributions.CategoricalDistribution(["cosine", "milestone"]),
+    }
+    study.add_trial(
+        optuna.create_trial(
+            params={"lr": 1e-2, "scheduler": "cosine"},
+            distributions=distributions,
+            value=1.0,
+            intermediate_values={1: 1.0, 2: 1.0},
+            user_attrs={"reference": True},
+        )
+    )
     result = run_study(spec, log=lambda line: None)
     real = [t for t in load_study(spec).get_trials() if "reference" not in t.user_attrs]
     assert [t.state for t in real] == [TrialState.PRUNED, TrialState.PRUNED]
@@ -303,8 +341,12 @@ def test_two_workers_share_one_sqlite_study(tmp_path, tracking_uri, phantom):
 
 @pytest.mark.slow
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, tracking_uri, phantom):
-    data = spec_dict(phantom, f"sqlite:///{tmp_path / 'optuna.db'}", budget={"n_trials": 3, "epochs": 2},
-                     pruner={"name": "none"})
+    data = spec_dict(
+        phantom,
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        budget={"n_trials": 3, "epochs": 2},
+        pruner={"name": "none"},
+    )
     spec_path = write_spec(tmp_path / "spec.yaml", data)
     spec = load_spec(spec_path)
     prepare_stores(spec)
@@ -315,13 +357,17 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tracking_uri, phant
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.3)
         # Kill after the first trial finished, once the second has logged its first epoch.
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        running = [
+            t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs
+        ]
         if running and running[0].number >= 1:
             victim = running[0]
     assert victim is not None, (tmp_path / "killed.log").read_text()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = {t.number: t.user_attrs["mlflow_run_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    done_before = {
+        t.number: t.user_attrs["mlflow_run_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))
+    }
     assert done_before
 
     lines: list[str] = []

@@ -70,8 +70,14 @@ def test_normalization_imagenet_none_and_custom():
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_numpy_tensor_step_equals_torchvision_chain(mode):
     image = _textured(width=37, height=29, mode=mode)
-    reference = v2.Compose([v2.ToImage(), v2.RGB(), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )(image)
     ours = ToNormalizedTensor(IMAGENET_MEAN, IMAGENET_STD)(image)
     assert ours.shape == reference.shape == (3, 29, 37) and ours.is_contiguous()
     assert torch.allclose(ours, reference, atol=1e-5)

@@ -35,7 +35,10 @@ from mococxr.data.dataset import CXRDataset
 from mococxr.data.transforms import build_transform
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_NIH = Path(os.environ.get("MOCOCXR_NIH_SAMPLE", REPO.parent / "shared" / "data" / "nih-cxr14-sample")) / "images"
+DEFAULT_NIH = (
+    Path(os.environ.get("MOCOCXR_NIH_SAMPLE", REPO.parent / "shared" / "data" / "nih-cxr14-sample"))
+    / "images"
+)
 BATCH = 16
 
 
@@ -66,9 +69,17 @@ def make_large(records: pd.DataFrame, out: Path, size: int, seed: int = 0) -> pd
 
 def loader_rate(dataset: CXRDataset, workers: int, seconds: float) -> tuple[float, float]:
     """(seconds to the first batch, steady images/s after 2 warm-up batches, timed for >= ``seconds``)."""
-    sampler = RandomSampler(dataset, num_samples=len(dataset) * 50, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, drop_last=True)
+    sampler = RandomSampler(
+        dataset, num_samples=len(dataset) * 50, generator=torch.Generator().manual_seed(0)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
     start = time.perf_counter()
     batches = iter(loader)
     next(batches)
@@ -133,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-size", type=int, default=2000, help="side of the upscaled originals")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per measurement")
     parser.add_argument("--workdir", type=Path, default=None, help="keep generated images/caches here")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "data" / "results" / "bench_loader.json")
+    parser.add_argument(
+        "--json", type=Path, default=REPO / "benchmarks" / "data" / "results" / "bench_loader.json"
+    )
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
 
@@ -142,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         small = nih_records(args.nih, args.n)
         t0 = time.perf_counter()
         large = make_large(small, work / f"large{args.large_size}", args.large_size)
-        print(f"{len(small)} NIH images; {args.large_size} px copies ready in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(
+            f"{len(small)} NIH images; {args.large_size} px copies ready in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
         builds = {
             "PNG 256 px": build_rate(small, work / "cache_small"),
@@ -161,33 +176,66 @@ def main(argv: list[str] | None = None) -> int:
         for name, dataset in sources.items():
             per_cpu_s = cpu_rate(dataset, min(len(dataset), 100))
             # "0 (1 thr)": the main process with 1 torch thread, to show what OpenMP costs in the collate.
-            for workers, label, threads in ((0, "0", threads_default), (0, "0 (1 thr)", 1), (1, "1", threads_default)):
+            for workers, label, threads in (
+                (0, "0", threads_default),
+                (0, "0 (1 thr)", 1),
+                (1, "1", threads_default),
+            ):
                 torch.set_num_threads(threads)
                 first, rate = loader_rate(dataset, workers, args.seconds)
                 torch.set_num_threads(threads_default)
-                loaders.append({"source": name, "workers": label, "first_batch_s": first, "img_s": rate,
-                                "img_cpu_s": per_cpu_s})
+                loaders.append(
+                    {
+                        "source": name,
+                        "workers": label,
+                        "first_batch_s": first,
+                        "img_s": rate,
+                        "img_cpu_s": per_cpu_s,
+                    }
+                )
                 print(f"  loader {name}, {label} workers: {rate:.0f} img/s", flush=True)
         train = {size: train_rate(size, args.seconds) for size in (224, 128)}
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), batch {BATCH}, {args.n} images, CXR preset at 224 px")
-    print("load average (1, 5, 15 min) before: {:.1f} {:.1f} {:.1f}, after: {:.1f} {:.1f} {:.1f}".format(
-        *load_before, *os.getloadavg()))
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {BATCH}, {args.n} images, "
+        "CXR preset at 224 px"
+    )
+    print(
+        "load average (1, 5, 15 min) before: {:.1f} {:.1f} {:.1f}, after: {:.1f} {:.1f} {:.1f}".format(
+            *load_before, *os.getloadavg()
+        )
+    )
     print("\nImageCache build (decode + resize to 256 px, 1 process):")
     for name, (rate, per_cpu_s) in builds.items():
         print(f"  from {name:<14} {rate:8.1f} img/s {per_cpu_s:8.1f} img/CPU-s")
     print("\nResNet18 training (channels_last, SGD, batch 16):")
     for size, rate in train.items():
         print(f"  {size} px {rate:8.1f} img/s")
-    print(f"\n{'loader source':<30} {'workers':>9} {'1st batch s':>11} {'img/s':>8} {'/train224':>9} "
-          f"{'/train128':>9} {'img/CPU-s':>9}")
+    print(
+        f"\n{'loader source':<30} {'workers':>9} {'1st batch s':>11} {'img/s':>8} {'/train224':>9} "
+        f"{'/train128':>9} {'img/CPU-s':>9}"
+    )
     for row in loaders:
-        print(f"{row['source']:<30} {row['workers']:>9} {row['first_batch_s']:>11.2f} {row['img_s']:>8.1f} "
-              f"{row['img_s'] / train[224]:>9.1f} {row['img_s'] / train[128]:>9.1f} {row['img_cpu_s']:>9.1f}")
+        print(
+            f"{row['source']:<30} {row['workers']:>9} {row['first_batch_s']:>11.2f} {row['img_s']:>8.1f} "
+            f"{row['img_s'] / train[224]:>9.1f} {row['img_s'] / train[128]:>9.1f} {row['img_cpu_s']:>9.1f}"
+        )
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"n": args.n, "load_before": load_before, "load_after": os.getloadavg(), "builds": builds, "train": train, "loaders": loaders}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "n": args.n,
+                "load_before": load_before,
+                "load_after": os.getloadavg(),
+                "builds": builds,
+                "train": train,
+                "loaders": loaders,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwritten to {args.json}")
     return 0
 

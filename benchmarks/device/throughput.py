@@ -162,8 +162,8 @@ def table(rows: list[Row]) -> str:
         else:
             extra = "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
         lines.append(
-            f"| {r.backbone} | {r.setting} | {r.batch} | {r.image_size} | {_cell(r.train)} | {_cell(r.infer)} "
-            f"| {extra} |"
+            f"| {r.backbone} | {r.setting} | {r.batch} | {r.image_size} | {_cell(r.train)} | "
+            f"{_cell(r.infer)} | {extra} |"
         )
     return "\n".join(lines)
 
@@ -172,7 +172,7 @@ def cost_snippet(rows: list[Row], device: str, setting: str) -> str:
     """The ``cost:`` section for a plan, from ``setting``'s rows (``best``: each backbone's fastest);
     checked by the plan's own ``Cost`` config before it is returned."""
     from mococxr.config import build
-    from mococxr.sweep.plan import Cost
+    from mococxr.flows.plan import Cost
 
     chosen: dict[str, Row] = {}
     for backbone in ("resnet18", "densenet121"):
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             r = rows[-1]
             print(
-                f"  {backbone} {r.setting}: train {r.train.img_s:.1f} img/s, inference {r.infer.img_s:.1f} img/s",
+                f"  {backbone} {r.setting}: train {r.train.img_s:.1f} img/s, "
+                f"inference {r.infer.img_s:.1f} img/s",
                 flush=True,
             )
     print(table(rows))

@@ -44,9 +44,20 @@ def fixed_encoder(args: argparse.Namespace, data: DataConfig, out: Path) -> str:
         return str(path)
     from mococxr.train.pretrain import pretrain  # a short MoCo pretraining on the phantom's images
 
-    res = pretrain(PretrainConfig(data=data, init="random", image_size=args.image_size, batch_size=32,
-                                  epochs=args.pretrain_epochs, moco_k=4096, lr=1e-3, workers=0,
-                                  experiment="bench-linear-budget-pretrain"), progress=False)
+    res = pretrain(
+        PretrainConfig(
+            data=data,
+            init="random",
+            image_size=args.image_size,
+            batch_size=32,
+            epochs=args.pretrain_epochs,
+            moco_k=4096,
+            lr=1e-3,
+            workers=0,
+            experiment="bench-linear-budget-pretrain",
+        ),
+        progress=False,
+    )
     return f"models:/{res.model_ids[args.pretrain_epochs]}"
 
 
@@ -65,13 +76,19 @@ def rules(args: argparse.Namespace) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="/tmp/linear-budget/sz662", help="Shenzhen phantom root (written if absent)")
+    p.add_argument(
+        "--root", default="/tmp/linear-budget/sz662", help="Shenzhen phantom root (written if absent)"
+    )
     p.add_argument("--n", type=int, default=662, help="phantom images when --root does not exist")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--fraction", type=float, default=0.0625)
     p.add_argument("--draw", type=int, default=0)
-    p.add_argument("--encoder", choices=("random", "moco"), default="random",
-                   help="random: a seeded random resnet18; moco: a short MoCo pretraining on the phantom")
+    p.add_argument(
+        "--encoder",
+        choices=("random", "moco"),
+        default="random",
+        help="random: a seeded random resnet18; moco: a short MoCo pretraining on the phantom",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--min-steps", type=int, default=200, help="min_steps of the new rule")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the new rule")
@@ -86,26 +103,44 @@ def main() -> None:
     data = DataConfig(dataset="shenzhen", root=args.root, task="tb", val=0.1, test=0.2, split_seed=0)
     prepared = prepare(data)
     init = fixed_encoder(args, data, out)
-    print(f"shenzhen phantom {args.root}: {', '.join(f'{k} {len(v)}' for k, v in prepared.splits.items())} images; "
-          f"fraction {args.fraction:g} draw {args.draw}; encoder {args.encoder}; {args.image_size} px; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    print(f"{'rule':10} {'head':12} {'lr':>7} {'min_steps':>9} {'steps':>6} {'epochs':>6} {'val AUC':>8} "
-          f"{'probe AUC':>9} {'gap':>7} {'test AUC':>8} {'probe s':>7} {'seconds':>8} {'steps@0.03':>10}")
+    print(
+        f"shenzhen phantom {args.root}: {', '.join(f'{k} {len(v)}' for k, v in prepared.splits.items())} "
+        f"images; fraction {args.fraction:g} draw {args.draw}; encoder {args.encoder}; {args.image_size} px; "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    print(
+        f"{'rule':10} {'head':12} {'lr':>7} {'min_steps':>9} {'steps':>6} {'epochs':>6} {'val AUC':>8} "
+        f"{'probe AUC':>9} {'gap':>7} {'test AUC':>8} {'probe s':>7} {'seconds':>8} {'steps@0.03':>10}"
+    )
     client = MlflowClient()
     for name in args.rules.split(","):
         rule = rules(args)[name]
-        cfg = FinetuneConfig(data=data, init=init, protocol="linear", fraction=args.fraction, draw=args.draw,
-                             image_size=args.image_size, batch_size=16, experiment="bench-linear-budget",
-                             run_name=f"{name}-f{args.fraction:g}-d{args.draw}", **rule)
+        cfg = FinetuneConfig(
+            data=data,
+            init=init,
+            protocol="linear",
+            fraction=args.fraction,
+            draw=args.draw,
+            image_size=args.image_size,
+            batch_size=16,
+            experiment="bench-linear-budget",
+            run_name=f"{name}-f{args.fraction:g}-d{args.draw}",
+            **rule,
+        )
         t0 = time.perf_counter()
         res = finetune(cfg, data=prepared, store=store, progress=False)
         seconds = time.perf_counter() - t0
         run = client.get_run(res.run_id)
         m, params = run.data.metrics, run.data.params
-        print(f"{name:10} {rule['head']:12} {rule['lr']:7.0e} {rule['min_steps']:9d} {params['optimizer_steps']:>6} "
-              f"{params['epochs_resolved']:>6} {res.val_auc:8.4f} {m['val/probe_auc']:9.4f} "
-              f"{m['val/probe_gap']:+7.4f} {res.test['test/auc']:8.4f} {m['val/probe_seconds']:7.2f} "
-              f"{seconds:8.1f} {steps_within(client, res.run_id, m['val/probe_auc'], params):>10}", flush=True)
+        print(
+            f"{name:10} {rule['head']:12} {rule['lr']:7.0e} {rule['min_steps']:9d} "
+            f"{params['optimizer_steps']:>6} {params['epochs_resolved']:>6} {res.val_auc:8.4f} "
+            f"{m['val/probe_auc']:9.4f} "
+            f"{m['val/probe_gap']:+7.4f} {res.test['test/auc']:8.4f} {m['val/probe_seconds']:7.2f} "
+            f"{seconds:8.1f} {steps_within(client, res.run_id, m['val/probe_auc'], params):>10}",
+            flush=True,
+        )
 
 
 def steps_within(client: MlflowClient, run_id: str, probe_auc: float, params: dict, tol: float = 0.03) -> str:

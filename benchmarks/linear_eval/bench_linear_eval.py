@@ -24,15 +24,17 @@ from mococxr.data.phantom import synthesize
 from mococxr.data.prepare import prepare
 from mococxr.models.backbones import build_encoder
 from mococxr.tracking import mlflow as mt
-from mococxr.tracking.registry import resolve_init
 from mococxr.train.finetune import finetune
+from mococxr.train.inits import resolve_init
 from mococxr.train.linear_eval import linear_eval
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="chexpert")
-    p.add_argument("--root", required=True, help="dataset root; a chexpert phantom is written there if absent")
+    p.add_argument(
+        "--root", required=True, help="dataset root; a chexpert phantom is written there if absent"
+    )
     p.add_argument("--n", type=int, default=800, help="phantom rows when --root does not exist")
     p.add_argument("--task", default="pleural_effusion")
     p.add_argument("--init", default="random", help="random | imagenet | state dict file | models:/ URI")
@@ -58,24 +60,45 @@ def main() -> None:
     encoder = build_encoder("resnet18", init=kind, state_dict=state)
     weights = Path(tmp) / "encoder.pt"  # both protocols start from exactly these weights
     torch.save(encoder.state_dict(), weights)
-    print(f"{args.dataset} {args.root}: {len(splits['train'])} train / {len(splits['val'])} val images, "
-          f"task {','.join(tasks)}, init {args.init}, {args.image_size} px, torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.dataset} {args.root}: {len(splits['train'])} train / {len(splits['val'])} val images, "
+        f"task {','.join(tasks)}, init {args.init}, {args.image_size} px, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     # the machine may be shared: time the fast evaluation a few times and keep the median
-    runs = [linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=args.image_size)
-            for _ in range(args.repeat)]
+    runs = [
+        linear_eval(encoder, splits["train"], splits["val"], tasks, image_size=args.image_size)
+        for _ in range(args.repeat)
+    ]
     fast = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
-    print(f"fast linear_eval:     val AUC {fast.auc:.4f}  {fast.seconds:8.1f} s  (median of {args.repeat}: "
-          f"{', '.join(f'{r.seconds:.1f}' for r in runs)} s; C={fast.C})", flush=True)
+    print(
+        f"fast linear_eval:     val AUC {fast.auc:.4f}  {fast.seconds:8.1f} s  (median of {args.repeat}: "
+        f"{', '.join(f'{r.seconds:.1f}' for r in runs)} s; C={fast.C})",
+        flush=True,
+    )
 
-    cfg = FinetuneConfig(data=data, init=str(weights), protocol="linear", epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, image_size=args.image_size, experiment="bench-linear-eval")
+    cfg = FinetuneConfig(
+        data=data,
+        init=str(weights),
+        protocol="linear",
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        experiment="bench-linear-eval",
+    )
     t0 = time.perf_counter()
     slow = finetune(cfg, data=prepared, store=store, progress=False)
     slow_s = time.perf_counter() - t0
-    print(f"slow linear protocol: val AUC {slow.val_auc:.4f}  {slow_s:8.1f} s  "
-          f"({args.epochs} epochs, {slow_s / args.epochs:.1f} s/epoch, best epoch {slow.best_epoch}, lr {args.lr:g})")
-    print(f"speed-up {slow_s / fast.seconds:.1f}x; AUC difference (fast - slow) {fast.auc - slow.val_auc:+.4f}")
+    print(
+        f"slow linear protocol: val AUC {slow.val_auc:.4f}  {slow_s:8.1f} s  "
+        f"({args.epochs} epochs, {slow_s / args.epochs:.1f} s/epoch, best epoch {slow.best_epoch}, "
+        f"lr {args.lr:g})"
+    )
+    print(
+        f"speed-up {slow_s / fast.seconds:.1f}x; AUC difference (fast - slow) {fast.auc - slow.val_auc:+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def main() -> None:
     torch.save(build_encoder("resnet18").state_dict(), encoder)
     splits = prepare(data_cfg).splits
     print(
-        f"phantom {root}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} images "
-        f"at {args.image_size} px; preset {args.preset}; torch threads {torch.get_num_threads()}"
+        f"phantom {root}: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} "
+        f"images at {args.image_size} px; preset {args.preset}; torch threads {torch.get_num_threads()}"
     )
     if args.rss:
         cfg = FinetuneConfig(
@@ -136,8 +136,8 @@ def main() -> None:
         finetune(cfg, progress=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(
-            f"one cached linear cell at {args.fraction_rss:g} ({args.preset}): {time.perf_counter() - t0:.0f} s, "
-            f"peak RSS {peak:.2f} GiB"
+            f"one cached linear cell at {args.fraction_rss:g} ({args.preset}): "
+            f"{time.perf_counter() - t0:.0f} s, peak RSS {peak:.2f} GiB"
         )
         return
     before, rows_before = grid(args, data_cfg, encoder, cached=False)
@@ -153,8 +153,9 @@ def main() -> None:
         a["best_epoch"] == b["best_epoch"] for a, b in zip(rows_before, rows_after, strict=True)
     )
     print(
-        f"{len(rows_before)} cells: recomputed {before:.1f} s, cached {after:.1f} s, {before / after:.1f}x faster; "
-        f"chosen epochs {'identical' if same_epochs else 'DIFFER'}; largest test AUC difference {worst:.2e} "
+        f"{len(rows_before)} cells: recomputed {before:.1f} s, cached {after:.1f} s, "
+        f"{before / after:.1f}x faster; chosen epochs {'identical' if same_epochs else 'DIFFER'}; "
+        f"largest test AUC difference {worst:.2e} "
         f"({'within' if worst <= args.tol else 'OVER'} {args.tol:g})"
     )
 

@@ -82,8 +82,22 @@ def loop_rate(data: list[torch.Tensor], warmup: int, k: int):
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     warm = PairDataset(torch.cat(data[:warmup]))
     timed = PairDataset(torch.cat(data[warmup:]))
-    t = P.Training(cfg, model, model, opt, sched, scaler, warm, rank=0, world=1, device=torch.device("cpu"),
-                   init="random", origin={}, progress=False, precision=Precision("off", True, "cpu"))
+    t = P.Training(
+        cfg,
+        model,
+        model,
+        opt,
+        sched,
+        scaler,
+        warm,
+        rank=0,
+        world=1,
+        device=torch.device("cpu"),
+        init="random",
+        origin={},
+        progress=False,
+        precision=Precision("off", True, "cpu"),
+    )
     P._train_one_epoch(t, 1)
     t = dataclasses.replace(t, dataset=timed)
     metrics = P._train_one_epoch(t, 2)
@@ -176,9 +190,15 @@ def main() -> None:
         loop = metrics["train/images_per_s"]
         cost = mlflow_cost(t, metrics)
         epoch_s = args.epoch_images / loop
-        out.update(plain_img_s=round(plain, 2), plain_spread=[round(plain_a, 2), round(plain_b, 2)],
-                   loop_img_s=round(loop, 2), ratio=round(loop / plain, 3), mlflow_epoch_end_s=round(cost, 3),
-                   epoch_s_at_epoch_images=round(epoch_s, 1), mlflow_overhead_pct=round(100 * cost / epoch_s, 2))
+        out.update(
+            plain_img_s=round(plain, 2),
+            plain_spread=[round(plain_a, 2), round(plain_b, 2)],
+            loop_img_s=round(loop, 2),
+            ratio=round(loop / plain, 3),
+            mlflow_epoch_end_s=round(cost, 3),
+            epoch_s_at_epoch_images=round(epoch_s, 1),
+            mlflow_overhead_pct=round(100 * cost / epoch_s, 2),
+        )
     print(json.dumps(out))
 
 

@@ -265,3 +265,22 @@ def test_a_lease_lost_while_training_leaves_one_finished_run(
     assert client.get_run(mine).info.status == ("FINISHED" if copy_adopts_ours else "FAILED")
     assert client.get_run(theirs).info.status == "FINISHED"
     assert queue.counts()["complete"] == 1
+
+
+def test_a_waiting_worker_takes_the_item_of_a_worker_that_died_meanwhile(tmp_path):
+    """benchmarks/queue_scale found this: workers already in the barrier never took the copies of the
+    cells whose workers were killed later. wait() now hands such an item back to be popped."""
+    queue = WorkQueue.open("q", f"sqlite:///{tmp_path}/o.db", ITEMS[:2], heartbeat=FAST, say=lambda _: None)
+    dying = queue.pop()
+    dying._stop.set()  # its worker dies: no more heartbeats
+    alive = queue.pop()
+    alive.done(0.5, "b")
+    assert queue.pop() is None
+    t0 = time.monotonic()
+    assert queue.wait(say=lambda _: None) is False  # after the grace period: the dead worker's item is back
+    assert FAST.grace <= time.monotonic() - t0 < 30
+    retry = queue.pop()
+    assert retry.key == dying.key and retry.retry_of == dying.number
+    retry.done(0.6, "a")
+    assert queue.wait(say=lambda _: None) is True
+    assert queue.counts() == {"complete": 2, "running": 0, "waiting": 0, "fail": 0}

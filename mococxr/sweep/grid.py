@@ -183,9 +183,10 @@ def run_grid(
         say(f"grid {spec.name}: {before} of {len(by_key)} cells finished before, kept")
     cells = _Cells(spec, by_key, store, progress, train, data)
     try:
-        while (lease := queue.pop()) is not None:
-            _run_cell(cells, queue, lease, result, say)
-        queue.wait(say, what="cell")
+        # until no cell waits or runs in any worker; a dead worker's cell that comes back is taken here
+        while (lease := queue.pop()) is not None or not queue.wait(say, what="cell"):
+            if lease is not None:
+                _run_cell(cells, queue, lease, result, say)
     except BaseException as exc:
         try:
             _close(cells, queue, result, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

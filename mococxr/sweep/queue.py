@@ -263,14 +263,17 @@ class WorkQueue:
                 return t
         return None
 
-    def wait(self, say: Callable[[str], None] = print, what: str = "item") -> None:
-        """The barrier: return once no item of the queue is waiting or running in any worker."""
+    def wait(self, say: Callable[[str], None] = print, what: str = "item") -> bool:
+        """The barrier: ``True`` once no item of the queue is waiting or running in any worker; ``False`` as
+        soon as an item waits for a worker (a dead worker's item queued again): pop it, then wait again."""
         said = None
         while True:
             fail_stale(self.study)
             live = [t for t in self.items().values() if t.state in LIVE]
             if not live:
-                return
+                return True
+            if any(t.state == TrialState.WAITING for t in live):
+                return False
             who = sorted({t.user_attrs.get("worker", "?") for t in live if t.state == TrialState.RUNNING})
             line = (
                 f"{self.name}: waiting for {len(live)} {what}(s) running in other workers"
@@ -388,7 +391,9 @@ def run_each(
     that step. A worker that dies in one is replaced after the grace period; an error in one is raised
     by the worker that met it and, as one line naming it, by every worker waiting for it."""
     queue = WorkQueue.open(name, storage_url, [Item(k) for k in works], heartbeat=heartbeat, say=say)
-    while (lease := queue.pop()) is not None:
+    while (lease := queue.pop()) is not None or not queue.wait(say, what="step"):
+        if lease is None:
+            continue  # an item came back (its worker died): pop it
         try:
             result = dict(works[lease.key]())
         except KeyboardInterrupt:
@@ -398,7 +403,6 @@ def run_each(
             lease.failed(f"{type(exc).__name__}: {exc}")
             raise
         lease.done(None, run_id=str(result.get("run_id", "")), result=result)
-    queue.wait(say, what="step")
     stands = queue.items()
     for key in works:
         t = stands.get(key)

@@ -266,12 +266,21 @@ class WorkQueue:
     def wait(self, say: Callable[[str], None] = print, what: str = "item") -> bool:
         """The barrier: ``True`` once no item of the queue is waiting or running in any worker; ``False`` as
         soon as an item waits for a worker (a dead worker's item queued again): pop it, then wait again."""
-        said = None
+        said, settled = None, False
         while True:
             fail_stale(self.study)
-            live = [t for t in self.items().values() if t.state in LIVE]
+            items = self.items().values()
+            live = [t for t in items if t.state in LIVE]
             if not live:
-                return True
+                # a lease just failed as dead gets its copy a moment after the FAIL (two writes in optuna's
+                # fail_stale_trials): look once more before calling it done (benchmarks/queue_scale)
+                if settled or not any(
+                    t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs for t in items
+                ):
+                    return True
+                settled = True
+                time.sleep(1.0)
+                continue
             if any(t.state == TrialState.WAITING for t in live):
                 return False
             who = sorted({t.user_attrs.get("worker", "?") for t in live if t.state == TrialState.RUNNING})

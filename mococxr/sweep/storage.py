@@ -128,7 +128,7 @@ def trial_run_failer(experiment: str, kind: str) -> Callable[[optuna.Study, Froz
 
 
 class _StaleTrialHandler:
-    """Tells ``on_stale`` about a dead worker's trial, then lets optuna queue the retry (same params)."""
+    """Lets optuna queue the retry of a dead worker's trial (same params), then tells ``on_stale``."""
 
     def __init__(
         self,
@@ -139,12 +139,12 @@ class _StaleTrialHandler:
         self.on_stale = on_stale
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)  # first: the copy follows the FAIL as closely as it can (queue.wait)
         if self.on_stale is not None:
             try:
                 self.on_stale(study, trial)
             except Exception as exc:  # noqa: BLE001 - the retry matters more than the courtesy
                 print(f"{study.study_name}: trial {trial.number}: could not mark its run: {exc}", flush=True)
-        self.retry(study, trial)
 
 
 class _PerTrialSeed(optuna.samplers.BaseSampler):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mococxr.commands.handlers import command_store
+from mococxr.tracking.mlflow import OPTUNA_ENV
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
@@ -30,6 +32,8 @@ def cmd_paper_plan(args: argparse.Namespace) -> int:
     from mococxr.flows.cost import estimate
     from mococxr.flows.plan import load_plan
 
+    if args.storage:  # the studies whose finished trials --plan reads are in the workers' storage
+        os.environ[OPTUNA_ENV] = args.storage
     plan = load_plan(args.spec, roots={"chexpert": args.chexpert_root, "shenzhen": args.shenzhen_root})
     print(estimate(plan, args.only, tracking_uri=args.tracking_uri), flush=True)
     return 0

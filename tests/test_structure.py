@@ -195,3 +195,28 @@ def test_the_run_description_tag_is_spelled_once():
     assert not found, "mlflow.note.content spelled outside tracking/mlflow.py (use mt.NOTE_TAG):\n" + (
         "\n".join(found)
     )
+
+
+def _literal_text(node: ast.AST) -> bool:
+    """Whether ``node`` is (or joins) string text written in place: a literal or an f-string."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _literal_text(node.left) or _literal_text(node.right)
+    return isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("join", "format")
+
+
+def test_search_filters_are_built_in_one_place():
+    """Every MLflow filter handed to a ``search_*`` call comes from tracking/filters.py, which quotes names
+    correctly: a string or f-string written at the call is hand-built."""
+    found = []
+    for path in _modules():
+        rel = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "").startswith("search_")):
+                continue
+            args = [*node.args, *(k.value for k in node.keywords if k.arg in ("filter_string", "filter"))]
+            found += [f"{rel}:{node.lineno}" for a in args if _literal_text(a)]
+    assert not found, "hand-built MLflow filters (use tracking/filters.py):\n" + "\n".join(found)

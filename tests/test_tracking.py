@@ -221,3 +221,28 @@ def test_retained_best_keeps_the_top_k_and_the_latest():
 def test_retained_best_needs_a_logged_metric():
     with pytest.raises(ConfigError, match="'val/auc' is not logged"):
         checkpoints.retained("best:2:val/auc", {1: {"train/loss": 1.0}})
+
+
+NAMES = ["plain", "a'b", 'a"b', "a\\b", "ends\\", "é✓ü/名", "it''s", "x\\'y", "50%_off"]
+
+
+def test_every_filter_matches_exactly_its_own_value(tmp_path):
+    """Quotes, backslashes and unicode in names are matched as themselves by every filter we build."""
+    from mococxr.tracking import filters as flt
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient()
+    exp = client.create_experiment("names")
+    ids = {v: client.create_run(exp, tags={"mococxr.kind": v}, run_name=v).info.run_id for v in NAMES}
+    for value, rid in ids.items():
+        by_tag = client.search_runs([exp], flt.tags({"mococxr.kind": value}))
+        assert [r.info.run_id for r in by_tag] == [rid], value
+        by_name = client.search_runs([exp], flt.equal("attributes.run_name", value))
+        assert [r.info.run_id for r in by_name] == [rid], value
+    some = [ids["a'b"], ids["a\\b"]]
+    found = client.search_runs([exp], flt.both(flt.one_of("attributes.run_id", some), flt.status("RUNNING")))
+    assert sorted(r.info.run_id for r in found) == sorted(some)
+    with pytest.raises(TrackingError, match="both a single and a double quote"):
+        flt.literal("a'b\"c")
+    with pytest.raises(ConfigError, match="both a single and a double quote"):
+        mt.check_experiment_name("a'b\"c")

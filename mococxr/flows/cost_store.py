@@ -18,6 +18,7 @@ from pathlib import Path
 from mococxr.errors import MococxrError
 from mococxr.flows.cost import Line
 from mococxr.flows.plan import PaperPlan
+from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
 
 
@@ -84,7 +85,7 @@ class StoreView:
             study = self.plan.study_name(backbone)
             versions = [
                 v
-                for v in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")
+                for v in MlflowClient().search_model_versions(flt.equal("name", name))
                 if v.tags.get(mt.tag("optuna_study")) == study
             ]
             for v in sorted(versions, key=lambda v: int(v.tags.get(mt.tag("optuna_trial"), "0"))):

@@ -26,6 +26,7 @@ from mococxr.errors import ConfigError
 from mococxr.flows.plan import PaperPlan
 from mococxr.sweep.grid import GridResult, run_grid
 from mococxr.sweep.queue import run_once
+from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
 from mococxr.tracking.registry import alias_version, promote, register
 
@@ -189,7 +190,7 @@ def register_trials(plan: PaperPlan, backbone: str, spec) -> list[Checkpoint]:
             mv.tags.get(mt.tag("optuna_trial")),
             mv.tags.get(mt.tag("model_id")),
         ): str(mv.version)
-        for mv in MlflowClient().search_model_versions(f"name = {mt.quote_filter(name)}")
+        for mv in MlflowClient().search_model_versions(flt.equal("name", name))
     }  # [] for a new name
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):

@@ -15,6 +15,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mococxr.tracking import filters as flt
 from mococxr.tracking.mlflow import tag
 
 BEST_AT_LAST_TAG = tag("best_at_last_epoch")
@@ -74,12 +75,10 @@ def _run_data(client: MlflowClient, exp_id: str, ids: list[str]) -> dict:
     """Each run's ``RunData`` (params, metrics, tags), 100 run ids per search."""
     found = {}
     for start in range(0, len(ids), 100):
-        chunk = ", ".join(f"'{i}'" for i in ids[start : start + 100])
         token = None
         while True:
-            page = client.search_runs(
-                [exp_id], f"attributes.run_id IN ({chunk})", max_results=1000, page_token=token
-            )
+            chunk = flt.one_of("attributes.run_id", ids[start : start + 100])
+            page = client.search_runs([exp_id], chunk, max_results=1000, page_token=token)
             found.update({r.info.run_id: r.data for r in page})
             token = page.token
             if not token:

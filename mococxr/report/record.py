@@ -38,6 +38,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
+from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
 
 REVISION = "report/revision"
@@ -56,7 +57,7 @@ def find_report_run(experiment_id: str, key: str) -> tuple[str | None, int]:
     """(the report run for ``key``, its last revision); the oldest when two were made at once."""
     runs = MlflowClient().search_runs(
         [experiment_id],
-        f"tags.`{mt.tag('kind')}` = 'report' and tags.`{mt.tag('config_hash')}` = '{key}'",
+        flt.tags(mt.tags(kind="report", config_hash=key)),
         order_by=["attributes.start_time ASC"],
         max_results=10,
     )

@@ -29,6 +29,7 @@ from mococxr.console import progress as progress_bar
 from mococxr.data.phantom import is_phantom
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.tracking import artifacts as ma
+from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
 
 PREDICTIONS_ARTIFACT = "predictions/test.parquet"
@@ -71,18 +72,13 @@ def find_runs(
     if exp is None:
         raise TrackingError(f"experiment {experiment!r} not found at {mlflow.get_tracking_uri()}")
     filters = {"kind": "finetune", "dataset": dataset, "task": task, "backbone": backbone}
-    clauses = ["attributes.status = 'FINISHED'"]
     for key, value in filters.items():
-        if value is None:
-            continue
-        if "'" in str(value):
-            raise ConfigError(f"report filter {key}={value!r} must not contain a single quote")
-        clauses.append(f"tags.`{mt.tag(key)}` = '{value}'")
+        if value is not None and not flt.searchable(value):
+            raise ConfigError(f"report filter {key}={value!r} must not hold both a single and a double quote")
+    where = flt.both(flt.status("FINISHED"), flt.tags({mt.tag(k): v for k, v in filters.items()}))
     found, token = [], None
     while True:
-        page = client.search_runs(
-            [exp.experiment_id], " and ".join(clauses), max_results=1000, page_token=token
-        )
+        page = client.search_runs([exp.experiment_id], where, max_results=1000, page_token=token)
         found.extend(page)
         token = page.token
         if not token:

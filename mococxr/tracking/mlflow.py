@@ -206,21 +206,6 @@ def current_store(store: Store | None = None) -> Store:
     return open_store()
 
 
-def quote_filter(value: Any) -> str:
-    """``value`` as a string literal of an MLflow search filter: ``'it'``, or ``"it's"`` when it holds a
-    single quote (MLflow's filter parser knows no escapes, so a value holding both quote kinds cannot be
-    searched)."""
-    text = str(value)
-    if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text:
-        return f'"{text}"'
-    raise TrackingError(
-        f"{text!r} holds both a single and a double quote, which an MLflow search filter "
-        "cannot express; rename it"
-    )
-
-
 def check_experiment_name(name: str) -> str:
     """``name`` if it can name an experiment (and its artifact folder), else a ``ConfigError`` naming it.
 
@@ -233,6 +218,8 @@ def check_experiment_name(name: str) -> str:
         problem = "it is empty"
     elif "\x00" in name:
         problem = "it holds a NUL character"
+    elif "'" in name and '"' in name:
+        problem = "it holds both a single and a double quote, which no MLflow search filter can match"
     elif folder.strip() in (".", "..") or os.path.dirname(os.path.normpath(f"/root/{folder}")) != "/root":
         problem = "it is a path component, so its artifacts would land outside the artifact root"
     if problem:

@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
-from mococxr.tracking.mlflow import quote_filter, tag, tags
+from mococxr.tracking import filters as flt
+from mococxr.tracking.mlflow import tag, tags
 from mococxr.tracking.uris import (  # re-exported: the registry's view of a reference
     ALIASES,
     ARCHIVED,
@@ -53,7 +54,7 @@ def find_logged_model(run_id: str, epoch: int) -> str:
         raise TrackingError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
     models = client.search_logged_models(
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND tags.`{tag('checkpoint_epoch')}` = '{epoch}'",
+        filter_string=flt.both(flt.equal("source_run_id", run_id), flt.tag(tag("checkpoint_epoch"), epoch)),
     )
     ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")]
     if not ready:
@@ -207,7 +208,7 @@ def _aliases(client: MlflowClient, name: str | None) -> dict[tuple[str, str], li
 def _search_versions(client: MlflowClient, name: str | None) -> list:
     """Every version (of ``name``), through all result pages."""
     try:
-        filt = f"name = {quote_filter(name)}" if name else None
+        filt = flt.equal("name", name) if name else None
     except TrackingError:  # both quote kinds in the name: no filter can say it, so filter here
         return [mv for mv in _search_versions(client, None) if mv.name == name]
     found, token = [], None
@@ -270,10 +271,11 @@ def log_model_input(run_id: str, origin: dict[str, Any]) -> None:
 def consumers_filter(name: str, version: str | int) -> str:
     """The MLflow search filter that finds the finished fine-tune runs initialised from ``name``
     ``version``."""
-    return (
-        f"tags.`{tag('kind')}` = 'finetune' and "
-        f"tags.`{tag('registry_version')}` = {quote_filter(version)} and "
-        f"params.init_registered_model = {quote_filter(name)} and attributes.status = 'FINISHED'"
+    return flt.both(
+        flt.tag(tag("kind"), "finetune"),
+        flt.tag(tag("registry_version"), version),
+        flt.equal("params.init_registered_model", name),
+        flt.status("FINISHED"),
     )
 
 

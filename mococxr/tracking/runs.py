@@ -13,12 +13,8 @@ from collections.abc import Mapping
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
-
-
-def where(tags: Mapping[str, str]) -> str:
-    """An MLflow filter matching every ``tags`` key = value (values quoted by :func:`mt.quote_filter`)."""
-    return " AND ".join(f"tags.`{k}` = {mt.quote_filter(v)}" for k, v in tags.items())
 
 
 def _experiment_id(experiment: str) -> str | None:
@@ -33,7 +29,7 @@ def trial_run_id(experiment: str, study_name: str, number: int, *, kind: str = "
     if exp_id is None:
         return None
     found = MlflowClient().search_runs(
-        [exp_id], where(mt.tags(optuna_study=study_name, optuna_trial=number, kind=kind))
+        [exp_id], flt.tags(mt.tags(optuna_study=study_name, optuna_trial=number, kind=kind))
     )
     return found[0].info.run_id if found else None
 
@@ -45,7 +41,7 @@ def finished_hashes(experiment: str) -> dict[str, str]:
         return {}
     found = mlflow.search_runs(
         [exp_id],
-        filter_string=f"{where(mt.tags(kind='finetune'))} and attributes.status = 'FINISHED'",
+        filter_string=flt.both(flt.tags(mt.tags(kind="finetune")), flt.status("FINISHED")),
         output_format="list",
     )
     return {r.data.tags.get(mt.tag("config_hash"), ""): r.info.run_id for r in found}
@@ -58,7 +54,7 @@ def finished_run(experiment: str, cfg_hash: str) -> mlflow.entities.Run | None:
         return None
     found = MlflowClient().search_runs(
         [exp_id],
-        f"{where(mt.tags(kind='finetune', config_hash=cfg_hash))} and attributes.status = 'FINISHED'",
+        flt.both(flt.tags(mt.tags(kind="finetune", config_hash=cfg_hash)), flt.status("FINISHED")),
         order_by=["attributes.start_time ASC"],
         max_results=1,
     )
@@ -71,7 +67,7 @@ def running_children(parent_run_id: str) -> list[mlflow.entities.Run]:
     exp_id = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs(
         [exp_id],
-        f"tags.`mlflow.parentRunId` = {mt.quote_filter(parent_run_id)} and attributes.status = 'RUNNING'",
+        flt.both(flt.tag("mlflow.parentRunId", parent_run_id), flt.status("RUNNING")),
     )
 
 
@@ -123,5 +119,4 @@ __all__ = [
     "reopen",
     "running_children",
     "trial_run_id",
-    "where",
 ]

@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from mococxr.config import PretrainConfig, build, parse_keep
 from mococxr.errors import ConfigError, DataError, TrackingError
 from mococxr.models.backbones import load_state_dict_file
+from mococxr.tracking import filters as flt
 from mococxr.tracking.artifacts import quiet_downloads
 from mococxr.tracking.mlflow import tag
 
@@ -70,7 +71,7 @@ def run_models(run_id: str) -> list[Any]:
     run = client.get_run(run_id)
     return list(
         client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+            experiment_ids=[run.info.experiment_id], filter_string=flt.equal("source_run_id", run_id)
         )
     )
 
@@ -86,7 +87,7 @@ def registered_model_ids(run_id: str) -> dict[str, str]:
     client = MlflowClient()
     token = None
     while True:
-        page = client.search_model_versions(f"run_id = '{run_id}'", page_token=token)
+        page = client.search_model_versions(flt.equal("run_id", run_id), page_token=token)
         for mv in page:
             m = _MODEL_URI.match(mv.source or "")
             for model_id in {

@@ -236,3 +236,38 @@ def test_plan_errors_name_the_key(change, message):
     change(raw)
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_demo_plan(raw, source="demo_plan.yaml")
+
+
+@pytest.mark.slow
+def test_two_quick_demos_started_together_in_one_folder_share_the_work(tmp_path):
+    """Two `mococxr demo --quick` in one folder at once: both exit 0, every cell is run once (one worker
+    runs it, the other waits for it or takes another), one study, one report run."""
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MOCOCXR_"))}
+    cmd = [sys.executable, "-m", "mococxr", "demo", "--quick"]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    names = demo_names(quick=True)
+    finetune = client.get_experiment_by_name(names.finetune_experiment).experiment_id
+    runs = client.search_runs([finetune], max_results=1000)
+    kinds = Counter((r.data.tags.get("mococxr.kind"), r.info.status) for r in runs)
+    assert kinds == {("finetune", "FINISHED"): 16, ("grid", "FINISHED"): 1, ("report", "FINISHED"): 1}, kinds
+    hashes = Counter(
+        r.data.tags["mococxr.config_hash"] for r in runs if r.data.tags["mococxr.kind"] == "finetune"
+    )
+    assert set(hashes.values()) == {1}
+    sweep = client.get_experiment_by_name(names.sweep_experiment).experiment_id
+    pretrain = [r for r in client.search_runs([sweep]) if r.data.tags.get("mococxr.kind") == "pretrain"]
+    assert len(pretrain) == 2 and {r.info.status for r in pretrain} == {"FINISHED"}
+    assert all("the whole demo took" in out for out in outs)

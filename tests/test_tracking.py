@@ -246,3 +246,25 @@ def test_every_filter_matches_exactly_its_own_value(tmp_path):
         flt.literal("a'b\"c")
     with pytest.raises(ConfigError, match="both a single and a double quote"):
         mt.check_experiment_name("a'b\"c")
+
+
+def test_a_parent_ends_where_its_last_child_ended(tmp_path):
+    """A reopened parent is not stretched over the pause before its re-run: it spans its children."""
+    import time
+
+    from mococxr.tracking import runs
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient()
+    exp = client.create_experiment("parents")
+    parent = client.create_run(exp).info.run_id
+    runs.end_parent(parent, "FINISHED")  # no child yet: ends now
+    assert client.get_run(parent).info.status == "FINISHED"
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(child, "FINISHED")
+    last = client.get_run(child).info.end_time
+    runs.reopen(parent)
+    time.sleep(1.2)  # the pause a re-run would add
+    runs.end_parent(parent, "FINISHED")
+    info = client.get_run(parent).info
+    assert info.status == "FINISHED" and info.end_time == last

@@ -299,7 +299,7 @@ def _close(cells: _Cells, queue: WorkQueue, result: GridResult, status: str) -> 
     done = f"{counts['complete']} of {len(cells.by_key)} cells finished; {state}."
     client.set_tag(parent, mt.NOTE_TAG, describe_grid(cells.spec, done))
     if not live:
-        client.set_terminated(parent, status)
+        runs.end_parent(parent, status)
 
 
 def _running(storage: str, name: str) -> dict[str, str]:

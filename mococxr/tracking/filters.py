@@ -66,9 +66,14 @@ def status(state: str) -> str:
     return equal("attributes.status", state)
 
 
+def ended() -> str:
+    """Runs that have an end time (ended at least once; a reopened parent keeps its last one)."""
+    return "attributes.end_time > 0"
+
+
 def both(*clauses: str) -> str:
     """The clauses joined by AND; empty ones are left out."""
     return " AND ".join(c for c in clauses if c)
 
 
-__all__ = ["both", "equal", "literal", "one_of", "searchable", "status", "tag", "tags"]
+__all__ = ["both", "ended", "equal", "literal", "one_of", "searchable", "status", "tag", "tags"]

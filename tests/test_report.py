@@ -203,7 +203,10 @@ def test_toy_table_by_hand(store, tmp_path):
         "# mococxr report: task pleural_effusion, dataset nih\n\n- Task pleural_effusion"
     )
     assert "label fraction 10%" in md_file and "AUC difference, moco - baseline" in md_file
-    assert "8 images of 4 patients" in report.context.plot_title()
+    # the plot carries a short title; what its numbers rest on is text beside it (report.html, report.md)
+    assert report.context.plot_title() == "pleural_effusion on nih"
+    assert "8 images of 4 patients" in report.context.plot_caption() and "8 images" in md_file
+    assert "![Test AUC against label fraction" in md_file and "(plots/auc.png)" in md_file
     csv = pd.read_csv(tmp_path / "out" / "tables" / "absolute.csv")  # the tidy CSV keeps its columns
     assert list(csv.columns) == [
         "task",
@@ -242,6 +245,7 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
 
     files = set(walk(folder))
     assert {
+        "report.html",
         "report.md",
         "runs.json",
         "tables/absolute.csv",
@@ -268,6 +272,7 @@ def test_report_run_is_logged_with_tables_plots_and_run_ids(store, tmp_path):
     assert run.info.run_name == "report-pleural_effusion-nih"
     note = run.data.tags["mlflow.note.content"]
     assert "Task pleural_effusion on dataset nih" in note and "mean over 2 draws" in note
+    assert f"**Open `{folder}/report.html`**" in note  # the file the MLflow UI shows as a page
     metrics = run.data.metrics
     assert (
         metrics["report/n_runs"] == 8 and metrics["report/n_cells"] == 4 and metrics["report/revision"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 
@@ -141,8 +143,36 @@ def _csv(run_id: str, path: str, tmp_path) -> pd.DataFrame:
     return pd.read_csv(local, dtype=str, keep_default_na=False)
 
 
+def _assert_headers(run_id: str, tmp_path) -> None:
+    """Every table the family wrote (each CSV, each Markdown table) has unique headers, unique even when cut
+    to 15 characters (the MLflow CSV preview showed two columns as "Baseline (Rand…"), and our columns
+    before the paper's: each ``paper X`` column after every ``X`` it sits beside."""
+    tables = []
+    for name in sorted(_artifacts(run_id)):
+        if name.endswith(".csv"):
+            tables.append((name, next(csv.reader(io.StringIO(_read(run_id, name, tmp_path))))))
+        elif name.endswith(".md"):
+            lines = _read(run_id, name, tmp_path).splitlines()
+            tables += [
+                (name, [c.strip() for c in head.strip().strip("|").split(" | ")])
+                for head, rule in zip(lines, lines[1:], strict=False)
+                if head.startswith("| ") and rule.startswith("|---")
+            ]
+    assert {n for n, _ in tables} >= {n for n in _artifacts(run_id) if n.endswith(".csv")}
+    for name, header in tables:
+        assert len(set(header)) == len(header), (name, header)
+        assert len({h[:15] for h in header}) == len(header), (name, header)
+        lower = [h.lower() for h in header]
+        partners = [
+            lower.index(h[len("paper ") :]) for h in lower if h.startswith("paper ") and h[6:] in lower
+        ]
+        papers = [i for i, h in enumerate(lower) if h.startswith("paper ")]
+        assert not partners or max(partners) < min(papers), (name, header)
+
+
 def _fraction_columns(fractions) -> list[str]:
-    return [c for f in fractions for c in (pub_percent(f), f"{pub_percent(f)} paper")]
+    """Ours at every fraction first, then the paper's (a narrow view of the CSV shows ours)."""
+    return [pub_percent(f) for f in fractions] + [f"paper {pub_percent(f)}" for f in fractions]
 
 
 def pub_percent(f: float) -> str:
@@ -176,12 +206,14 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
         "figure3.png",
         "figure4.png",
         "appendix_figure3.png",
+        "report.html",
         "report.md",
         "runs.json",
     }
     assert _artifacts(run_id) == items
     note = run.data.tags["mlflow.note.content"]
     assert all(f"`{name}`" in note for name in items)
+    _assert_headers(run_id, tmp_path)
 
     table1 = _csv(run_id, "table1.csv", tmp_path)
     assert list(table1.columns) == [
@@ -200,10 +232,10 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
         )
     ]
     e2e = table1.iloc[0]
-    assert e2e["100%"] == "+0.000 (0.000, 0.000)" and e2e["100% paper"] == "+0.000 (-0.009, 0.009)"  # inside
-    assert e2e["1%"] == "+0.000 (0.000, 0.000)" and e2e["1% paper"] == f"+0.027 (0.006, 0.047) {MARK}"
-    assert e2e["0.1%"] == "" and e2e["0.1% paper"] == "+0.037 (0.015, 0.062)"  # a fraction we lack: no mark
-    assert table1.iloc[1]["100%"].startswith("+") and table1.iloc[1]["100% paper"].startswith(
+    assert e2e["100%"] == "+0.000 (0.000, 0.000)" and e2e["paper 100%"] == "+0.000 (-0.009, 0.009)"  # inside
+    assert e2e["1%"] == "+0.000 (0.000, 0.000)" and e2e["paper 1%"] == f"+0.027 (0.006, 0.047) {MARK}"
+    assert e2e["0.1%"] == "" and e2e["paper 0.1%"] == "+0.037 (0.015, 0.062)"  # a fraction we lack: no mark
+    assert table1.iloc[1]["100%"].startswith("+") and table1.iloc[1]["paper 100%"].startswith(
         "+0.034 (-0.009, 0.080)"
     )
 
@@ -217,13 +249,13 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
     assert len(app1) == 8 and list(app1["Pretraining"][:2]) == ["MoCo", "ImageNet"]
     assert list(app1["Fine tuning"]) == ["Linear Model"] * 4 + ["End-to-End"] * 4
     moco = app1.iloc[0]
-    assert moco["100%"] == "1.000 (1.000, 1.000)" and moco["100% paper"] == f"0.850 (0.808, 0.884) {MARK}"
+    assert moco["100%"] == "1.000 (1.000, 1.000)" and moco["paper 100%"] == f"0.850 (0.808, 0.884) {MARK}"
     marked = 0
     for row in app1.itertuples(index=False):  # the mark says exactly where the two numbers differ
         for f in (0.01, 1.0):
             mine, theirs = (
                 row[app1.columns.get_loc(pub_percent(f))],
-                row[app1.columns.get_loc(f"{pub_percent(f)} paper")],
+                row[app1.columns.get_loc(f"paper {pub_percent(f)}")],
             )
             z = _z(mine, theirs)  # from the printed, rounded numbers: a cell near the edge may go either way
             if abs(abs(z) - 1.96) > 0.05:
@@ -233,8 +265,8 @@ def test_chexpert_family_tables_figures_captions_and_rerun(tmp_path):
                     == (abs(z) > 1.96)
                 )
             marked += theirs.endswith(MARK)
-    assert any(c.endswith(MARK) for c in app1["1% paper"]) and not all(
-        c.endswith(MARK) for c in app1["100% paper"]
+    assert any(c.endswith(MARK) for c in app1["paper 1%"]) and not all(
+        c.endswith(MARK) for c in app1["paper 100%"]
     )
     app1_md = _read(run_id, "appendix_table1.md", tmp_path)
     assert "16 cells compared, so about 0.8 would be marked by chance alone" in app1_md
@@ -314,6 +346,7 @@ def test_shenzhen_family_on_the_phantom_says_random_init_and_not_comparable(tmp_
     assert {"appendix_table2.csv", "appendix_table3.md", "figure5.png", "appendix_figure4.png"} <= _artifacts(
         run_id
     )
+    _assert_headers(run_id, tmp_path)
     imp = _csv(run_id, "appendix_table3.csv", tmp_path)
     assert list(imp.columns) == [
         "Architecture",
@@ -321,7 +354,7 @@ def test_shenzhen_family_on_the_phantom_says_random_init_and_not_comparable(tmp_
         "Random-init",
         *_fraction_columns(pub.SHENZHEN_FRACTIONS),
     ]
-    assert imp.iloc[1]["25%"] == "" and imp.iloc[1]["25% paper"] == "+0.026 (-0.001, 0.056)"
+    assert imp.iloc[1]["25%"] == "" and imp.iloc[1]["paper 25%"] == "+0.026 (-0.001, 0.056)"
     absolute = _csv(run_id, "appendix_table2.csv", tmp_path)
     assert list(absolute["Pretraining"]) == ["MoCo", "Random-init"] * 2
     md = _read(run_id, "appendix_table2.md", tmp_path)
@@ -396,7 +429,9 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
     pre = {(r.lr, r.scheduler): r.pretrain_run_id for r in rows}
     run_id = table2_report("paper-t2", rows, notes=IMAGENET, out=tmp_path / "out", n_replicates=30)
     assert MlflowClient().get_run(run_id).info.run_name == "paper-table2"
-    assert {"table2.md", "table2.csv", "table2.json", "report.md", "runs.json"} == _artifacts(run_id)
+    assert {"table2.md", "table2.csv", "table2.json", "report.html", "report.md", "runs.json"} == _artifacts(
+        run_id
+    )
     chosen = [
         (1e-2, "milestone"),
         (1e-3, "cosine"),
@@ -404,12 +439,13 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
         (1e-5, "cosine"),
     ]  # the paper's order
 
+    _assert_headers(run_id, tmp_path)
     table = _csv(run_id, "table2.csv", tmp_path)  # every trial, the chosen one first within its rate
     assert list(table.columns) == [
         "Learning rate",
         "Scheduler",
         "AUC (lo, hi)",
-        "paper",
+        "paper AUC (lo, hi)",
         "validation",
         "chosen",
         "pretraining run",
@@ -424,10 +460,10 @@ def test_table2_is_one_row_per_learning_rate_chosen_on_validation(tmp_path):
     ]
     assert list(table["validation"][:2]) == ["0.650 (val/linear_auc)", "0.610 (val/linear_auc)"]
     assert list(table["validation"][6:]) == ["0.850 (best/val_auc)", "0.840 (best/val_auc)"]
-    assert all(table["paper"][1::2] == "")  # the published number only beside the chosen row
-    assert table["paper"][4].startswith("0.944 (0.907, 0.972)") and table["paper"][0].startswith(
-        "0.786 (0.699, 0.861)"
-    )
+    assert all(table["paper AUC (lo, hi)"][1::2] == "")  # the published number only beside the chosen row
+    assert table["paper AUC (lo, hi)"][4].startswith("0.944 (0.907, 0.972)") and table["paper AUC (lo, hi)"][
+        0
+    ].startswith("0.786 (0.699, 0.861)")
     exp_id = MlflowClient().get_experiment_by_name("paper-pretrain").experiment_id
     assert table["link"][0] == f"#/experiments/{exp_id}/runs/{pre[chosen[0]]}"
     assert table["checkpoint"][0] == "mococxr-resnet18 v2, epoch 5"
@@ -493,27 +529,33 @@ def test_competition_family_groups_rows_by_task(tmp_path):
         "appendix_table4.csv",
         "appendix_table5.md",
         "appendix_table5.csv",
+        "report.html",
         "report.md",
         "runs.json",
     } == _artifacts(run_id)
+    _assert_headers(run_id, tmp_path)
+    # the counters cover both tasks' runs (2 tasks x 2 inits x 2 protocols x 2 fractions), not the last task's
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert (metrics["report/n_runs"], metrics["report/n_cells"], metrics["report/n_tasks"]) == (16, 16, 2)
+    assert metrics["Atelectasis/report/n_runs"] == metrics["Edema/report/n_runs"] == 8
     t4 = _csv(run_id, "appendix_table4.csv", tmp_path)
-    assert list(t4.columns) == [
+    assert list(t4.columns) == [  # ours first, then the paper's
         "Task",
-        "Baseline (ImageNet)",
-        "Baseline (ImageNet) paper",
-        "MoCo-CXR",
-        "MoCo-CXR paper",
-        "Improvement",
-        "Improvement paper",
         "Label fraction",
+        "Baseline (ImageNet)",
+        "MoCo-CXR",
+        "Improvement",
+        "paper baseline (ImageNet)",
+        "paper MoCo-CXR",
+        "paper improvement",
     ]
     assert list(t4["Task"]) == ["Atelectasis"] * 4 + ["Edema"] * 4
     assert list(t4["Label fraction"][:4]) == ["0.1%", "1%", "10%", "100%"]
     first = t4.iloc[0]
-    assert first["Baseline (ImageNet) paper"].startswith("0.602 (0.571, 0.635)") and first["MoCo-CXR"] != ""
-    assert t4.iloc[1]["MoCo-CXR"] == "" and t4.iloc[1]["MoCo-CXR paper"] == "0.671 (0.623, 0.714)"
+    assert first["paper baseline (ImageNet)"].startswith("0.602 (0.571, 0.635)") and first["MoCo-CXR"] != ""
+    assert t4.iloc[1]["MoCo-CXR"] == "" and t4.iloc[1]["paper MoCo-CXR"] == "0.671 (0.623, 0.714)"
     t5 = _csv(run_id, "appendix_table5.csv", tmp_path)
-    assert t5.iloc[7]["Improvement paper"].startswith("-0.013 (-0.027, 0.001)")
+    assert t5.iloc[7]["paper improvement"].startswith("-0.013 (-0.027, 0.001)")
     md = _read(run_id, "appendix_table4.md", tmp_path)
     assert "Atelectasis: Task Atelectasis on dataset chexpert" in md and "Edema: Task Edema" in md
     assert (

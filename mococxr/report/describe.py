@@ -75,10 +75,16 @@ class ReportContext:
         return lines
 
     def plot_title(self) -> str:
-        return (
-            f"{self.task} on {self.dataset_text}\n{self.test_text().split(';')[0]}; "
-            f"{self.draws_text().split(' (')[0]}"
-        )
+        """The short title drawn into a plot: task and dataset (the rest is :meth:`plot_caption`)."""
+        return f"{self.task} on {self.dataset_text}"
+
+    def plot_caption(self) -> str:
+        """What a plot's numbers rest on, as text beside it: the test set and the draws per cell."""
+        return _sentence(f"{self.test_text().split(';')[0]}; {self.draws_text()}")
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
 
 
 def report_context(experiment: str, runs: pd.DataFrame, image_ids, patient_ids) -> ReportContext:
@@ -162,3 +168,14 @@ def summary_metrics(
         )
         out[f"improvement/{arch}{pair}/auc_frac{r.fraction:g}"] = float(r.point)
     return out
+
+
+def coverage_metrics(runs: pd.DataFrame) -> dict[str, float]:
+    """The counters of a report over ``runs`` (``find_runs`` rows of every family and task it shows
+    together): its fine-tune runs, cells (task x architecture x init x protocol x label fraction), tasks."""
+    cells = [c for c in ("task", "backbone", "init", "protocol", "fraction") if c in runs]
+    return {
+        "report/n_runs": float(runs["run_id"].nunique()),
+        "report/n_cells": float(len(runs[cells].drop_duplicates())),
+        "report/n_tasks": float(runs["task"].nunique()),
+    }

@@ -13,12 +13,14 @@ when the family is made again (:func:`mococxr.report.record.log_report`):
 
 Every artifact is named after its paper item (``table1.md`` / ``table1.csv``, ``figure3.png``), every
 caption names how this protocol differs from the paper's (see :class:`PaperNotes`), and each run also
-holds ``report.md`` (all tables and captions) and ``runs.json`` (the fine-tune runs used).
+holds ``report.html`` (every table, figure and caption on one page, the file to open in the MLflow UI),
+``report.md`` (the same as Markdown) and ``runs.json`` (the fine-tune runs used).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from mococxr.report import published as pub
@@ -27,7 +29,7 @@ from mococxr.report.paper_captions import comparison_for, protocol_lines, publis
 from mococxr.report.paper_competition import competition_family
 from mococxr.report.paper_figures import figure_item
 from mococxr.report.paper_notes import PaperNotes, Table2Row
-from mococxr.report.paper_publish import _publish, _table_item
+from mococxr.report.paper_publish import Item, _publish, _table_item
 from mococxr.report.paper_runs import _Family, _gather
 from mococxr.report.paper_table2 import table2_report
 from mococxr.report.paper_tables import TREATMENT, absolute_layout, baseline_heading, improvement_layout
@@ -132,6 +134,7 @@ def _two_protocol_family(
     paper_epochs,
     task=None,
 ) -> str:
+    started = time.monotonic()
     out = _out_folder(out)
     fam = _gather(
         experiment,
@@ -170,6 +173,7 @@ def _two_protocol_family(
         notes,
         title=f"{name}: {ctx.title}",
         metrics=summary_metrics(ctx, r.absolute, r.improvement),
+        started=started,
     )
 
 
@@ -181,7 +185,7 @@ def _two_tables(
     improvement: tuple,
     absolute: tuple,
     paper_fractions,
-) -> list[tuple[list[Path], str]]:
+) -> list[Item]:
     """The family's improvement table and absolute table, each beside the published one."""
     r, ctx = fam.report, fam.report.context
     base = baseline_heading(notes.baseline)
@@ -212,7 +216,7 @@ def _two_tables(
 
 def _figures(
     out: Path, fam: _Family, notes: PaperNotes, lines: list[str], figures: tuple, absolute: tuple
-) -> list[tuple[list[Path], str]]:
+) -> list[Item]:
     """The family's figures: a metric against label fraction per protocol, the published points on AUC."""
     r, ctx = fam.report, fam.report.context
     _, aname, atable = absolute

@@ -389,14 +389,14 @@ def published_lines(
     comparison: Comparison | None = None,
     tasks: Sequence[str] | None = None,
 ) -> list[str]:
-    """What the ``paper`` columns hold, whether they compare, corrected cells, and the mark's legend.
+    """What the ``paper ...`` columns hold, whether they compare, corrected cells, and the mark's legend.
 
     No mark line where the numbers are not comparable (:func:`comparable_reasons`): the layouts print no
     mark there either.
     """
     lines = [
-        f"Columns headed 'paper' hold the published numbers of the paper's {item}; a blank paper cell: "
-        "the paper has no number there, a blank cell of ours: our runs lack that fraction."
+        f"Columns headed 'paper ...' hold the published numbers of the paper's {item}, after ours; a blank "
+        "paper cell: the paper has no number there, a blank cell of ours: our runs lack that fraction."
     ]
     reasons = comparable_reasons(notes, phantom=phantom, baseline=baseline)
     if reasons:

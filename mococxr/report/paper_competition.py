@@ -4,6 +4,7 @@ competition tasks, one paired bootstrap per task (:func:`competition_family`).""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from mococxr.report import published as pub
 from mococxr.report.describe import summary_metrics
 from mococxr.report.paper_captions import comparison_for, protocol_lines, published_lines
 from mococxr.report.paper_notes import PaperNotes
-from mococxr.report.paper_publish import _merge_lines, _publish, _table_item
+from mococxr.report.paper_publish import Item, _merge_lines, _publish, _table_item
 from mococxr.report.paper_runs import _Family, _gather, _key
 from mococxr.report.paper_tables import TREATMENT, baseline_heading, competition_layout
 from mococxr.report.tables import _out_folder
@@ -40,6 +41,7 @@ def competition_family(
     """
     if not tasks:
         raise ConfigError("competition_family: no tasks given")
+    started = time.monotonic()
     out = _out_folder(out)
     families, lines = _task_families(experiment, tasks, out, notes, n_replicates, seed, store, backbone)
     phantom = any(f.report.context.phantom for f in families.values())
@@ -70,6 +72,7 @@ def competition_family(
         notes,
         title=f"paper-competition: tasks {', '.join(tasks)}",
         metrics=metrics,
+        started=started,
     )
 
 
@@ -117,7 +120,7 @@ def _task_families(
 
 def _competition_items(
     out: Path, tables: dict, notes: PaperNotes, lines: list[str], phantom: bool, tasks: Sequence[str]
-) -> list[tuple[list[Path], str]]:
+) -> list[Item]:
     """Appendix Tables 4 and 5: per task, baseline, MoCo-CXR and their paired difference."""
     items = []
     for stem, item, protocol, what in (

@@ -2,7 +2,8 @@
 
 A figure is :func:`mococxr.report.plots.plot_curves` over the cells of one family's absolute table,
 filtered to the figure's protocols and the two inits, with the published AUCs as hollow markers where
-the paper printed them and the family's caption lines under its title.
+the paper printed them. The PNG carries a short title only; its caption is text in the family's
+``report.html`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from mococxr.report import html
 from mococxr.report.paper_captions import caption_markdown, comparable_reasons
+from mococxr.report.paper_publish import Item
 from mococxr.report.paper_tables import backbones, baseline_heading
 from mococxr.report.plots import NAMES, plot_curves
 from mococxr.report.published import Published
@@ -46,9 +49,9 @@ def figure_item(
     published: Mapping[tuple, Published] | None,
     phantom: bool,
     source: str,
-) -> tuple[list[Path], str]:
-    """Draw ``<stem>.png`` captioned with ``lines``; returns its path and its ``report.md`` section (heading,
-    the figure's own caption lines, image: ``report.md`` says the family's ``lines`` once at the top)."""
+) -> Item:
+    """Draw ``<stem>.png`` under a short title; returns its path and its report sections (heading, the
+    figure's own caption lines as text, the image: the reports say the family's ``lines`` once at the top)."""
     data = absolute[absolute["init"].isin(inits) & absolute["protocol"].isin(protocols)]
     order = backbones(data)  # the paper's panel order: ResNet18 above DenseNet121
     data = data.sort_values("backbone", key=lambda s: s.map(order.index), kind="stable")
@@ -61,13 +64,14 @@ def figure_item(
             + ("." if comparable else "; shown for layout only, not comparable with these runs.")
         ]
     what = _PROTOCOL_WORDS.get(tuple(protocols), "linear and end-to-end models")
+    name = NAMES.get(metric, metric)
     heading = (
-        f"{title}. Test {NAMES.get(metric, metric)} against label fraction, {what}: MoCo-CXR-pretrained "
+        f"{title}. Test {name} against label fraction, {what}: MoCo-CXR-pretrained "
         f"and {baseline_heading(notes.baseline)}, 95% CI bands."
     )
     path = plot_curves(
-        data, out / f"{stem}.png", metric=metric, title=heading, published=points, caption=[*lines, *extra]
+        data, out / f"{stem}.png", metric=metric, title=f"{title}: test {name}, {what}", published=points
     )
     parts = [f"## {heading}", caption_markdown(extra), f"![{title}]({stem}.png)"]
     section = "\n\n".join(p for p in parts if p) + "\n"
-    return [path], section
+    return Item([path], section, html.section(heading, html.figure(path, heading, extra)))

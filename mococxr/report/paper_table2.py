@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mococxr.errors import ConfigError
 from mococxr.report import published as pub
 from mococxr.report.paper_captions import comparison_for, protocol_lines, published_lines
 from mococxr.report.paper_notes import PaperNotes, Table2Row
-from mococxr.report.paper_publish import _publish, _table_item
+from mococxr.report.paper_publish import Item, _publish, _table_item
 from mococxr.report.paper_runs import _Family, _gather, _run_link
 from mococxr.report.paper_tables import arch, table2_layout
 from mococxr.report.tables import _out_folder
@@ -42,6 +43,7 @@ def table2_report(
     """
     if not rows:
         raise ConfigError("table2_report: no rows given")
+    started = time.monotonic()
     out = _out_folder(out)
     fam = _gather(
         experiment,
@@ -75,12 +77,13 @@ def table2_report(
         notes,
         title=f"paper-table2: {fam.report.context.title}",
         metrics=metrics,
+        started=started,
     )
 
 
 def _table2_items(
     experiment: str, fam: _Family, rows: Sequence[Table2Row], notes: PaperNotes, out: Path, n_replicates: int
-) -> tuple[list[tuple[list[Path], str]], list[str], list[dict]]:
+) -> tuple[list[Item], list[str], list[dict]]:
     """Table 2 (every row in ``table2.csv`` and ``table2.json``, the chosen ones in ``table2.md``), the
     family's caption lines and the rows' records."""
     ctx = fam.report.context
@@ -100,7 +103,7 @@ def _table2_items(
         baseline=False,
     )
     backbones = sorted({r["backbone"] for r in records})
-    md = _linked(table)
+    chosen = table[table["chosen"]]
     own = [choice, *published_lines("Table 2", notes, phantom=ctx.phantom, baseline=False, comparison=cmp)]
     items = [
         _table_item(
@@ -111,12 +114,13 @@ def _table2_items(
             table,
             lines,
             own,
-            markdown=md[md["chosen"]].drop(columns=["link", "chosen"]),
+            shown=chosen.drop(columns=["link", "chosen"]),
+            markdown=_linked(chosen).drop(columns=["link", "chosen"]),
         )
     ]
     rows_json = out / "table2.json"
     rows_json.write_text(json.dumps({"experiment": experiment, "rows": records}, indent=1))
-    items.append(([rows_json], ""))
+    items.append(Item([rows_json]))
     return items, lines, records
 
 

@@ -1,12 +1,13 @@
 """The paper's table layouts and captions, filled from this project's tidy report tables.
 
-Each layout is a DataFrame of strings in the paper's shape, with the published number (see
-:mod:`mococxr.report.published`) beside each of our cells and, where the table's numbers are comparable
-with the paper's (a :class:`~mococxr.report.compare.Comparison` is given), its
-:data:`~mococxr.report.compare.DIFFERS_MARK` where the two differ at the 5% level. Fraction columns are
-the union of ours and the paper's: our cell is blank where our runs lack a fraction, the paper's cell
-where the paper has no number. Table 2 is one row per pretraining learning rate, its scheduler chosen on
-validation (:func:`choose_schedulers`); the other scheduler's rows stay in its CSV and JSON.
+Each layout is a DataFrame of strings in the paper's shape: our cells first, then the published numbers
+(see :mod:`mococxr.report.published`) in columns headed ``paper ...`` (:func:`paper_header`) and, where
+the table's numbers are comparable with the paper's (a :class:`~mococxr.report.compare.Comparison` is
+given), its :data:`~mococxr.report.compare.DIFFERS_MARK` where the two differ at the 5% level. Fraction
+columns are the union of ours and the paper's: our cell is blank where our runs lack a fraction, the
+paper's cell where the paper has no number. Table 2 is one row per pretraining learning rate, its
+scheduler chosen on validation (:func:`choose_schedulers`); the other scheduler's rows stay in its CSV
+and JSON.
 
 The captions are :mod:`mococxr.report.paper_captions`.
 """
@@ -36,6 +37,7 @@ from mococxr.report.published import (
 from mococxr.report.tables import PROTOCOL_ORDER, TREATMENT
 
 ARCH = {"resnet18": "ResNet18", "densenet121": "DenseNet121"}
+PAPER_BASELINE = "paper baseline (ImageNet)"  # appendix Tables 4-5: the paper's baseline was ImageNet
 FINE_TUNING = {"linear": "Linear Model", "e2e": "End-to-End"}
 
 
@@ -79,6 +81,12 @@ def theirs(
     return f"{published.point:{'+' if signed else ''}.3f} ({published.lo:.3f}, {published.hi:.3f}){mark}"
 
 
+def paper_header(header: str) -> str:
+    """The heading of the column holding the paper's number beside our column ``header``: ``paper 1%``.
+    The word leads, so that a heading cut short in a narrow view still tells the two apart."""
+    return f"paper {header}"
+
+
 def _fractions(tidy: pd.DataFrame, paper: Sequence[float]) -> list[float]:
     return sorted({fraction_key(f) for f in tidy["fraction"]} | {fraction_key(f) for f in paper})
 
@@ -101,12 +109,13 @@ def _fraction_cells(
     signed: bool = False,
     **match,
 ) -> dict[str, str]:
-    cells = {}
+    """Ours at every fraction, then the paper's at every fraction (ours first: a narrow view shows ours)."""
+    mine, published = {}, {}
     for f in fractions:
         row = _pick(tidy, f, **match)
-        cells[percent(f)] = ours(row, signed=signed)
-        cells[f"{percent(f)} paper"] = theirs(paper(f), row, comparison, signed=signed)
-    return cells
+        mine[percent(f)] = ours(row, signed=signed)
+        published[paper_header(percent(f))] = theirs(paper(f), row, comparison, signed=signed)
+    return mine | published
 
 
 def improvement_layout(
@@ -195,7 +204,9 @@ def competition_layout(
     """Appendix Tables 4 (linear) and 5 (e2e): per task and fraction, baseline, MoCo-CXR and improvement.
 
     ``tables`` maps each task (as the runs name it) to its (absolute, improvement) tidy tables. An
-    Architecture column is added when the runs hold several backbones (the paper's are ResNet18).
+    Architecture column is added when the runs hold several backbones (the paper's are ResNet18). Our
+    three columns come first, then the paper's; the paper's baseline is ImageNet-pretrained whatever ours
+    is, and its heading says so (:data:`PAPER_BASELINE`).
     """
     rows = []
     heading = f"Baseline ({baseline_name(baseline)})"
@@ -219,15 +230,15 @@ def competition_layout(
                 rows.append(
                     row
                     | {
+                        "Label fraction": percent(f),
                         heading: ours(base),
-                        f"{heading} paper": theirs(pub and pub["baseline"], base, comparison),
                         "MoCo-CXR": ours(moco),
-                        "MoCo-CXR paper": theirs(pub and pub["moco"], moco, comparison),
                         "Improvement": ours(diff, signed=True),
-                        "Improvement paper": theirs(
+                        PAPER_BASELINE: theirs(pub and pub["baseline"], base, comparison),
+                        paper_header("MoCo-CXR"): theirs(pub and pub["moco"], moco, comparison),
+                        paper_header("improvement"): theirs(
                             pub and pub["improvement"], diff, comparison, signed=True
                         ),
-                        "Label fraction": percent(f),
                     }
                 )
     return pd.DataFrame(rows)
@@ -380,7 +391,7 @@ def table2_layout(
                 "Learning rate": lr_text(row.lr),
                 "Scheduler": row.scheduler,
                 "AUC (lo, hi)": ours(r),
-                "paper": theirs(paper, r, comparison),
+                paper_header("AUC (lo, hi)"): theirs(paper, r, comparison),
                 "validation": _validation(choice),
                 "chosen": choice.chosen,
                 "pretraining run": row.pretrain_run_id,

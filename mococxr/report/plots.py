@@ -30,16 +30,15 @@ def plot_curves(
     metric: str = "auc",
     title: str | None = None,
     published: pd.DataFrame | None = None,
-    caption: Sequence[str] = (),
 ) -> Path:
     """Draw ``metric`` against label fraction (log axis) with CI bands and save a PNG at ``path``.
 
     ``absolute`` is the tidy absolute table of one task (columns backbone, init, protocol, fraction,
-    metric, point, lo, hi). One panel per architecture (rows) and protocol (columns); ``title`` (the
-    task, dataset, test set and draws: see ``ReportContext.plot_title``) heads the figure.
+    metric, point, lo, hi). One panel per architecture (rows) and protocol (columns); ``title``, a line or
+    two, heads the figure: captions belong beside the figure as text (``report.html``), not in the PNG.
     ``published`` (same columns but metric, e.g. a paper's numbers) adds hollow markers with error
-    bars, labelled ``<init> (paper)``, to the panels of its backbone and protocol; ``caption`` lines
-    are wrapped to the figure's width under the title.
+    bars, labelled ``<init> (paper)``, to the panels of its backbone and protocol. One legend for all
+    panels sits under them, outside every plotting area, so it never hides a CI band.
     """
     data = absolute[absolute["metric"] == metric]
     if data.empty:
@@ -48,9 +47,9 @@ def plot_curves(
         raise DataError(f"plot: the table holds several tasks {sorted(data['task'].unique())}; pass one")
     backbones = list(dict.fromkeys(data["backbone"]))
     protocols = list(dict.fromkeys(data["protocol"]))
-    width = max(4.2 * len(protocols), 6.4 if caption else 0)
-    lines = len(_wrapped([title or "", *caption], width)) if caption else 0
-    fig = Figure(figsize=(width, 3.4 * len(backbones) + 0.15 * lines), layout="constrained")
+    width = max(4.2 * len(protocols), 6.4)
+    heading = _wrapped(title.splitlines(), width, size=10) if title else []
+    fig = Figure(figsize=(width, 3.2 * len(backbones) + 0.6 + 0.18 * len(heading)), layout="constrained")
     axes = fig.subplots(len(backbones), len(protocols), squeeze=False, sharey=True)
     styles = dict(INIT_STYLE)
     fractions = sorted(
@@ -73,13 +72,30 @@ def plot_curves(
                 fractions,
                 f"test {NAMES.get(metric, metric)} (95% CI)" if j == 0 else None,
             )
-    if title or caption:
-        head = _wrapped([title], width) if title and caption else [title] if title else []
-        fig.suptitle("\n".join([*head, *_wrapped(caption, width)]), fontsize=8 if caption else 10)
+    _legend(fig, axes)
+    if heading:
+        fig.suptitle("\n".join(heading), fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def _legend(fig: Figure, axes) -> None:
+    """One legend for every panel, under them (outside the axes): each label once, in drawing order."""
+    seen: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(
+            list(seen.values()),
+            list(seen),
+            loc="outside lower center",
+            ncol=min(len(seen), 4),
+            fontsize=8,
+            frameon=False,
+        )
 
 
 def _draw_lines(ax, panel: pd.DataFrame, styles: dict) -> None:
@@ -125,10 +141,9 @@ def _decorate(ax, title: str, fractions: list[float], ylabel: str | None) -> Non
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
 
 
-def _wrapped(lines: Sequence[str], width_in: float) -> list[str]:
-    """Caption lines wrapped to a figure ``width_in`` inches wide at the caption's 8 pt."""
-    chars = max(40, int(width_in * 72 / 4.6))
+def _wrapped(lines: Sequence[str], width_in: float, *, size: float = 10) -> list[str]:
+    """Title lines wrapped to a figure ``width_in`` inches wide at ``size`` pt."""
+    chars = max(40, int(width_in * 72 / (size * 0.56)))
     return [part for line in lines for part in textwrap.wrap(line, chars)]

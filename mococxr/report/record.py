@@ -19,15 +19,33 @@ uploading after lost the report to a SIGKILL, Ctrl-C or full disk in between; no
 any point leaves the previous set whole and the tag on it, and the partial folder is garbage that the
 next revision deletes before it uploads. A store that cannot delete (some artifact servers) keeps the
 older folders; the tag still names the current one.
+
+The run's duration is the work, not the calendar. Reopening the run for each revision would make MLflow's
+duration (end time minus start time) span every wait between revisions: a report made in 2 s and re-run
+an hour later would show an hour. So each revision adds the seconds it took (from when its caller began
+making the report, ``log_report(started=...)``, to its upload and metrics) to the metric
+:data:`WORK_SECONDS`, and once :func:`mococxr.tracking.mlflow.start_run` has ended the run FINISHED the
+run's end time is set to its start time plus that total (``MlflowClient().set_terminated``): the
+duration column reads the time spent making the report, all revisions together. The start time stays
+when the run was created (MLflow cannot move it); the metric history of :data:`WORK_SECONDS` shows each
+revision's share. A revision that fails or is interrupted keeps the end time ``start_run`` gave it.
+
+The run's metrics describe the current revision as a whole: the callers log counters over every run
+the report covers (``report/n_runs``, ``report/n_cells``), and a metric an earlier revision logged that
+this one does not (a cell whose runs were deleted) is logged as NaN, so no latest value is left over from
+an older state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +60,7 @@ from mococxr.tracking import filters as flt
 from mococxr.tracking import mlflow as mt
 
 REVISION = "report/revision"
+WORK_SECONDS = "report/work_seconds"  # the seconds spent making the report, all revisions together
 FILES_TAG = mt.tag("report_files")  # the artifact folder of the current, complete set of files
 REVISION_DIR = "revision-{:04d}"  # the artifact folder of revision n
 _REVISION_DIR_RE = re.compile(r"revision-(\d+)")
@@ -84,9 +103,16 @@ def log_report(
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     note: str,
+    started: float | None = None,
 ) -> str:
     """Create or update the report run for ``key``: files (``paths``, relative to ``out``, in a new revision
-    folder), then tags, description and metrics; the previous revision's files stay until these are whole."""
+    folder), then tags, description and metrics; the previous revision's files stay until these are whole.
+
+    ``started`` is the ``time.monotonic()`` at which the caller began making the report (default: now):
+    the work from there on is added to the run's :data:`WORK_SECONDS`, and the run ends at its start time
+    plus that total, so its duration is the work, not the time between revisions (see the module's text).
+    """
+    started = time.monotonic() if started is None else started
     exp_id = mt.ensure_experiment(experiment)
     run_id, revision = find_report_run(exp_id, key)
     tags = {**run_tags, mt.tag("config_hash"): key, "mlflow.runName": run_name}
@@ -96,23 +122,39 @@ def log_report(
     with mt.start_run(experiment, run_name=run_name, run_tags=first, run_id=run_id) as run:
         run_id = run.info.run_id
         repo = get_artifact_repository(run.info.artifact_uri)
-        current = client.get_run(run_id).data.tags.get(FILES_TAG)
-        kept = _drop_unfinished(client, repo, run_id, current)
+        before = client.get_run(run_id).data
+        kept = _drop_unfinished(client, repo, run_id, before.tags.get(FILES_TAG))
         # after revision n's files were switched to, a kill may have stopped its metrics: never reuse n
         n = max([revision, *(_revision_number(f) for f in kept)]) + 1
         folder = REVISION_DIR.format(n)
         mlflow.log_params(params)  # the settings in the key: identical on every revision
         names = _upload(client, repo, run_id, out, paths, folder)
         # the switch: one request names the new folder as the current set and describes it
-        mlflow.set_tags(
-            {**tags, FILES_TAG: folder, mt.NOTE_TAG: f"{note}\n\n{_files_line(folder, n, names)}"}
-        )
-        mlflow.log_metrics(dict(metrics), step=n)
+        mlflow.set_tags({**tags, FILES_TAG: folder, mt.NOTE_TAG: _described(note, folder, n, names)})
+        mlflow.log_metrics({**_retired(before.metrics, metrics), **metrics}, step=n)
+        work = before.metrics.get(WORK_SECONDS, 0.0) + (time.monotonic() - started)
+        mlflow.log_metric(WORK_SECONDS, work, step=n)
         mlflow.log_metric(REVISION, n, step=n)  # last: revision n is complete
         for entry in client.list_artifacts(run_id):  # older revisions and the layout before revision folders
             if entry.path != folder:
                 _delete(repo, entry.path)
-        return run_id
+    _end_after_work(client, run_id, work)
+    return run_id
+
+
+def _retired(logged: Mapping[str, float], metrics: Mapping[str, float]) -> dict[str, float]:
+    """NaN for each metric an earlier revision logged that this one does not (a cell whose runs are gone):
+    the run's latest values then describe the current report only."""
+    return {k: math.nan for k in logged if k not in metrics and k not in (REVISION, WORK_SECONDS)}
+
+
+def _end_after_work(client: MlflowClient, run_id: str, work: float) -> None:
+    """Set the FINISHED run's end time to its start time plus ``work`` seconds (see the module's text)."""
+    try:
+        start = client.get_run(run_id).info.start_time
+        client.set_terminated(run_id, "FINISHED", end_time=start + round(1000 * work))
+    except MlflowException as exc:  # the report is complete and FINISHED; only its duration is off
+        warnings.warn(f"report run {run_id}: its duration could not be set to the work ({exc})", stacklevel=3)
 
 
 def _revision_number(folder: str) -> int:
@@ -179,10 +221,22 @@ def _listing(client: MlflowClient, run_id: str, folder: str) -> dict[str, int | 
     return found
 
 
+def _described(note: str, folder: str, n: int, names: Sequence[str]) -> str:
+    """The run's description: ``note``'s first paragraph, the pointer to the files, the rest of ``note`` (the
+    MLflow UI shows the first lines of a description and folds the rest under "Show more")."""
+    head, _, rest = note.partition("\n\n")
+    return "\n\n".join(part for part in (head, _files_line(folder, n, names), rest) if part)
+
+
 def _files_line(folder: str, n: int, names: Sequence[str]) -> str:
-    """The description's pointer to the files: in the MLflow UI they sit one folder down."""
-    opener = f", starting with `{folder}/report.md`" if "report.md" in names else ""
-    return f"**Files** (revision {n}): in the artifact folder `{folder}/`{opener}."
+    """The description's pointer to the files: in the MLflow UI they sit one folder down. ``report.html``
+    is the one to open there (the viewer shows Markdown as plain text)."""
+    opener = next((f"`{folder}/{name}`" for name in ("report.html", "report.md") if name in names), None)
+    return (
+        f"**Open {opener}** (revision {n}); every file is in the artifact folder `{folder}/`."
+        if opener
+        else f"**Files** (revision {n}): in the artifact folder `{folder}/`."
+    )
 
 
 def _delete(repo, path: str) -> bool:

@@ -1,5 +1,6 @@
 """A report's tables rendered: paper-style wide tables of strings, as Markdown and LaTeX, and the files
-``write_tables`` writes (tidy CSVs, one LaTeX file per table, ``report.md`` with them all)."""
+``write_tables`` writes (tidy CSVs, one LaTeX file per table, ``report.md`` with them all and
+``report.html``, the page the MLflow UI shows, with the figures embedded)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mococxr.data.splits import percent
+from mococxr.report import html
 from mococxr.report.bootstrap import METRICS
 
 FRACTION_HEADER = "label fraction "  # what rendered tables put before each percentage column heading
@@ -109,29 +111,14 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text).strip("_") or "task"
 
 
-def write_tables(
-    out: Path,
-    absolute: pd.DataFrame,
-    improvement: pd.DataFrame,
-    main_task: str,
-    tasks: Sequence[str],
-    title: str,
-    *,
-    preamble: Sequence[str] = (),
-) -> list[Path]:
-    """Write the CSVs (tidy, numeric), one LaTeX file per table and one Markdown file with them all.
-
-    ``preamble`` lines (what the report is about: see :class:`ReportContext`) open ``report.md``.
-    """
-    tables = out / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
-    paths = [tables / "absolute.csv", tables / "improvement.csv"]
-    absolute.to_csv(paths[0], index=False)
-    improvement.to_csv(paths[1], index=False)
+def table_blocks(
+    absolute: pd.DataFrame, improvement: pd.DataFrame, main_task: str, tasks: Sequence[str]
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """Every table a report shows, in order: (heading, LaTeX file stem, wide table of strings)."""
     names = {"auc": "AUC", "auprc": "AUPRC"}
-    sections = [f"# {title}\n", *(f"- {line}" for line in preamble), ""] if preamble else [f"# {title}\n"]
     blocks = [("absolute", absolute, main_task, False), ("improvement", improvement, main_task, True)]
     blocks += [("absolute", absolute, t, False) for t in tasks if t != main_task and len(tasks) > 1]
+    out = []
     for kind, tidy, task, signed in blocks:
         if tidy.empty:
             continue
@@ -142,11 +129,47 @@ def write_tables(
             treatment = str(tidy["comparison"].iloc[0]).split(" ")[0] if signed else ""
             what = f"{names[metric]} difference, {treatment} - baseline" if signed else names[metric]
             heading = f"{kind.capitalize()} {what}, task {task} (95% paired bootstrap CI)"
-            sections.append(f"## {heading}\n\n{to_markdown(table)}")
             suffix = "" if task == main_task else f"_{_slug(task)}"
-            tex = tables / f"{kind}_{metric}{suffix}.tex"
-            tex.write_text(to_latex(table, caption=heading))
-            paths.append(tex)
+            out.append((heading, f"{kind}_{metric}{suffix}", table))
+    return out
+
+
+def write_tables(
+    out: Path,
+    absolute: pd.DataFrame,
+    improvement: pd.DataFrame,
+    main_task: str,
+    tasks: Sequence[str],
+    title: str,
+    *,
+    preamble: Sequence[str] = (),
+    figures: Sequence[tuple[Path, str, Sequence[str]]] = (),
+) -> list[Path]:
+    """Write the CSVs (tidy, numeric), one LaTeX file per table, ``report.md`` with them all and
+    ``report.html``, the same in one self-contained page (:mod:`mococxr.report.html`) with the figures.
+
+    ``preamble`` lines (what the report is about: see :class:`ReportContext`) open both reports;
+    ``figures`` are (PNG under ``out``, heading, caption lines), shown after the tables.
+    """
+    tables = out / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    paths = [tables / "absolute.csv", tables / "improvement.csv"]
+    absolute.to_csv(paths[0], index=False)
+    improvement.to_csv(paths[1], index=False)
+    sections = [f"# {title}\n", *(f"- {line}" for line in preamble), ""] if preamble else [f"# {title}\n"]
+    pages = []
+    for heading, stem, table in table_blocks(absolute, improvement, main_task, tasks):
+        sections.append(f"## {heading}\n\n{to_markdown(table)}")
+        pages.append(html.section(heading, html.table(table)))
+        tex = tables / f"{stem}.tex"
+        tex.write_text(to_latex(table, caption=heading))
+        paths.append(tex)
+    for png, heading, lines in figures:
+        said = "".join(f"- {line}\n" for line in lines)
+        sections.append(f"## {heading}\n\n{said}\n![{heading}]({png.relative_to(out).as_posix()})\n")
+        pages.append(html.section(heading, html.figure(png, heading, lines)))
     md = out / "report.md"
     md.write_text("\n".join(sections))
-    return [md, *paths]
+    others = ["report.md", "tables/", "plots/" if figures else "", "runs.json"]
+    page = html.write_page(out / "report.html", title, preamble, pages, files=[f for f in others if f])
+    return [page, md, *paths]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,7 @@ def build_report(
     store in force; ``tracking_uri`` opens another). With ``log_to_mlflow`` the report is a run of
     kind ``report`` in ``experiment`` holding every file written and ``runs.json``.
     """
+    started = time.monotonic()  # the report run's duration is the work: see mococxr.report.record
     store = _check_arguments(n_replicates, groups, store, tracking_uri)
     baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     out = _out_folder(out)
@@ -174,7 +176,6 @@ def build_report(
     main_task = MEAN_TASK if MEAN_TASK in results else next(iter(results))
     per_task = {t: absolute[absolute["task"] == t].reset_index(drop=True) for t in results if t != MEAN_TASK}
     context = report_context(experiment, runs, aligned.image_id, aligned.patient_id)
-
     settings = _settings(dataset, task, backbone, n_replicates, seed, groups, treatment, baselines)
     manifest = _manifest(experiment, settings, context, skipped, runs)
     paths = _write_report(out, absolute, improvement, main_task, list(results), manifest, context)
@@ -188,7 +189,7 @@ def build_report(
         context=context,
     )
     if log_to_mlflow:
-        report.run_id = _log_report(experiment, out, report, settings, context)
+        report.run_id = _log_report(experiment, out, report, settings, context, started)
     return report
 
 
@@ -267,9 +268,25 @@ def _write_report(
     manifest: dict,
     context: ReportContext,
 ) -> list[Path]:
-    """The tables, the plots of the main task and ``runs.json`` under ``out``; returns the paths."""
-    from mococxr.report.plots import plot_curves  # matplotlib only when a report is built
+    """The plots of the main task, the tables, ``report.md``, ``report.html`` and ``runs.json`` under ``out``;
+    returns the paths."""
+    from mococxr.report.plots import NAMES, plot_curves  # matplotlib only when a report is built
 
+    main = absolute[absolute["task"] == main_task]
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    figures = [
+        (
+            plot_curves(main, plots / f"{metric}.png", metric=metric, title=context.plot_title()),
+            f"Test {NAMES[metric]} against label fraction, task {main_task} (95% paired bootstrap CI bands)",
+            [
+                "One line per initialization, its band the 95% interval; one panel per architecture and "
+                "protocol; the label fraction axis is logarithmic.",
+                context.plot_caption(),
+            ],
+        )
+        for metric in METRICS
+    ]
     paths = write_tables(
         out,
         absolute,
@@ -278,19 +295,18 @@ def _write_report(
         tasks,
         f"mococxr report: {context.title}",
         preamble=context.lines(),
+        figures=figures,
     )
-    main = absolute[absolute["task"] == main_task]
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    for metric in METRICS:
-        paths.append(plot_curves(main, plots / f"{metric}.png", metric=metric, title=context.plot_title()))
+    paths += [png for png, _, _ in figures]
     runs_json = out / "runs.json"
     runs_json.write_text(json.dumps(manifest, indent=1))
     paths.append(runs_json)
     return paths
 
 
-def _log_report(experiment: str, out: Path, report: Report, settings: dict, context: ReportContext) -> str:
+def _log_report(
+    experiment: str, out: Path, report: Report, settings: dict, context: ReportContext, started: float
+) -> str:
     """Create, or update in place, the report's MLflow run (see :mod:`mococxr.report.record`)."""
     runs = report.runs
     backbones = runs["backbone"].unique()
@@ -312,7 +328,8 @@ def _log_report(experiment: str, out: Path, report: Report, settings: dict, cont
         [
             f"**Report**: {context.title}.",
             *context.lines(),
-            "Tables in `report.md` and `tables/`, plots in `plots/`, the runs used in `runs.json`.",
+            "Open `report.html` (tables and plots on one page); the same tables in `report.md` and "
+            "`tables/` (CSV, LaTeX), the plots in `plots/`, the runs used in `runs.json`.",
         ]
     )
     name = f"report-{_slug(context.task)}-{context.dataset}" + ("-phantom" if context.phantom else "")
@@ -326,4 +343,5 @@ def _log_report(experiment: str, out: Path, report: Report, settings: dict, cont
         params=params,
         note=note,
         metrics=summary_metrics(context, report.absolute, report.improvement),
+        started=started,
     )

@@ -123,7 +123,7 @@ def _study_and_report_parsers(sub) -> None:
     p.add_argument("--dataset", help="only runs on this dataset")
     p.add_argument("--task", help="only runs on this task")
     p.add_argument("--backbone", help="only runs of this backbone")
-    p.add_argument("--out", required=True, help="folder for report.md, tables/ and plots/")
+    p.add_argument("--out", required=True, help="folder for report.html, report.md, tables/ and plots/")
     p.add_argument("--replicates", type=int, default=500, help="bootstrap replicates (default: 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument("--by-patient", action="store_true", help="resample whole patients")

@@ -199,7 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     print(format_report(report))
     print(
-        f"\ntables and plots in {args.out} (report.md, tables/, plots/)"
+        f"\ntables and plots in {args.out} (report.html to open in a browser; report.md, tables/, plots/)"
         + (f"; MLflow report run {report.run_id}" if report.run_id else "")
     )
     return 0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from cli_errors import alias_bomb, nothing_started
 from cli_errors import exit_code as _exit_code
 from cli_errors import one_error as _one_error
 from mlflow.tracking import MlflowClient
@@ -230,6 +232,104 @@ def test_grid_epochs_table_with_a_non_number_names_the_key(tmp_path, capsys):
         "experiment: t\ninits: [random]\nprotocols: [linear]\nfractions: [0.5, 1.0]\nepochs: {0.5: ten}\n"
     )
     _one_error(capsys, _exit_code(["grid", str(spec), "--dry-run"]), "epochs.0.5", "ten")
+
+
+# -- plan specs: every bad field is one line when the spec is read, before any run or study ------------------
+PHANTOM_PLAN = Path(__file__).resolve().parents[1] / "sweeps" / "paper_phantom.yaml"
+BOMB = alias_bomb()  # nine anchors of nine aliases: 9**9 values once expanded, in 400 bytes
+PLAN_FAULTS = [  # (dotted key, bad value, what the one error line names besides the file)
+    ("report.replicates", -5, "report.replicates=-5"),
+    ("report.replicates", "many", "report.replicates='many'"),
+    ("report.bootstrap", 500, "report: unknown key(s) bootstrap"),
+    ("name", "a'b\"c", "name="),
+    ("name", "", "name=''"),
+    ("name", ["x"], "name=['x']"),
+    ("name", BOMB, "alias"),
+    ("pretrain.backbones", BOMB, "alias"),
+    ("pretrain.backbones", ["resnet18", "resnet18"], "pretrain.backbones="),
+    ("pretrain.backbones", ["vgg16"], "pretrain.backbones"),
+    ("pretrain.study.budget.n_trials", 0, "budget.n_trials=0"),
+    ("pretrain.study.base.lr", -1, "base.lr="),
+    ("pretrain.study.base.data", {"root": "x"}, "pretrain.study.base: data"),
+    ("pretrain.study.objective.metric", "val/linear_auc_Edema", "objective.metric="),
+    ("pretrain.study.sampler", "grid", "pretrain.study.sampler="),
+    ("finetune.base.lr", 0, "finetune.base.lr="),
+    ("finetune.base.epochs", 0, "finetune.base.epochs="),
+    ("finetune.base.fraction", 0.5, "finetune.base: fraction"),
+    ("finetune.protocol_overrides.linear.min_steps", -1, "finetune.protocol_overrides.linear.min_steps="),
+    ("finetune.protocol_overrides.lineer", {"lr": 1e-3}, "finetune.protocol_overrides.lineer"),
+    ("finetune.baseline", "moco", "finetune.baseline='moco'"),
+    ("data.chexpert.val", 1.5, "data.chexpert.val=1.5"),
+    ("data.shenzhen", [1], "data.shenzhen=[1]"),
+    ("phantom.size", 0, "phantom.size=0"),
+    ("stages.chexpert.fractions", [0, 1.0], "stages.chexpert.fractions="),
+    ("stages.chexpert.fractions", [0.1, 1.5], "stages.chexpert.fractions="),
+    ("stages.chexpert.fractions", [0.1, 0.1], "stages.chexpert.fractions="),
+    ("stages.chexpert.draws", 0, "stages.chexpert.draws=0"),
+    ("stages.chexpert.draws", {0.1: 1, 1.0: 1, 0.5: 2}, "stages.chexpert.draws.0.5"),
+    ("stages.shenzhen.epochs", {0.0625: 0}, "stages.shenzhen.epochs.0.0625=0"),
+    ("stages.competition.tasks", {"Edema": "maybe"}, "stages.competition.tasks.Edema"),
+    ("stages.table2.epochs", 0, "stages.table2.epochs=0"),
+    ("stages.table2.fraction", 1.5, "stages.table2.fraction="),
+    ("stages.table2.protocol", "finetune", "stages.table2.protocol="),
+    ("cost.gpu_img_s_resnet18", 0, "cost.gpu_img_s_resnet18="),
+    ("extra", 1, "unknown key(s) extra"),
+]
+
+
+def bad_plan(path: Path, key: str, value) -> Path:
+    """The phantom plan with ``key`` set to ``value`` (BOMB: the alias bomb, written as YAML)."""
+    raw = yaml.safe_load(PHANTOM_PLAN.read_text())
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = "BOMB" if value is BOMB else value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False).replace("BOMB", BOMB))
+    return path
+
+
+def _fault_id(case: tuple) -> str:
+    key, value, _ = case
+    return f"{key}={'bomb' if value is BOMB else value}"
+
+
+PLAN_SAMPLE = [  # what `paper --plan` is tried with
+    f
+    for f in PLAN_FAULTS
+    if _fault_id(f)
+    in ("report.replicates=-5", "name=a'b\"c", "name=bomb", "pretrain.backbones=bomb", "extra=1")
+]
+
+
+@pytest.mark.parametrize(("key", "value", "culprit"), PLAN_FAULTS, ids=[_fault_id(f) for f in PLAN_FAULTS])
+def test_a_bad_plan_spec_is_one_line_before_any_run(
+    key, value, culprit, store, tmp_path, monkeypatch, capsys
+):
+    """`mococxr paper SPEC` opens the store, then reads the spec: a bad field fails there, nothing run."""
+    monkeypatch.chdir(tmp_path)  # the plan's data roots are relative: nothing may land in the repository
+    spec = bad_plan(tmp_path / "plan.yaml", key, value)
+    _one_error(capsys, _exit_code(["paper", str(spec)]), f"{spec}:", culprit)
+    nothing_started(store)
+
+
+@pytest.mark.parametrize(("key", "value", "culprit"), PLAN_SAMPLE, ids=[_fault_id(f) for f in PLAN_SAMPLE])
+def test_a_bad_plan_spec_is_one_line_for_paper_plan(
+    key, value, culprit, store, tmp_path, monkeypatch, capsys
+):
+    """`paper --plan` reads the same spec the same way (a sample of the cases above)."""
+    monkeypatch.chdir(tmp_path)
+    spec = bad_plan(tmp_path / "plan.yaml", key, value)
+    _one_error(capsys, _exit_code(["paper", str(spec), "--plan"]), f"{spec}:", culprit)
+    nothing_started(store)
+
+
+@pytest.mark.parametrize("command", ["sweep", "grid"])
+def test_an_alias_bomb_is_one_line_for_every_spec_command(command, store, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: {BOMB}\nexperiment: x\n")
+    _one_error(capsys, _exit_code([command, str(spec)]), f"{spec}:", "alias")
+    nothing_started(store)
 
 
 # -- bugs, --debug and signals -------------------------------------------------------------------------------

@@ -131,10 +131,12 @@ def cmd_linear_eval(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from mococxr.config import FinetuneConfig, flag_fields
-    from mococxr.sweep.grid import load_grid, run_grid
+    from mococxr.sweep.grid_spec import load_grid
 
     overrides = {key: getattr(args, key) for key, _, _ in flag_fields(FinetuneConfig, GRID_FIELDS)}
-    spec = load_grid(args.spec, overrides)
+    spec = load_grid(args.spec, overrides)  # checked before torch loads (see cmd_paper)
+    from mococxr.sweep.grid import run_grid
+
     result = run_grid(spec, dry_run=args.dry_run, store=command_store(args))
     if args.dry_run:
         return 0  # run_grid printed what would run
@@ -150,6 +152,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 # -- sweeps, reports and the demo -----------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from mococxr.sweep.spec import load_spec
+
+    load_spec(args.spec)  # checked before torch loads or a store opens (see cmd_paper)
     from mococxr.sweep.study import run_sweep
 
     promote = ("production" if args.production else "staging") if args.promote else None

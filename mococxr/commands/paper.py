@@ -10,19 +10,16 @@ from mococxr.tracking.mlflow import OPTUNA_ENV
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
-    from mococxr.flows.paper import run_paper
+    from mococxr.flows.plan import load_plan
 
     if args.plan:
         return cmd_paper_plan(args)
-    run_paper(
-        args.spec,
-        only=args.only,
-        chexpert_root=args.chexpert_root,
-        shenzhen_root=args.shenzhen_root,
-        out=args.out,
-        store=command_store(args),
-        storage=args.storage,
-    )
+    # the plan is read and checked before torch loads or a store opens: a bad spec costs a second, never
+    # an empty store, and a hostile one (a YAML alias bomb) never grows the process
+    plan = load_plan(args.spec, roots={"chexpert": args.chexpert_root, "shenzhen": args.shenzhen_root})
+    from mococxr.flows.paper import run_paper
+
+    run_paper(plan, only=args.only, out=args.out, store=command_store(args), storage=args.storage)
     return 0
 
 

@@ -14,11 +14,9 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import field, fields
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
+from mococxr.config.yaml_limits import load_yaml as load_yaml  # every YAML is read there
 from mococxr.errors import ConfigError
 
 T = TypeVar("T")
@@ -266,18 +264,4 @@ def _hashed(cfg: Any, data: dict[str, Any]) -> dict[str, Any]:
             not f.metadata.get("hash_default", True) and value == f.default
         ):
             del data[f.name]
-    return data
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with a clear error for a missing file or bad syntax."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
     return data

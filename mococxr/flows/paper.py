@@ -21,7 +21,7 @@ from mococxr.tracking import mlflow as mt
 
 
 def run_paper(
-    path: str | Path,
+    path: str | Path | PaperPlan,
     *,
     only: Sequence[str] | None = None,
     chexpert_root: str | None = None,
@@ -30,11 +30,15 @@ def run_paper(
     store: mt.Store | None = None,
     storage: str | None = None,
 ) -> st.PlanResult:
-    """Run the plan at ``path`` as one worker (its cost without running it:
+    """Run the plan at ``path`` (or the plan loaded from it) as one worker (its cost without running it:
     :func:`mococxr.flows.cost.estimate`, which ``paper --plan`` calls); returns the PlanResult. Reports go
     under ``out/<plan name>``. ``storage`` is the Optuna storage the workers share (default: the store's,
     see tracking/mlflow.py)."""
-    plan = load_plan(path, roots={"chexpert": chexpert_root, "shenzhen": shenzhen_root})
+    plan = (
+        path
+        if isinstance(path, PaperPlan)
+        else load_plan(path, roots={"chexpert": chexpert_root, "shenzhen": shenzhen_root})
+    )
     store = mt.current_store(store)
     if storage:
         store = replace(store, optuna_storage=storage)

@@ -33,16 +33,16 @@ from mococxr.config import (
     DataConfig,
     FinetuneConfig,
     Policy,
+    Protocol,
     Validated,
     build,
     coerce,
     load_yaml,
     opt,
-    override,
     to_dict,
 )
 from mococxr.errors import ConfigError
-from mococxr.sweep.grid_spec import GridSpec
+from mococxr.sweep.grid_spec import CELL_KEYS, GridSpec, protocol_overrides
 from mococxr.sweep.spec import (
     Heartbeat,
     StudySpec,
@@ -52,12 +52,17 @@ from mococxr.sweep.spec import (
     _per_fraction,
     parse_spec,
 )
+from mococxr.sweep.spec_common import count, refuse_keys, shown, study_name, text
 
 STAGE_NAMES = ("data", "pretrain", "chexpert", "shenzhen", "table2", "competition", "report")
 GRID_STAGES = ("chexpert", "shenzhen", "competition")
 DATASETS = ("chexpert", "shenzhen")
 _PLAN_KEYS = frozenset({"name", "data", "phantom", "pretrain", "finetune", "stages", "report", "cost"})
 _STUDY_KEYS = frozenset({"objective", "budget", "search_space", "sampler", "pruner", "heartbeat", "base"})
+_SET_BY_PLAN = ("data", "backbone")  # each study and grid gets its data and backbone from the plan
+_WHY = "the plan sets it per stage and backbone (data.<dataset>, pretrain.backbones, the stages)"
+NAME_MAX = 100  # a plan's name starts its experiment, study, grid and registered model names
+MAX_REPLICATES = 100_000  # a bootstrap draw is replicates x test images; 500 is the paper's
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class Cost(Validated):
         400.0, "training img/s of ResNet18 at 224 px on that GPU", check="positive"
     )
     gpu_img_s_densenet121: float = opt(130.0, "training img/s of DenseNet121 at 224 px", check="positive")
+
+    def validate(self) -> None:
+        if not self.gpu.strip():
+            raise ConfigError(f"gpu={self.gpu!r}: name the GPU the gpu_img_s figures describe")
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,7 @@ class PaperPlan:
         }
         if storage:
             raw["storage"] = storage
-        return parse_spec(raw, source=f"{self.source}: pretrain ({backbone})")
+        return parse_spec(raw, source=f"{self.source}: pretrain.study ({backbone})")
 
     def grid_specs(self, stage: str) -> list[GridSpec]:
         """The grids of a fine-tune stage: one per backbone (chexpert, shenzhen) or per task (competition)."""
@@ -238,58 +247,93 @@ def load_plan(path: str | Path, *, roots: Mapping[str, str | None] | None = None
 def parse_plan(
     raw: Mapping[str, Any], *, source: str = "<plan>", roots: Mapping[str, str | None] | None = None
 ) -> PaperPlan:
+    """Validate a plan mapping: every key, and every study and fine-tune config the plan will make, is
+    checked here, so a bad plan fails before any stage runs (errors name ``source`` and the dotted key)."""
     _check_keys(raw, _PLAN_KEYS, ("name", "data", "pretrain", "finetune", "stages"), f"{source}")
-    name = str(raw["name"])
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
-        raise ConfigError(f"{source}: name={name!r}: use letters, digits, '.', '_' and '-' only")
-    data = _data(_mapping(raw, "data", source), source, roots or {})
-    phantom = build(Phantom, raw["phantom"], where=f"{source}: phantom") if raw.get("phantom") else None
-    pre = _mapping(raw, "pretrain", source)
-    _check_keys(pre, {"backbones", "study"}, ("backbones", "study"), f"{source}: pretrain")
-    backbones = _backbones(pre["backbones"], f"{source}: pretrain.backbones")
-    study = _mapping(pre, "study", f"{source}: pretrain")
-    _check_keys(study, _STUDY_KEYS, ("budget", "search_space"), f"{source}: pretrain.study")
-    ft = _mapping(raw, "finetune", source)
-    _check_keys(ft, {"base", "protocol_overrides", "baseline"}, (), f"{source}: finetune")
-    finetune = build(FinetuneConfig, ft.get("base") or {}, where=f"{source}: finetune.base")
-    overrides = {str(k): dict(v) for k, v in (ft.get("protocol_overrides") or {}).items()}
-    for protocol, values in overrides.items():
-        override(finetune, values, where=f"{source}: finetune.protocol_overrides.{protocol}")
-    baseline = str(ft.get("baseline", "imagenet"))
-    if baseline not in ("imagenet", "random"):
-        raise ConfigError(f"{source}: finetune.baseline={baseline!r}: expected imagenet or random")
+    name = study_name(raw["name"], f"{source}: name")
+    if len(name) > NAME_MAX:
+        raise ConfigError(
+            f"{source}: name={shown(name)}: expected at most {NAME_MAX} characters (it starts the name of "
+            "every experiment, study and registered model of the plan)"
+        )
+    phantom = _mapping(raw, "phantom", source)
+    backbones, study = _pretrain(_mapping(raw, "pretrain", source), f"{source}: pretrain")
+    finetune, overrides, baseline = _finetune(_mapping(raw, "finetune", source), f"{source}: finetune")
     stages = _mapping(raw, "stages", source)
     _check_keys(stages, set(GRID_STAGES) | {"table2"}, (), f"{source}: stages")
-    grids = {
-        s: _grid_stage(s, stages[s], backbones, f"{source}: stages.{s}") for s in GRID_STAGES if s in stages
-    }
-    table2 = _table2(stages.get("table2"), backbones, f"{source}: stages.table2")
     rep = _mapping(raw, "report", source)
+    _check_keys(rep, {"replicates"}, (), f"{source}: report")
     plan = PaperPlan(
         name=name,
         source=source,
-        data=data,
-        phantom=phantom,
+        data=_data(_mapping(raw, "data", source), source, roots or {}),
+        phantom=build(Phantom, phantom, where=f"{source}: phantom") if phantom else None,
         backbones=backbones,
         study=study,
         finetune=finetune,
         protocol_overrides=overrides,
         baseline=baseline,
-        grids=grids,
-        table2=table2,
-        replicates=coerce(rep.get("replicates", 500), int, f"{source}: report.replicates"),
-        cost=build(Cost, raw.get("cost") or {}, where=f"{source}: cost"),
+        grids={
+            s: _grid_stage(s, stages[s], backbones, f"{source}: stages.{s}")
+            for s in GRID_STAGES
+            if s in stages
+        },
+        table2=_table2(stages.get("table2"), backbones, f"{source}: stages.table2"),
+        replicates=count(rep.get("replicates", 500), f"{source}: report.replicates", high=MAX_REPLICATES),
+        cost=build(Cost, _mapping(raw, "cost", source), where=f"{source}: cost"),
     )
-    for backbone in backbones:  # every study value checked now, not after hours of other stages
-        plan.study_spec(backbone)
+    _check_configs(plan)
     return plan
+
+
+def _pretrain(raw: dict[str, Any], where: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+    _check_keys(raw, {"backbones", "study"}, ("backbones", "study"), where)
+    backbones = _backbones(raw["backbones"], f"{where}.backbones")
+    study = _mapping(raw, "study", where)
+    _check_keys(study, _STUDY_KEYS, ("budget", "search_space"), f"{where}.study")
+    for section in sorted(_STUDY_KEYS):  # mappings, named here with the plan's keys
+        study[section] = _mapping(study, section, f"{where}.study")
+    refuse_keys(study["base"], _SET_BY_PLAN, f"{where}.study.base", _WHY)
+    return backbones, study
+
+
+def _finetune(raw: dict[str, Any], where: str) -> tuple[FinetuneConfig, dict[str, dict[str, Any]], str]:
+    _check_keys(raw, {"base", "protocol_overrides", "baseline"}, (), where)
+    base = _mapping(raw, "base", where)
+    refuse_keys(base, (*_SET_BY_PLAN, *CELL_KEYS), f"{where}.base", _WHY)
+    finetune = build(FinetuneConfig, base, where=f"{where}.base")
+    overrides = protocol_overrides(
+        _mapping(raw, "protocol_overrides", where),
+        finetune,
+        f"{where}.protocol_overrides",
+        (*_SET_BY_PLAN, *CELL_KEYS),
+    )
+    baseline = raw.get("baseline", "imagenet")
+    if baseline not in ("imagenet", "random"):
+        raise ConfigError(f"{where}.baseline={shown(baseline)}: expected imagenet or random")
+    return finetune, overrides, str(baseline)
+
+
+def _check_configs(plan: PaperPlan) -> None:
+    """Make every study spec and every cell config of the plan once (Table 2's with a stand-in init): a
+    value that only fails in combination fails now, not after hours of other stages."""
+    for backbone in plan.backbones:
+        plan.study_spec(backbone)
+    grids = [(s, g) for s in plan.grids for g in plan.grid_specs(s)]
+    if plan.table2 is not None:
+        grids.append(("table2", plan.table2_grid({"check": "random"})))
+    for stage, grid in grids:
+        try:
+            grid.configs()
+        except ConfigError as exc:
+            raise ConfigError(f"{plan.source}: stages.{stage} (grid {grid.name}): {exc}") from None
 
 
 def _data(raw: Mapping[str, Any], source: str, roots: Mapping[str, str | None]) -> dict[str, DataConfig]:
     _check_keys(raw, set(DATASETS), DATASETS, f"{source}: data")
     out = {}
     for key in DATASETS:
-        values = dict(raw[key] or {})
+        values = _mapping(raw, key, f"{source}: data")
         if roots.get(key):
             values["root"] = str(roots[key])
         out[key] = build(DataConfig, values, where=f"{source}: data.{key}")
@@ -313,7 +357,10 @@ def _grid_stage(name: str, raw: Any, backbones: tuple[str, ...], where: str) -> 
             raise ConfigError(
                 f"{where}.tasks: expected a mapping task -> uncertainty policy (ignore, ones, zeros)"
             )
-        tasks = {str(t): coerce(p, Policy, f"{where}.tasks.{t}") for t, p in raw["tasks"].items()}
+        tasks = {
+            text(t, f"{where}.tasks.{t}", what="a task"): coerce(p, Policy, f"{where}.tasks.{t}")
+            for t, p in raw["tasks"].items()
+        }
     elif "tasks" in raw:
         raise ConfigError(f"{where}.tasks: only the competition stage has per-task policies")
     return GridStage(
@@ -322,7 +369,9 @@ def _grid_stage(name: str, raw: Any, backbones: tuple[str, ...], where: str) -> 
         backbones=stage_backbones,
         fractions=fractions,
         draws=_per_fraction(raw.get("draws", 1), fractions, f"{where}.draws", complete=True),
-        epochs=_per_fraction(raw.get("epochs") or {}, fractions, f"{where}.epochs", complete=False),
+        epochs=_per_fraction(
+            {} if raw.get("epochs") is None else raw["epochs"], fractions, f"{where}.epochs", complete=False
+        ),
         tasks=tasks,
     )
 
@@ -334,15 +383,15 @@ def _table2(raw: Any, backbones: tuple[str, ...], where: str) -> Table2Stage | N
         raise ConfigError(f"{where}: expected a mapping (backbone, fraction, protocol)")
     _check_keys(raw, {"backbone", "fraction", "protocol", "epochs"}, (), where)
     t2 = Table2Stage(
-        backbone=str(raw.get("backbone", "resnet18")),
+        backbone=text(raw.get("backbone", "resnet18"), f"{where}.backbone", what="a backbone"),
         fraction=coerce(raw.get("fraction", 1.0), float, f"{where}.fraction"),
-        protocol=str(raw.get("protocol", "linear")),
-        epochs=coerce(raw["epochs"], int, f"{where}.epochs") if raw.get("epochs") else None,
+        protocol=coerce(raw.get("protocol", "linear"), Protocol, f"{where}.protocol"),
+        epochs=None if raw.get("epochs") is None else count(raw["epochs"], f"{where}.epochs"),
     )
     if t2.backbone not in backbones:
         raise ConfigError(f"{where}.backbone={t2.backbone!r} is not pretrained by this plan")
-    if t2.protocol not in ("linear", "e2e") or not 0 < t2.fraction <= 1:
-        raise ConfigError(f"{where}: protocol must be linear or e2e and fraction in (0, 1]")
+    if not 0 < t2.fraction <= 1:
+        raise ConfigError(f"{where}.fraction={t2.fraction:g}: expected a label fraction in (0, 1]")
     return t2
 
 
@@ -350,7 +399,9 @@ def _backbones(raw: Any, where: str) -> tuple[str, ...]:
     values = raw if isinstance(raw, list) else [raw]
     bad = [b for b in values if b not in BACKBONES]
     if bad or not values:
-        raise ConfigError(f"{where}: {bad or raw!r}: expected a list of {', '.join(BACKBONES)}")
+        raise ConfigError(f"{where}: {shown(bad or raw)}: expected a list of {', '.join(BACKBONES)}")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"{where}={shown(raw)}: a backbone is listed twice")
     return tuple(str(b) for b in values)
 
 

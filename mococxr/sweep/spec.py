@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -44,7 +43,12 @@ from mococxr.sweep.spec_common import (  # noqa: F401 - _fractions, _per_fractio
     _fractions,
     _mapping,
     _per_fraction,
+    experiment_name,
     mask_password,
+    model_name,
+    refuse_keys,
+    storage_url,
+    study_name,
 )
 
 DEFAULT_EXPERIMENT = "mococxr-sweep"
@@ -59,7 +63,8 @@ _PRUNER_ARGS = {
     "successive_halving": ("min_resource", "reduction_factor"),
     "none": (),
 }
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# The base config's keys the study sets for every trial: its experiment and the trials' run names.
+_SET_BY_STUDY = ("experiment", "run_name")
 _SPEC_KEYS = frozenset(
     {
         "name",
@@ -260,9 +265,11 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
     _check_keys(data, _SPEC_KEYS, ("name", "budget", "search_space"), source)
     name = valid_study_name(data["name"], f"{source}: name")
     base_raw = _mapping(data, "base", source)
+    refuse_keys(base_raw, _SET_BY_STUDY, f"{source}: base", "the study sets it (experiment, trial run names)")
     base = build(PretrainConfig, base_raw, where=f"{source}: base")
     budget = build(Budget, _mapping(data, "budget", source), where=f"{source}: budget")
     objective = build(Objective, _mapping(data, "objective", source), where=f"{source}: objective")
+    _check_metric(objective.metric, base, f"{source}: objective.metric")
     space = _search_space(_mapping(data, "search_space", source), base, source)
     sampler = build(SamplerSpec, _mapping(data, "sampler", source), where=f"{source}: sampler")
     for p in space.values() if sampler.name == "grid" else ():
@@ -282,19 +289,38 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
         sampler=sampler,
         pruner=pruner,
         heartbeat=heartbeat,
-        storage=str(data["storage"]) if data.get("storage") else None,
-        experiment=str(data.get("experiment") or DEFAULT_EXPERIMENT),
-        registered_model=str(data["registered_model"]) if data.get("registered_model") else None,
+        storage=_optional(data, "storage", storage_url, source),
+        experiment=_optional(data, "experiment", experiment_name, source) or DEFAULT_EXPERIMENT,
+        registered_model=_optional(data, "registered_model", model_name, source),
         source=source,
     )
 
 
 def valid_study_name(value: Any, where: str) -> str:
     """A study name Optuna and MLflow run names can both hold."""
-    name = str(value)
-    if not _STUDY_NAME.match(name):
-        raise ConfigError(f"{where}={value!r}: use letters, digits, '.', '_' and '-' only")
-    return name
+    return study_name(value, where)
+
+
+def _check_metric(metric: str, base: PretrainConfig, where: str) -> None:
+    """``val/linear_auc_<task>`` names a task of ``base.data.task`` (a set of several), as the monitor logs
+    it (spaces as ``_``), so a typo fails now and not after the first trial's first epoch."""
+    from mococxr.data.labels import SYNONYMS, resolve_tasks
+
+    if metric == DEFAULT_METRIC:
+        return
+    tasks = resolve_tasks(base.data.task)
+    names = {n.replace(" ", "_") for t in tasks for n in (t, *SYNONYMS.get(t, ()))}
+    if len(tasks) < 2 or metric.removeprefix(f"{DEFAULT_METRIC}_") not in names:
+        logged = ", ".join(sorted(f"{DEFAULT_METRIC}_{n}" for n in names)) if len(tasks) > 1 else "none"
+        raise ConfigError(
+            f"{where}={metric!r}: not logged for base.data.task={base.data.task!r}; the monitor logs "
+            f"{DEFAULT_METRIC} and, for a set of several tasks, one per task ({logged})"
+        )
+
+
+def _optional(data: Mapping[str, Any], key: str, check: Any, source: str) -> Any:
+    """``check(data[key])``, or None where the key is absent or null."""
+    return None if data.get(key) is None else check(data[key], f"{source}: {key}")
 
 
 def _trial_base(

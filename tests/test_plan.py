@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from browser import CHROMIUM, look_at_the_paper
 from mlflow.tracking import MlflowClient
 
 from mococxr.cli import main
@@ -138,6 +139,12 @@ def test_paper_phantom_makes_every_item_and_a_second_run_trains_nothing(
     assert "0 training run(s) started by this call" in out
     assert len(_runs(plan.experiment("chexpert"), "finetune")) == n_finetune
     assert len(_runs(plan.experiment("chexpert"), "report")) == 2  # paper-chexpert and paper-competition
+
+    # what a user sees in the MLflow UI: lineage to click, the report page with Figure 3 and Table 1 whole
+    assert CHROMIUM, "the browser checks need Chromium (`apt-get install chromium`; .ci/run installs it)"
+    measured = look_at_the_paper(tracking_uri, plan.experiment("chexpert"), tmp_path / "shots")
+    table1_rows = len(Path(f"reports/{plan.name}/chexpert/table1.csv").read_text().strip().splitlines()) - 1
+    assert measured["tables"][0]["rows"] == table1_rows == 6  # 2 backbones x 3 comparisons, none cut
 
 
 def _imagenet_files(folder: Path) -> None:

@@ -261,3 +261,11 @@ def test_plan_after_part_of_the_phantom_plan_shows_it_done_and_prices_the_rest(
     assert abs(int(total.group(2).replace(",", "")) - todo_images) <= len(runs)  # each line rounds its images
     assert re.search(r"^shenzhen\s+22\s", out, re.M) and re.search(r"^pretrain\s+4\s", out, re.M)
     assert "DONE (finished in the store, not priced above): 2 runs (shenzhen 2)" in out
+
+
+def test_plan_wall_time_is_said_in_the_unit_it_is():
+    from mococxr.flows.cost_format import span
+
+    assert span(0.6) == "about 36 min"
+    assert span(5.24) == "about 5.2 hours"
+    assert span(446) == "about 18.6 days"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from mococxr.flows.cost import FORWARD, KINDS, Line
@@ -17,6 +16,16 @@ def gpu_rate(plan: PaperPlan, backbone: str, image_size: int) -> Rates:
     base = getattr(plan.cost, f"gpu_img_s_{backbone}", plan.cost.gpu_img_s_resnet18)
     rate = base * (224 / image_size) ** 2
     return rate, rate / FORWARD
+
+
+def span(hours: float) -> str:
+    """Wall time of ``hours`` on one machine in words: '36 min', '5.2 hours', '3.4 days' (never rounded up a
+    unit: 0.6 hours is not 'about 1 day')."""
+    if hours < 1:
+        return f"about {max(1, round(hours * 60))} min"
+    if hours < 48:
+        return f"about {hours:.1f} hours"
+    return f"about {hours / 24:.1f} days"
 
 
 def hours(line: Line, rates: Rates, kind: str | None = None) -> float:
@@ -55,7 +64,7 @@ def format_plan(
     c = sum(hours(ln, cpu[_key(ln)]) for ln in todo)
     out.append(
         f"left to do: {g:.1f} GPU-hours on {plan.cost.gpu} (the plan's stated img/s); {c:,.1f} CPU-hours "
-        f"here (about {math.ceil(c / 24)} day(s)); images counted from the real splits and each run's "
+        f"here ({span(c)}); images counted from the real splits and each run's "
         "resolved epochs"
     )
     return "\n".join(out)
@@ -134,4 +143,4 @@ def done_line(lines: list[Line], gpu: Mapping, cpu: Mapping) -> str:
     )
 
 
-__all__ = ["done_line", "format_plan", "gpu_rate", "hours", "rules", "run_list", "stage_table"]
+__all__ = ["done_line", "format_plan", "gpu_rate", "hours", "rules", "run_list", "span", "stage_table"]

@@ -171,7 +171,7 @@ def test_resume_from_the_intact_epoch_keeps_the_registered_version(finished, cap
     client = MlflowClient()
     registered = client.get_model_version_by_alias(MODEL, "production")
     names = {checkpoints.model_epoch(m): m.name for m in checkpoints.run_models(finished)}
-    assert names == {1: "faulty-epoch001", 2: "faulty-epoch002"}  # named after the run
+    assert names == {1: "e01-faulty", 2: "e02-faulty"}  # the epoch first, then the run
     pt = _state_file(finished, 2)
     pt.write_bytes(pt.read_bytes()[:1000])
     assert main(["pretrain", "--resume", finished, "--resume-from", "1", "--epochs", "3"]) == 0, (

@@ -245,8 +245,10 @@ def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run:
     for text in (
         "protocol linear",
         "init **moco**",
-        "registered model mococxr-test version 1",
-        f"pretraining run {pretrain_run}, epoch 3",
+        "from `models:/mococxr-test/1`, Adam",
+        "registered as [mococxr-test version 1](#/models/mococxr-test/versions/1)",
+        "of pretraining run [",
+        f"/runs/{pretrain_run}) at epoch 3",
         "Label fraction **100%**",
         "draw 0",
         "Dataset chexpert (synthetic phantom)",
@@ -260,8 +262,8 @@ def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run:
         assert text in note, text
     assert run.data.params["phantom"] == "True" and run.data.params["init_registered_model"] == "mococxr-test"
     metrics = run.data.metrics
-    assert metrics["best/epoch"] == metrics["best_epoch"] == res.best_epoch
-    assert metrics["best/val_auc"] == metrics["val/best_auc"] == pytest.approx(res.val_auc)
+    assert metrics["best/epoch"] == res.best_epoch and metrics["best/val_auc"] == pytest.approx(res.val_auc)
+    assert "best_epoch" not in metrics and "val/best_auc" not in metrics  # one spelling: split/name
 
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "test"}
@@ -271,7 +273,13 @@ def assert_explains_itself(client: MlflowClient, run, res, splits, pretrain_run:
         assert json.loads(inputs[context].profile)["num_rows"] == len(splits[name])
     assert inputs["train"].name == "chexpert-phantom train 100% draw 0"
     version = client.get_model_version("mococxr-test", "1")
-    assert [m.model_id for m in run.inputs.model_inputs] == [version.tags["mococxr.model_id"]]
+    # the checkpoint, and its stand-in in this run's experiment (what the run page can list)
+    checkpoint = version.tags["mococxr.model_id"]
+    (stand_in,) = {m.model_id for m in run.inputs.model_inputs} - {checkpoint}
+    assert len(run.inputs.model_inputs) == 2
+    assert client.get_logged_model(stand_in).tags["mococxr.model_id"] == checkpoint
+    assert not run.outputs.model_outputs  # keep_model e2e (the default): a linear run keeps no model
+    assert "**Started from** checkpoint [e03-resnet18](#/experiments/" in note
     csv = pd.read_csv(
         mlflow.artifacts.download_artifacts(run_id=res.run_id, artifact_path="predictions/test.csv")
     )
@@ -311,6 +319,8 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     # one epoch: the best validated epoch is the last, flagged; e2e has no linear lr
     assert run.data.metrics["best/at_last_epoch"] == 1.0 and tags[mt.tag("best_at_last_epoch")] == "true"
     assert "linear_lr_chosen" not in run.data.params and mt.tag("linear_lr") not in tags
+    assert run.info.run_name == "d1 50% e2e random r18"  # what tells a grid's runs apart comes first
+    assert_keeps_its_model(run, res, after)
 
     # U-Ignore: an uncertain (-1) source label is NaN in the logged labels, and masked out of the loss
     predictions = download_predictions(res.run_id)
@@ -322,6 +332,29 @@ def test_e2e_multilabel_u_ignore_trains_the_backbone(phantom, tracking_uri, capt
     assert math.isfinite(run.data.metrics["train/loss"])
     for task in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"):
         assert f"score:{task}" in predictions
+
+
+def assert_keeps_its_model(run, res, encoder_state: dict[str, torch.Tensor]) -> None:
+    """keep_model e2e (the default): an end-to-end run logs its trained model as its output at its best
+    epoch, with its test metrics; the disk it costs is the full ResNet18 (about 44.8 MB)."""
+    client = MlflowClient()
+    assert run.data.params["keep_model"] == "e2e"
+    (output,) = run.outputs.model_outputs
+    assert output.step == res.best_epoch
+    model = client.get_logged_model(output.model_id)
+    assert (
+        model.source_run_id == res.run_id and model.name == f"e{res.best_epoch:02d}-d1 50pct e2e random r18"
+    )
+    assert model.model_type == "mococxr-classifier"
+    assert {m.key: m.value for m in model.metrics}["test/auc"] == pytest.approx(res.test["test/auc"])
+    assert f"#/experiments/{run.info.experiment_id}/runs/{res.run_id}" in model.tags["mlflow.note.content"]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}")) / ma.STATE_DICT_FILE
+    assert 44e6 < local.stat().st_size < 46e6, local.stat().st_size  # measured: 44.79 MB
+    kept = torch.load(local, map_location="cpu", weights_only=True)
+    assert_same_state(
+        {k.removeprefix("encoder."): v for k, v in kept.items() if k.startswith("encoder.")}, encoder_state
+    )
+    assert {"head.weight", "head.bias"} <= kept.keys()
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])

@@ -132,9 +132,7 @@ def test_loss_falls_and_every_epoch_is_logged(reference, store):
     for model in found:
         epoch = checkpoints.model_epoch(model)
         assert model.model_id == reference.model_ids[epoch]
-        assert (
-            model.name == f"resnet18-{reference.run_id[:8]}-epoch{epoch:03d}"
-        )  # no run name: backbone and id
+        assert model.name == f"e{epoch:02d}-resnet18-{reference.run_id[:8]}"  # no run name: backbone, id
         linked = {m.key: m for m in model.metrics}
         assert linked["train/loss"].step == epoch
         assert linked["train/loss"].value == pytest.approx(loss[epoch])
@@ -239,8 +237,14 @@ def _check_what_the_ui_shows(result, cfg, out: str) -> None:
     """Names, summary metrics, description, dataset input and progress lines of a sweep-like trial."""
     client = MlflowClient()
     run = client.get_run(result.run_id)
-    names = {checkpoints.model_epoch(m): m.name for m in checkpoints.run_models(result.run_id)}
-    assert names == {1: "study-trial002-epoch001", 2: "study-trial002-epoch002"}
+    models = checkpoints.run_models(result.run_id)
+    names = {checkpoints.model_epoch(m): m.name for m in models}
+    assert names == {1: "e01-trial002-study", 2: "e02-trial002-study"}  # the epoch first, then the trial
+    # its checkpoints are the run's outputs at their epoch (the run page: Type Output, Step), never inputs
+    assert {o.model_id: o.step for o in run.outputs.model_outputs} == {
+        m.model_id: checkpoints.model_epoch(m) for m in models
+    }
+    assert not run.inputs.model_inputs
     auc = {e: h["val/linear_auc"] for e, h in result.history.items()}
     best = max(sorted(auc), key=lambda e: auc[e])
     assert run.data.metrics["best/val_linear_auc"] == pytest.approx(auc[best])

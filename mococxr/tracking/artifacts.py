@@ -1,13 +1,16 @@
 """Logging plain data to a run: JSON, DataFrames, dataset inputs, and state dicts as MLflow 3 LoggedModels.
 
 A copy into a local artifact folder that fails halfway (a full disk) leaves no truncated file behind,
-and a checkpoint whose copy failed is marked FAILED, so nothing reads it by its ``models:/`` URI.
+and a checkpoint whose copy failed is marked FAILED, so nothing reads it by its ``models:/`` URI. A
+state dict logged from a run is that run's *output* at its step (the run page lists it as Output with
+its epoch), and is named with its step first (``e03-...``): MLflow's tables cut a long name at its end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,15 +23,18 @@ from urllib.parse import unquote, urlparse
 import mlflow
 import pandas as pd
 import torch
+from mlflow.entities import LoggedModelOutput, RunOutputs
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
-from mococxr.tracking.mlflow import tag
+from mococxr.tracking.mlflow import NOTE_TAG, tag
 
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 STATE_DICT_FILE = "state_dict.pt"
 MODEL_INFO_FILE = "mococxr_model.json"
+_EPOCH_SUFFIX = re.compile(r"-epoch\d+$")  # the older "<label>-epochNNN" checkpoint names
+_TRIAL_SUFFIX = re.compile(r"^(?P<study>.+)-(?P<trial>trial\d+)$")  # a study trial's run name
 
 
 @contextmanager
@@ -115,6 +121,36 @@ def _remove_local(artifact_uri: str | None) -> None:
         shutil.rmtree(unquote(urlparse(artifact_uri).path), ignore_errors=True)
 
 
+def checkpoint_name(label: str, step: int) -> str:
+    """A state dict's LoggedModel name: its step first, then what it is of, so that the part that tells a
+    run's checkpoints apart survives MLflow's tables, which cut a long name at its end.
+
+    ``label`` is the run's label (its name); a trailing ``-epochNNN`` (the older naming) is dropped and a
+    study trial's ``<study>-trialNNN`` reads ``trialNNN-<study>``: ``e03-trial001-mystudy``.
+    """
+    label = _EPOCH_SUFFIX.sub("", label)
+    if m := _TRIAL_SUFFIX.match(label):
+        label = f"{m.group('trial')}-{m.group('study')}"
+    return f"e{step:02d}-{label}"
+
+
+def log_model_output(run_id: str, model_id: str, step: int) -> None:
+    """Record ``model_id`` as an output of run ``run_id`` at ``step`` (the run page's Type Output, Step).
+
+    The active run's cached copy is updated as MLflow's own ``log_model`` does: ``mlflow.log_metrics(...,
+    model_id=...)`` reads that copy, and logs a model it does not find among the run's outputs as an
+    *input* of the run.
+    """
+    output = LoggedModelOutput(model_id, step=step)
+    MlflowClient().log_outputs(run_id, models=[output])
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        if active.outputs is None:
+            active._outputs = RunOutputs(model_outputs=[output])
+        else:
+            active.outputs.model_outputs.append(output)
+
+
 def log_state_dict_model(
     state_dict: Mapping[str, torch.Tensor],
     *,
@@ -125,21 +161,28 @@ def log_state_dict_model(
     info: Mapping[str, Any],
     model_tags: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    model_type: str = "mococxr-encoder",
 ) -> str:
-    """Log a plain state dict as an MLflow 3 LoggedModel and return its ``model_id``.
+    """Log a plain state dict as an MLflow 3 LoggedModel, an output of run ``run_id`` at ``step``, and
+    return its ``model_id``.
 
     The model's artifacts are ``state_dict.pt`` (load with ``torch.load(..., weights_only=True)``)
     and ``mococxr_model.json`` (``info``: backbone, epoch, ...). No pickled objects, no flavor: a
-    checkpoint is data, and whoever loads it chooses the code that reads it.
+    checkpoint is data, and whoever loads it chooses the code that reads it. ``name`` says what the
+    state dict is of (the run's label); the model is named :func:`checkpoint_name` of it. ``description``
+    is the model page's Markdown description; ``model_type`` says what the weights are (an encoder, or a
+    fine-tuned classifier).
     """
     client = MlflowClient()
+    note = {NOTE_TAG: description} if description else {}
     model = client.create_logged_model(
         experiment_id=experiment_id,
-        name=name,
+        name=checkpoint_name(name, step),
         source_run_id=run_id,
-        tags={**(model_tags or {}), tag("checkpoint_epoch"): str(step)},
+        tags={**(model_tags or {}), tag("checkpoint_epoch"): str(step), **note},
         params={k: str(v) for k, v in (params or {}).items()},
-        model_type="mococxr-encoder",
+        model_type=model_type,
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -153,4 +196,5 @@ def log_state_dict_model(
         client.finalize_logged_model(model.model_id, "FAILED")
         raise
     client.finalize_logged_model(model.model_id, "READY")
+    log_model_output(run_id, model.model_id, step)
     return model.model_id

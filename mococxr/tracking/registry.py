@@ -19,12 +19,12 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mococxr.errors import TrackingError
 from mococxr.tracking import filters as flt
+from mococxr.tracking import lineage
 from mococxr.tracking.mlflow import tag, tags
 from mococxr.tracking.uris import (  # re-exported: the registry's view of a reference
     ALIASES,
@@ -42,7 +42,7 @@ from mococxr.tracking.uris import (  # re-exported: the registry's view of a ref
 ALIAS_TAG = tag("stage")
 FINETUNE_RUNS_TAG = tag("finetune_runs")  # how many FINISHED fine-tune runs used the version
 INIT_FALLBACK_TAG = tag("init_fallback")  # why init auto started a run from random weights
-USES_HEADING = "Fine-tune runs that used this version"
+USES_HEADING = "Fine-tune runs that used this version"  # heads the list in a version's description
 
 
 def find_logged_model(run_id: str, epoch: int) -> str:
@@ -258,16 +258,6 @@ def fallback_tags(origin: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- who used a version
 
 
-def log_model_input(run_id: str, origin: dict[str, Any]) -> None:
-    """Log the checkpoint behind ``origin`` as the run's input model: the run page links to it.
-
-    Done through the client, not ``mlflow.log_inputs``, whose ``models=`` is refused outside Databricks
-    although the sqlite store and the tracking server both store model inputs.
-    """
-    if origin.get("model_id"):
-        MlflowClient().log_inputs(run_id, models=[LoggedModelInput(origin["model_id"])])
-
-
 def consumers_filter(name: str, version: str | int) -> str:
     """The MLflow search filter that finds the finished fine-tune runs initialised from ``name``
     ``version``."""
@@ -281,51 +271,32 @@ def consumers_filter(name: str, version: str | int) -> str:
 
 def count_consumers(name: str, version: str | int) -> int:
     """How many FINISHED fine-tune runs, in any active experiment, were initialised from the version."""
-    client = MlflowClient()
-    exp_ids, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        exp_ids += [e.experiment_id for e in page]
-        if not (token := page.token):
-            break
-    count, filt = 0, consumers_filter(name, version)
-    for i in range(0, len(exp_ids), 100):
-        token = None
-        while True:
-            page = client.search_runs(exp_ids[i : i + 100], filt, max_results=1000, page_token=token)
-            count += len(page)
-            if not (token := page.token):
-                break
-    return count
+    return len(lineage.find_runs(consumers_filter(name, version))[0])
 
 
 def record_finetune_use(name: str, version: str | int) -> int | None:
-    """Tag the version with its fine-tune run count and say in its description how to find the runs.
+    """Tag the version with its fine-tune run count and list the runs, as links, in its description.
 
-    The count is recounted by search, never incremented, so two runs finishing together both write a
-    true count (and re-check once: whoever writes last wrote what the store then held). The registry
-    is bookkeeping here: a failure warns and returns None, and the fine-tune run stays as logged.
+    Count and list are rewritten whole from a search, never incremented, and settled (see
+    :func:`mococxr.tracking.lineage.settle`): two runs finishing together both end up counted and listed.
+    The text before the list (the version's origin, or what a user wrote) is kept. The registry is
+    bookkeeping here: a failure warns and returns None, and the fine-tune run stays as logged.
     """
     client = MlflowClient()
+
+    def write(found: lineage.Found) -> None:
+        client.set_model_version_tag(name, str(version), FINETUNE_RUNS_TAG, str(len(found[0])))
+        text = client.get_model_version(name, str(version)).description or ""
+        head = lineage.before_section(text, USES_HEADING)
+        room = lineage.VERSION_NOTE_LIMIT - len(head) - 2
+        section = lineage.runs_section(USES_HEADING, found, filt, room)
+        client.update_model_version(
+            name, str(version), description=lineage.with_section(text, USES_HEADING, section)
+        )
+
     try:
-        count = None
-        for _ in range(2):
-            fresh = count_consumers(name, version)
-            if fresh == count:
-                break
-            count = fresh
-            client.set_model_version_tag(name, str(version), FINETUNE_RUNS_TAG, str(count))
-        mv = client.get_model_version(name, str(version))
-        if USES_HEADING not in (mv.description or ""):
-            text = (
-                f"{USES_HEADING} (count in tag `{FINETUNE_RUNS_TAG}`): in their experiment's run list, "
-                f"search `{consumers_filter(name, version)}`. Each such run also shows this checkpoint "
-                "under its logged models (inputs)."
-            )
-            client.update_model_version(
-                name, str(version), description=f"{mv.description or ''}\n\n{text}".strip()
-            )
-        return count
+        filt = consumers_filter(name, version)
+        return len(lineage.settle(lambda: lineage.find_runs(filt), write)[0])
     except (MlflowException, TrackingError) as exc:
         warnings.warn(f"could not record the fine-tune use of {name} version {version}: {exc}", stacklevel=2)
         return None
@@ -346,7 +317,6 @@ __all__ = [
     "fallback_tags",
     "find_logged_model",
     "list_versions",
-    "log_model_input",
     "promote",
     "promote_best",
     "record_finetune_use",

@@ -2,7 +2,9 @@
 
 One call is one MLflow run: parameters and ``mococxr.*`` tags, per-epoch train and validation metrics,
 the split and draw manifests, and after training the test AUC/AUPRC per task and the per-image test
-predictions (``predictions/test.parquet``) from which the report module builds its tables.
+predictions (``predictions/test.parquet``) from which the report module builds its tables. A run started
+from a checkpoint links to it (description and input models) and is listed under it once it finished
+(``tracking/lineage.py``); ``keep_model`` keeps the trained model as the run's output.
 
 The best epoch is chosen by validation AUC alone (and, with ``linear_lr: select``, the linear head's
 learning rate: ``train/linear_lr.py``); the test split is read once, after training, with the weights of
@@ -29,8 +31,8 @@ from mococxr.data.prepare import Prepared, open_cache, prepare
 from mococxr.data.splits import draw_fraction, make_manifest
 from mococxr.errors import DataError
 from mococxr.models.backbones import build_encoder
+from mococxr.tracking import lineage, registry
 from mococxr.tracking import mlflow as mt
-from mococxr.tracking import registry
 from mococxr.train.budget import training_budget
 from mococxr.train.finetune_inputs import (
     Inputs,
@@ -44,6 +46,7 @@ from mococxr.train.finetune_log import (
     MANIFEST_CONTEXTS,
     PREDICTIONS_CSV,
     PREDICTIONS_PARQUET,
+    _keep_model,
     _log_outcome,
     _log_setup,
     _origin_params,
@@ -135,9 +138,9 @@ def finetune(
 
     phantom = is_phantom(cfg.data.root)
     sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
-    note = describe_run(cfg, init_kind, origin, budget=budget, phantom=phantom, sizes=sizes)
+    note, started_from = _describe(cfg, init_kind, origin, budget, phantom, sizes)
     run_tags = {**_run_tags(cfg, init_kind, origin, manifests), mt.NOTE_TAG: note, **(extra_tags or {})}
-    run_name = cfg.run_name or _run_name(cfg, init_kind)
+    run_name = cfg.run_name or _run_name(cfg, init_kind, (extra_tags or {}).get(mt.tag("init")))
     with mt.start_run(
         cfg.experiment, run_name=run_name, run_tags=run_tags, parent_run_id=parent_run_id
     ) as run:
@@ -147,7 +150,7 @@ def finetune(
         _log_setup(
             cfg, run_id, {**params, **_origin_params(origin), **sizes}, manifests, parts, phantom=phantom
         )
-        registry.log_model_input(run_id, origin)
+        lineage.log_checkpoint_input(run_id, origin)
         choice, gap = _train_and_probe(
             cfg,
             model,
@@ -161,11 +164,31 @@ def finetune(
             progress=progress,
             precision=precision,
         )
-        test_metrics, predictions = _score_and_log(inputs, test, tasks, choice, gap, budget.epochs, note)
-    if origin.get("registry_version"):  # after FINISHED, so the recount includes this run
-        registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
+        test_metrics, predictions = _score_and_log(
+            cfg, model, inputs, test, tasks, choice, gap, budget.epochs, note, started_from
+        )
+    _record_use(origin)  # after FINISHED: the searches that rewrite the lists of runs find this one
     lr_chosen = choice.lr if choice.rule == "select" else None
     return FinetuneResult(run_id, choice.best_epoch, choice.best_auc, test_metrics, predictions, lr_chosen)
+
+
+def _describe(
+    cfg: FinetuneConfig, init_kind: str, origin: dict, budget, phantom: bool, sizes: dict[str, int]
+) -> tuple[str, str]:
+    """The run's description, and its sentence of links to where its checkpoint came from."""
+    started_from = lineage.origin_links(origin)
+    note = describe_run(
+        cfg, init_kind, origin, budget=budget, phantom=phantom, sizes=sizes, started_from=started_from
+    )
+    return note, started_from
+
+
+def _record_use(origin: dict) -> None:
+    """List the finished run under its checkpoint and registered version (rewritten from a search)."""
+    if origin.get("model_id"):
+        lineage.record_use(origin["model_id"])
+    if origin.get("registry_version"):
+        registry.record_finetune_use(origin["registered_model"], origin["registry_version"])
 
 
 def _build_model(
@@ -233,6 +256,8 @@ def _train_and_probe(
 
 
 def _score_and_log(
+    cfg: FinetuneConfig,
+    model: Classifier,
     inputs: Inputs,
     test: pd.DataFrame,
     tasks: list[str],
@@ -240,11 +265,13 @@ def _score_and_log(
     gap: ProbeGap | None,
     epochs: int,
     note: str,
+    started_from: str,
 ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Score the test set once, log the outcome (summary metrics, predictions) and complete the run's
-    description with it."""
+    """Score the test set once, keep the trained model (``keep_model``), log the outcome (summary metrics,
+    also the kept model's; predictions) and complete the run's description with it."""
     test_metrics, predictions = _score_test(inputs, test, tasks)
-    _log_outcome(choice, epochs, test_metrics, predictions, gap)
+    model_id = _keep_model(cfg, model, choice, tasks, test_metrics, started_from)
+    _log_outcome(choice, epochs, test_metrics, predictions, gap, model_id)
     mlflow.set_tag(
         mt.NOTE_TAG,
         note + choice.describe() + result_line(choice.best_epoch, epochs, choice.best_auc, test_metrics, gap),

@@ -15,9 +15,19 @@ def init_label(kind: str) -> str:
 
 
 def describe_run(
-    cfg: FinetuneConfig, init_kind: str, origin: dict, *, budget: Budget, phantom: bool, sizes: dict[str, int]
+    cfg: FinetuneConfig,
+    init_kind: str,
+    origin: dict,
+    *,
+    budget: Budget,
+    phantom: bool,
+    sizes: dict[str, int],
+    started_from: str = "",
 ) -> str:
-    """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen."""
+    """The run's description (Markdown) in the MLflow UI: what was trained, from what, on what, how chosen.
+
+    ``started_from`` (links to the checkpoint, its version and its run: ``tracking.lineage.origin_links``)
+    comes second, where the UI shows it before "Show more"."""
     heads = {
         "standardized": "on standardized features (parameter-free BatchNorm, head standardized)",
         "plain": "directly on the frozen features (head plain, as in the paper)",
@@ -29,8 +39,9 @@ def describe_run(
     fallback = f" ({origin['init_fallback']})" if origin.get("init_fallback") else ""
     lines = [
         f"**Fine-tune**, protocol {protocol.get(cfg.protocol, cfg.protocol)}, backbone {cfg.backbone}, "
-        f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin)}, Adam "
+        f"init **{init_label(init_kind)}**{fallback}{_checkpoint_text(cfg.init, origin, started_from)}, Adam "
         f"{lr_text(cfg)}, batch {cfg.batch_size}.",
+        *([started_from] if started_from else []),
         f"Label fraction **{percent(cfg.fraction)}** of the training split's labels (draw {cfg.draw}, "
         f"seed {cfg.seed}): {sizes['n_train']} training images; validation {sizes['n_val']}, "
         f"test {sizes['n_test']} images.",
@@ -51,10 +62,14 @@ def lr_text(cfg: FinetuneConfig) -> str:
     return f"lr {cfg.lr:g}"
 
 
-def _checkpoint_text(init: str, origin: dict) -> str:
+def _checkpoint_text(init: str, origin: dict, started_from: str = "") -> str:
+    """Where a checkpoint init came from; with ``started_from`` (the next paragraph, which links to all
+    of it) only the reference, so that paragraph shows before the UI's "Show more"."""
     if "uri" not in origin:  # not a checkpoint (resolve() records every checkpoint's uri)
         return ""
     where = f" from `{init}`"
+    if started_from:
+        return where
     if origin.get("registry_version"):
         where += f": registered model {origin['registered_model']} version {origin['registry_version']}"
     if origin.get("run_id"):

@@ -26,3 +26,13 @@ def linear_cfg(root: str, experiment: str, **kw) -> FinetuneConfig:
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of metric ``key`` of run ``run_id``, by step."""
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def curve(run_id: str, lr: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` for the linear lr candidate ``lr`` (as ``:g``) of a ``select`` run."""
+    from mlflow.artifacts import load_dict
+
+    from mococxr.train.linear_lr import CURVES
+
+    rows = load_dict(f"{MlflowClient().get_run(run_id).info.artifact_uri}/{CURVES}")[lr]
+    return sorted((row["step"], row[key]) for row in rows if key in row)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from linear_runs import history, linear_cfg
+from linear_runs import curve, history, linear_cfg
 from mlflow.tracking import MlflowClient
 
 from mococxr.config import DataConfig, FinetuneConfig
@@ -77,7 +77,7 @@ def test_paper_is_todays_single_lr_run_and_select_replays_it_per_candidate(phant
     assert metrics["lr_select/val_auc/0.003"] == absent.val_auc
     assert metrics["lr_select/best_epoch/0.003"] == absent.best_epoch
     for key in ("val/auc", "train/loss"):
-        assert history(select.run_id, f"lr_select/0.003/{key}") == history(absent.run_id, key)
+        assert curve(select.run_id, "0.003", key) == history(absent.run_id, key)
     chosen = float(client.get_run(select.run_id).data.params["linear_lr_chosen"])
     same = absent if chosen == 3e-3 else ft.finetune(make_cfg(phantom, lr=chosen), data=data, progress=False)
     np.testing.assert_array_equal(select.predictions[SCORE], same.predictions[SCORE])
@@ -103,7 +103,7 @@ def test_select_keeps_the_best_on_validation_and_scores_test_once(phantom, track
     assert res.val_auc == max(v for _, v in history(res.run_id, "val/auc"))
     assert run.metrics["best/epoch"] == res.best_epoch == epochs[chosen]
     for key in ("val/auc", "train/loss"):  # the standard curves are the chosen candidate's
-        assert history(res.run_id, key) == history(res.run_id, f"lr_select/{chosen:g}/{key}")
+        assert history(res.run_id, key) == curve(res.run_id, f"{chosen:g}", key)
         assert len(history(res.run_id, key)) == 4
     # the probe gap compares with the chosen head
     assert run.metrics["val/probe_gap"] == pytest.approx(run.metrics["val/probe_auc"] - aucs[chosen])

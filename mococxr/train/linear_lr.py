@@ -12,8 +12,11 @@ layers at ``lr``.
 
 What a run logs (the report reads these names): param ``linear_lr_chosen`` on every linear run; for
 ``select``, metrics ``lr_select/val_auc/<lr>`` and ``lr_select/best_epoch/<lr>`` per candidate (lr
-as ``:g``, e.g. ``3e-05``) and each candidate's per-epoch curves as ``lr_select/<lr>/<metric>``; the
-standard curves (``train/loss``, ``val/auc``, ...) are the chosen candidate's, logged after the choice.
+as ``:g``, e.g. ``3e-05``) and every candidate's per-epoch curves in one artifact, :data:`CURVES`
+(``{"<lr>": [{"step": 1, "train/loss": ..., "val/auc": ...}, ...]}``); the standard curves
+(``train/loss``, ``val/auc``, ...) are the chosen candidate's, logged after the choice. The candidates'
+curves were metrics ``lr_select/<lr>/<metric>`` before: some 30 metric keys per run that crowded the
+MLflow runs table's columns (116 in a paper experiment) and that nothing but a reader of one run looks at.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 from torch import nn
 
 from mococxr.config import FinetuneConfig
+from mococxr.tracking import artifacts as ma
 
+CURVES = "lr_select/curves.json"  # every candidate's per-epoch curves (see the module docstring)
 # finetune._fit: (model, cfg, inputs, val, tasks, *, log=..., **kw) -> (best epoch, its val AUC)
 Fit = Callable[..., tuple[int, float]]
 
@@ -91,12 +96,12 @@ def select_lr(
     start = _Start.capture(model, inputs.train)
     candidates: list[Candidate] = []
     best: tuple[Candidate, dict, list] | None = None
+    curves: dict[str, list[dict[str, float]]] = {}
     for lr in cfg.linear_lrs:
         start.restore(model, inputs.train)
         history: list[tuple[int, dict[str, float]]] = []
-        epoch, auc = fit(
-            model, replace(cfg, lr=lr), inputs, val, tasks, log=_candidate_log(lr, history), **kw
-        )
+        epoch, auc = fit(model, replace(cfg, lr=lr), inputs, val, tasks, log=_candidate_log(history), **kw)
+        curves[f"{lr:g}"] = [{"step": step, **metrics} for step, metrics in history]
         candidates.append(Candidate(lr, epoch, auc))
         if best is None or auc > best[0].val_auc:  # a tie keeps the first listed
             best = candidates[-1], _head_state(model), history
@@ -105,13 +110,13 @@ def select_lr(
         getattr(model, name).load_state_dict(part)
     for step, metrics in history:  # the standard curves are the chosen run's
         mlflow.log_metrics(metrics, step=step)
+    ma.log_json(curves, CURVES)
     return Choice(chosen.lr, chosen.best_epoch, chosen.val_auc, "select", candidates)
 
 
-def _candidate_log(lr: float, history: list) -> Callable[[dict[str, float], int], None]:
+def _candidate_log(history: list) -> Callable[[dict[str, float], int], None]:
     def log(metrics: dict[str, float], step: int) -> None:
         history.append((step, dict(metrics)))
-        mlflow.log_metrics({f"lr_select/{lr:g}/{k}": v for k, v in metrics.items()}, step=step)
 
     return log
 

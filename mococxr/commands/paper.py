@@ -18,7 +18,9 @@ def cmd_paper(args: argparse.Namespace) -> int:
     # an empty store, and a hostile one (a YAML alias bomb) never grows the process
     plan = load_plan(args.spec, roots={"chexpert": args.chexpert_root, "shenzhen": args.shenzhen_root})
     from mococxr.flows.paper import run_paper
+    from mococxr.flows.stages import check_phantom_roots
 
+    check_phantom_roots(plan)  # a real dataset named as a phantom's root: refused before a store is created
     run_paper(plan, only=args.only, out=args.out, store=command_store(args), storage=args.storage)
     return 0
 

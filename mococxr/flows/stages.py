@@ -70,17 +70,25 @@ def check_weights(plan: PaperPlan) -> None:
         require_imagenet_weights(backbone)
 
 
+def check_phantom_roots(plan: PaperPlan) -> None:
+    """A phantom plan writes its data only into folders the phantom owns (new, empty, or its own): a root
+    that holds anything else (a real dataset named by ``--chexpert-root``) is refused, naming it. Called
+    before a store opens, and again before anything is written."""
+    from mococxr.data.phantom import check_target
+
+    if plan.phantom is not None:
+        for key in ("chexpert", "shenzhen"):
+            check_target(plan.data[key].root)
+
+
 def prepare_phantom(plan: PaperPlan) -> None:
     """Synthesize both phantom layouts once; a layout whose folder already holds it is reused.
 
     Both roots are checked before either is written: a root that holds anything but a phantom (a real
     dataset named by ``--chexpert-root``) stops the plan with nothing written."""
-    from mococxr.data.phantom import check_target
-
     ph = plan.phantom
+    check_phantom_roots(plan)
     layouts = [("chexpert", ph.chexpert_n, ph.chexpert_valid), ("shenzhen", ph.shenzhen_n, None)]
-    for key, _, _ in layouts:
-        check_target(plan.data[key].root)
     for key, n, n_valid in layouts:
         make_phantom(plan.data[key].root, n, size=ph.size, seed=ph.seed, layout=key, n_valid=n_valid)
 
@@ -302,6 +310,7 @@ __all__ = [
     "digest",
     "folder_lock",
     "make_phantom",
+    "check_phantom_roots",
     "prepare_phantom",
     "register_trials",
     "run_one_grid",

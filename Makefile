@@ -3,20 +3,42 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean
+# Where torch and torchvision come from. Empty (the default): PyPI with the rest, whose Linux wheels are
+# CUDA builds (a ~6.4 GB .venv, 3.2 GB of it NVIDIA's libraries). A wheel index such as
+# https://download.pytorch.org/whl/cpu (the CPU-only build, ~2 GB .venv) installs them from there first,
+# as docker/Dockerfile's TORCH_INDEX does. The value an install used is kept in .venv/.torch-index and
+# stays in force for later `make` calls; naming another one (TORCH_INDEX= for PyPI) recreates .venv.
+TORCH_MARK := $(VENV)/.torch-index
+TORCH_INDEX ?= $(shell cat $(TORCH_MARK) 2>/dev/null)
+# the bounds pyproject.toml sets: "torch>=...,<..." "torchvision>=...,<..."
+TORCH_PINS := $(shell grep -o '"torch[^"]*"' pyproject.toml)
+
+.PHONY: demo test test-slow lint clean FORCE
 
 # pip's own output is left on (one line per package, a progress bar per download): creating .venv takes
 # minutes and should never look stuck.
-$(STAMP): pyproject.toml Makefile  # a changed install line (e.g. a new extra) reinstalls
+$(STAMP): pyproject.toml Makefile $(TORCH_MARK)  # a changed install line (e.g. a new extra) reinstalls
 	@echo "== [1/3] $(VENV): creating a virtual environment with $(PY)"
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@echo "== [2/3] $(VENV): upgrading pip"
 	$(VENV)/bin/pip install --progress-bar on --upgrade pip
 	@echo "== [3/3] $(VENV): installing mococxr and its dependencies (torch, torchvision, mlflow, optuna," \
 	      "optuna-dashboard, ...): the longest step, a few minutes"
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --progress-bar on --index-url '$(TORCH_INDEX)' $(TORCH_PINS))
 	$(VENV)/bin/pip install --progress-bar on -e '.[dev,postgres,auth,dashboard]'
 	touch $(STAMP)
 	@echo "== $(VENV) ready"
+
+# Rewritten only when TORCH_INDEX differs from the last install's (so .venv is then rebuilt); a torch from
+# another index replaces the old one only in a fresh .venv (the old one's NVIDIA libraries would stay).
+$(TORCH_MARK): FORCE
+	@if [ ! -f $@ ] || [ "$$(cat $@)" != '$(TORCH_INDEX)' ]; then \
+	  if [ -f $(STAMP) ] && { [ -f $@ ] || [ -n '$(TORCH_INDEX)' ]; }; then \
+	    echo "== TORCH_INDEX is now '$(TORCH_INDEX)' (was '$$(cat $@ 2>/dev/null)'): recreating $(VENV)"; \
+	    rm -rf $(VENV); \
+	  fi; \
+	  mkdir -p $(VENV) && printf '%s\n' '$(TORCH_INDEX)' > $@; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/mococxr demo

@@ -28,6 +28,7 @@ from mococxr.commands.handlers import (
     cmd_sweep,
 )
 from mococxr.commands.paper import cmd_paper
+from mococxr.console import line_buffered
 from mococxr.errors import InterruptedBySignal, user_message
 
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store, unreachable server, full or read-only disk) is one line and exit 2; anything else is a bug:
     one line, exit 1, the traceback with ``--debug``. Ctrl-C exits 130 and SIGTERM 143, after the
     runs in flight are marked KILLED."""
+    line_buffered()  # a redirected log gets each line as it is printed
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "registry":

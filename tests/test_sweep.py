@@ -8,6 +8,7 @@ study and kill one with SIGKILL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -164,7 +165,7 @@ def test_shipped_specs_load():
         ({"heartbeat": {"interval": 5, "grace_period": 5}}, "heartbeat.grace_period"),
         ({"base": {"keep": "every:5"}}, "base.keep"),
         ({"base": {"lr_typo": 1}}, "base: unknown key(s) lr_typo"),
-        ({"name": "has space"}, "name="),
+        ({"name": "a'b\"c"}, "name="),
     ],
 )
 def test_spec_errors_name_the_key(tmp_path, change, message):
@@ -183,6 +184,7 @@ def test_parent_run_is_made_once_per_study_by_its_creator(tmp_path, tracking_uri
     study, first = _open_study(spec, said.append)
     assert _open_study(spec, said.append)[1] == first  # a second worker joins: same parent, no waiting
     assert study.user_attrs["ready"] is True and not said
+    assert study.metric_names == [spec.metric] == ["val/linear_auc"]  # optuna-dashboard's objective name
     other, second = _open_study(dataclasses.replace(spec, name="b"), said.append)
     assert second != first
     run = MlflowClient().get_run(first)
@@ -247,6 +249,34 @@ def test_study_links_runs_and_promotes_best(tmp_path, tracking_uri, phantom):
     # A second worker finding the study done promotes nothing new and runs nothing.
     again = run_study(spec, promote="staging", log=lines.append)
     assert again.trials_run == [] and again.registered_version == result.registered_version
+
+
+@pytest.mark.slow  # ~25 s: two trials of two epochs
+def test_study_prints_every_trials_epochs(tmp_path, tracking_uri, phantom, capfd, monkeypatch):
+    """The study is never silent for a trial's length: each trial prints its epoch lines and, in a log
+    (not a terminal), its batches' progress lines, as a single ``mococxr pretrain`` does, named by the
+    trial; MLflow's INFO lines stay off the terminal."""
+    from mococxr import console
+    from mococxr.train import pretrain_epoch
+
+    # a progress line per batch rather than per 10 s, so these fast batches show whether progress is on
+    monkeypatch.setattr(pretrain_epoch, "progress_bar", functools.partial(console.progress, every_s=0))
+    budget = {"n_trials": 2, "epochs": 2}
+    spec = parse_spec(
+        spec_dict(phantom, f"sqlite:///{tmp_path / 'o.db'}", budget=budget, pruner={"name": "none"})
+    )
+    result = run_study(spec)
+    out, err = capfd.readouterr()
+    assert result.trials_run == [0, 1]
+    for trial in result.trials_run:
+        for epoch in (1, 2):
+            line = next(
+                x for x in out.splitlines() if x.startswith(f"[t-trial{trial:03d}] epoch {epoch}/2  ")
+            )
+            assert "loss" in line and "val/linear_auc" in line
+            assert f"[t-trial{trial:03d}] pretrain epoch {epoch}/2: 1/" in err  # its first batch
+    assert sum(x.startswith("trial ") for x in out.splitlines()) == 2  # the study's own line per trial
+    assert "INFO mlflow" not in out + err and "Creating initial MLflow" not in out + err
 
 
 @pytest.mark.slow

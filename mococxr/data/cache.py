@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
+from mococxr.console import progress as progress_bar
 from mococxr.data.workers import die_with_parent
 from mococxr.errors import DataError
 
@@ -279,24 +279,19 @@ class ImageCache:
         every = max(64, min(4096, n // 100))  # checkpoint ~100 times per build, never per image
         done = start
         try:
-            # The pool first, then the bar: no progress-bar thread exists when the workers fork.
-            with (
-                _decoder(workers, len(todo)) as imap,
-                tqdm(
-                    total=n,
-                    initial=start,
-                    desc=f"caching images at {size}px",
-                    unit="img",
-                    disable=None if progress else True,  # None: off when not a terminal
-                ) as bar,
-            ):
-                for row, array in enumerate(imap(partial(_load_row, size=size), todo), start=start):
+            # The pool first, then the bar: no progress-bar thread exists when the workers fork. A bar on a
+            # terminal, else a line every 10 s (see mococxr.console.progress).
+            with _decoder(workers, len(todo)) as imap:
+                decoded = enumerate(imap(partial(_load_row, size=size), todo), start=start)
+                desc = f"caching images at {size}px"
+                bar = progress_bar(decoded, desc, enabled=progress, total=n, initial=start, unit="img")
+                for row, array in bar:
                     images[row] = array
                     done = row + 1
-                    bar.update(1)
                     if done % every == 0:
                         images.flush()
                         _write_json(path / PROGRESS, {"done": done, "n": n})
+                bar.close()
         finally:
             # Also on an error or Ctrl-C: rows before `done` are written, so a rerun resumes there.
             images.flush()

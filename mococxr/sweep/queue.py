@@ -144,16 +144,21 @@ class WorkQueue:
         setup: Callable[[], Mapping[str, Any]] | None = None,
         on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
         say: Callable[[str], None] = print,
+        metric: str = "test/auc",
     ) -> WorkQueue:
         """Open (create and fill, or join) the queue ``name``. ``setup()`` runs once, for the worker that
         creates it, and returns study user attrs (e.g. the MLflow parent run id). Items that failed
-        for good on an earlier call are queued again, so a re-run retries them."""
+        for good on an earlier call are queued again, so a re-run retries them. ``metric`` names a
+        finished item's value in optuna-dashboard (a grid cell's test AUC)."""
         keys = [i.key for i in items]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"queue {name}: two items share a key")
         storage = rdb_storage(storage_url, heartbeat, on_stale=on_stale)
 
         def fill(study: optuna.Study, repair: bool) -> None:
+            with warnings.catch_warnings():  # experimental before Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([metric])  # optuna-dashboard's name for the value, not "Objective 0"
             attrs = study.user_attrs
             if setup is not None and not (repair and attrs.get("setup_done")):
                 for k, v in setup().items():
@@ -399,7 +404,9 @@ def run_each(
     all are done: promoting a checkpoint or building a report happens once however many workers reach
     that step. A worker that dies in one is replaced after the grace period; an error in one is raised
     by the worker that met it and, as one line naming it, by every worker waiting for it."""
-    queue = WorkQueue.open(name, storage_url, [Item(k) for k in works], heartbeat=heartbeat, say=say)
+    queue = WorkQueue.open(
+        name, storage_url, [Item(k) for k in works], heartbeat=heartbeat, say=say, metric="done (no score)"
+    )
     while (lease := queue.pop()) is not None or not queue.wait(say, what="step"):
         if lease is None:
             continue  # an item came back (its worker died): pop it

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
-from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mococxr.config import ALIASES, override
@@ -143,7 +142,7 @@ def run_study(
         trials_run=ran,
     )
     if result.n_complete + result.n_pruned >= study_budget(spec):
-        MlflowClient().set_terminated(parent_id, "FINISHED")
+        runs.end_parent(parent_id, "FINISHED")
     else:  # this worker gave up (failures in a row): the parent ends too unless others still work
         _close_parent(study, spec, parent_id, "FAILED")
     if best is not None:
@@ -170,7 +169,7 @@ def _close_parent(study: optuna.Study, spec: StudySpec, parent_id: str, status: 
         if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
             return
         record_study(study, parent_id, spec.metric, spec)
-        MlflowClient().set_terminated(parent_id, status)
+        runs.end_parent(parent_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 
@@ -183,6 +182,9 @@ def _open_study(spec: StudySpec, log: Callable[[str], None]) -> tuple[optuna.Stu
         if not study.user_attrs.get("mlflow_parent_run_id"):
             study.set_user_attr("mlflow_parent_run_id", create_parent(spec, spec.name))
         study.set_user_attr("mlflow_experiment", spec.experiment)
+        with warnings.catch_warnings():  # experimental before Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])  # optuna-dashboard's name for the value, not "Objective 0"
 
     study = open_study(
         spec.name,

@@ -72,7 +72,7 @@ def make_objective(
                 store=store,
                 parent_run_id=parent_run_id,
                 on_epoch_end=_reporter(trial, spec, box),
-                progress=False,
+                progress=True,  # a line every 10 s in a log (a bar on a terminal): never silent
                 extra_tags=mt.tags(optuna_study=study_name, optuna_trial=trial.number),
             )
             box["run_id"] = result.run_id

@@ -11,7 +11,9 @@ The file store is refused: it raises in MLflow >= 3.13 and cannot hold LoggedMod
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mococxr.console import working, write
 from mococxr.errors import ConfigError, MococxrError, TrackingError, user_message
 from mococxr.tracking.probe import check_sqlite, probe_server, probe_sqlite, store_check_wanted
 
@@ -158,6 +161,52 @@ def default_optuna_storage(tracking_uri: str) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
+class _Stderr:
+    """``sys.stderr`` as it is at each write (pytest's capture, a redirect made after import)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's chatter off the terminal, its warnings and errors on it; every entry point runs this
+    (through :func:`open_store`), and running it again changes nothing.
+
+    - Its INFO lines ("Creating initial MLflow database tables...", "Updating database tables", alembic's
+      migration steps): the ``mlflow`` and ``alembic`` loggers log from WARNING up.
+    - Its ``eprint`` lines ("Successfully registered model ...", "Created version ..."): they and its
+      log handler share one stream, ``MLFLOW_LOGGING_STREAM``; the handler now writes to stderr itself,
+      and that stream is switched off, so only the ``eprint`` lines are lost.
+    - The "View run ... at: http://..." and "View experiment at" lines a tracking server's runs print as
+      they end: ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``.
+
+    ``MLFLOW_LOGGING_LEVEL`` set by the user (e.g. ``INFO`` or ``DEBUG`` to see it all again) leaves MLflow's
+    own logging as it is, and a ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`` already set is kept.
+    """
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        return
+    from mlflow.utils import logging_utils
+
+    for name in ("mlflow", "alembic"):
+        if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("mlflow", "alembic", "sqlalchemy.engine", "huey"):  # the loggers MLflow gives its handler
+        for handler in logging.getLogger(name).handlers:
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and handler.stream is logging_utils.MLFLOW_LOGGING_STREAM
+            ):
+                handler.setStream(_STDERR)
+    logging_utils.MLFLOW_LOGGING_STREAM.enabled = False
+
+
+_STDERR = _Stderr()
+
+
 def open_store(tracking_uri: str | None = None) -> Store:
     """Point MLflow at the store in force and return it; called once by each entry point.
 
@@ -165,8 +214,9 @@ def open_store(tracking_uri: str | None = None) -> Store:
     ``sqlite:///mlruns/mlflow.db``. The embedded store's folder and tables are created on first use;
     a store already opened by this process is not opened again. A sqlite store's header is checked
     always, its pages (``PRAGMA quick_check``) when it is small or ``MOCOCXR_CHECK_STORE=1`` asks
-    (see :mod:`mococxr.tracking.probe`).
+    (see :mod:`mococxr.tracking.probe`). MLflow's INFO chatter is switched off (:func:`quiet_mlflow`).
     """
+    quiet_mlflow()
     uri = resolve_tracking_uri(tracking_uri)
     store = _OPENED.get(uri)
     if store is None:
@@ -183,8 +233,12 @@ def open_store(tracking_uri: str | None = None) -> Store:
             # with "0 found"); the first one creates them under a lock, the others then find them.
             with open(db.with_name(db.name + ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                new = not db.exists() or db.stat().st_size == 0
+                if new:  # MLflow's own line about it is switched off (quiet_mlflow); ~10 s on 2 CPU cores
+                    write(f"creating the MLflow store {uri} (its tables, once)", file=sys.stderr)
                 try:
-                    MlflowClient().search_experiments(max_results=1)
+                    with working(f"creating the MLflow store {uri}", enabled=new):
+                        MlflowClient().search_experiments(max_results=1)
                 except Exception as exc:  # a damaged store that the checks above let through, named
                     if isinstance(exc, MococxrError) or (message := user_message(exc, uri)) is None:
                         raise

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mococxr.console import working
 from mococxr.data.cache import ImageCache
 from mococxr.errors import DataError
 from mococxr.train.linear_eval import extract_features
@@ -129,15 +130,16 @@ class FeatureCache:
             os.utime(entry)  # least-recently-used order for the bound
             return found
         t0 = time.perf_counter()
-        feats = extract_features(
-            self.encoder,
-            records,
-            image_size=self.image_size,
-            cache=self.images,
-            workers=self.workers,
-            device=self.device,
-            mixed_precision=False,
-        )
+        with working(f"features of {len(records)} images at {self.image_size}px"):  # a line per 10 s if long
+            feats = extract_features(
+                self.encoder,
+                records,
+                image_size=self.image_size,
+                cache=self.images,
+                workers=self.workers,
+                device=self.device,
+                mixed_precision=False,
+            )
         self.stats["misses"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         self._sizes[key] = feats.nbytes

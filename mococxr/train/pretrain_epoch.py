@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from mococxr.console import progress as progress_bar
+from mococxr.console import working, write
 from mococxr.data.dataset import seed_worker
 from mococxr.errors import ConfigError
 from mococxr.tracking import artifacts as ma
@@ -95,12 +95,30 @@ def _end_epoch(
     t: Training, result: PretrainResult, epoch: int, metrics: dict[str, float], callbacks: list[EpochCallback]
 ) -> bool:
     """Rank 0: callbacks, then checkpoint -> resume state -> metrics, in that order (see
-    checkpoints.reconcile). Returns whether a callback asked to stop."""
-    cfg, model = t.cfg, t.model
+    checkpoints.reconcile). Returns whether a callback asked to stop. With progress on, a line every 10 s
+    while this runs long (a monitor's linear evaluation, a slow artifact store)."""
     if not math.isfinite(metrics["train/loss"]):
         raise FloatingPointError(
             f"loss became {metrics['train/loss']} at epoch {epoch}; lower the learning rate"
         )
+    what = "linear monitor and checkpoint" if t.cfg.monitor else "checkpoint"
+    with working(f"[{t.label}] epoch {epoch}/{t.cfg.epochs}: {what}", enabled=t.progress):
+        stop = _finish_epoch(t, result, epoch, metrics, callbacks)
+    write(  # tqdm.write on a terminal, a flushed line in a log
+        f"[{t.label}] epoch {epoch}/{t.cfg.epochs}  loss {metrics['train/loss']:.4f}  "
+        f"acc1 {metrics['train/acc1']:.1f}%  "
+        f"lr {metrics['train/lr']:.2e}  {metrics['train/images_per_s']:.1f} img/s"
+        + "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if not k.startswith("train/"))
+    )
+    return stop
+
+
+def _finish_epoch(
+    t: Training, result: PretrainResult, epoch: int, metrics: dict[str, float], callbacks: list[EpochCallback]
+) -> bool:
+    """The work of :func:`_end_epoch`: callbacks (they add to ``metrics``), the encoder as a logged model,
+    the resume point, the metrics, retention."""
+    cfg, model = t.cfg, t.model
     stop = False
     for callback in callbacks:
         try:
@@ -111,7 +129,7 @@ def _end_epoch(
     encoder_state = {k: v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
     model_id = ma.log_state_dict_model(
         encoder_state,
-        name=f"{t.label}-epoch{epoch:03d}",
+        name=t.label,  # named e03-<label> (see artifacts.checkpoint_name)
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
         step=epoch,
@@ -144,12 +162,6 @@ def _end_epoch(
     mlflow.log_metrics(metrics, step=epoch, model_id=model_id)
     _log_best(result.history)
     checkpoints.apply_retention(run.info.run_id, cfg.keep, result.history)
-    tqdm.write(
-        f"[{t.label}] epoch {epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}  "
-        f"acc1 {metrics['train/acc1']:.1f}%  "
-        f"lr {metrics['train/lr']:.2e}  {metrics['train/images_per_s']:.1f} img/s"
-        + "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if not k.startswith("train/"))
-    )
     return stop
 
 

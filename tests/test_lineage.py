@@ -238,4 +238,19 @@ def test_run_names_put_what_tells_runs_apart_first():
     assert _run_name(cfg, "checkpoint", "lr0.001-cosine-t3") == "d3 0.1% e2e lr0.001-cosine-t3 dn121"
     assert _run_name(FinetuneConfig(), "random") == "d0 100% lin random r18"
     assert ma.checkpoint_name("mystudy-trial012-epoch004", 4) == "e04-trial012-mystudy"
+
+
+def test_checkpoint_names_are_names_mlflow_accepts_whatever_the_user_named():
+    """A study or run named with quotes, dots, percent signs, slashes or colons still logs its checkpoints:
+    MLflow refuses those characters in LoggedModel names (only there), so they are spelled out or dashed."""
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    names = {
+        "it's a\\b é✓-resnet18-trial000": "e01-trial000-it-s a\\b é✓-resnet18",
+        "d3 0.1% e2e moco dn121": "e01-d3 0p1pct e2e moco dn121",
+        'a/b:c"d': "e01-a-b-c-d",
+    }
+    for label, expected in names.items():
+        assert ma.checkpoint_name(label, 1) == expected
+        _validate_logged_model_name(expected)  # raises on a name MLflow refuses
     assert lineage.link("a_b [c]", "#/x") == r"[a\_b \[c\]](#/x)"

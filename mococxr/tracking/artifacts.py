@@ -131,7 +131,14 @@ def checkpoint_name(label: str, step: int) -> str:
     label = _EPOCH_SUFFIX.sub("", label)
     if m := _TRIAL_SUFFIX.match(label):
         label = f"{m.group('trial')}-{m.group('study')}"
-    return f"e{step:02d}-{label}"
+    return f"e{step:02d}-{model_name_part(label)}"
+
+
+def model_name_part(text: str) -> str:
+    """``text`` as a LoggedModel name may hold it: MLflow refuses ``/ : . % " '`` there (and nowhere else a
+    user's name goes), so ``10%`` reads ``10pct``, ``0.1`` reads ``0p1`` and the others become ``-``;
+    backslashes and unicode stay."""
+    return re.sub(r"[/:\"']", "-", text.replace("%", "pct").replace(".", "p"))
 
 
 def log_model_output(run_id: str, model_id: str, step: int) -> None:

@@ -4,7 +4,6 @@ metrics, the per-image test predictions of the chosen epoch and (``keep_model``)
 
 from __future__ import annotations
 
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,7 +128,7 @@ def _keep_model(
     )
     return ma.log_state_dict_model(
         state,
-        name=re.sub(r"[/:\"']", "-", run_name.replace("%", "pct").replace(".", "p")),
+        name=run_name,  # made a valid LoggedModel name by artifacts.checkpoint_name
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
         step=choice.best_epoch,

@@ -16,7 +16,17 @@ TORCH_PINS := $(shell grep -o '"torch[^"]*"' pyproject.toml)
 .PHONY: demo test test-slow lint clean FORCE
 
 # pip's own output is left on (one line per package, a progress bar per download): creating .venv takes
-# minutes and should never look stuck.
+# minutes and should never look stuck. Into a log (not a terminal) pip prints nothing while it installs what
+# it downloaded (66 s for torch and its NVIDIA libraries, measured with benchmarks/demo_gaps), so there a
+# line every 10 s says that the step still works.
+define still_working
+if [ -t 1 ]; then $(1); else \
+  ( s=0; while sleep 10 && kill -0 $$$$ 2>/dev/null; do s=$$((s + 10)); echo "== $(2): still working ($$s s)"; done ) & \
+  beat=$$!; trap 'kill $$beat 2>/dev/null' EXIT; $(1); fi
+endef
+PIP_INSTALL := $(VENV)/bin/pip install --progress-bar on
+EXTRAS := .[dev,postgres,auth,dashboard]
+
 $(STAMP): pyproject.toml Makefile $(TORCH_MARK)  # a changed install line (e.g. a new extra) reinstalls
 	@echo "== [1/3] $(VENV): creating a virtual environment with $(PY)"
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -24,8 +34,10 @@ $(STAMP): pyproject.toml Makefile $(TORCH_MARK)  # a changed install line (e.g. 
 	$(VENV)/bin/pip install --progress-bar on --upgrade pip
 	@echo "== [3/3] $(VENV): installing mococxr and its dependencies (torch, torchvision, mlflow, optuna," \
 	      "optuna-dashboard, ...): the longest step, a few minutes"
-	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --progress-bar on --index-url '$(TORCH_INDEX)' $(TORCH_PINS))
-	$(VENV)/bin/pip install --progress-bar on -e '.[dev,postgres,auth,dashboard]'
+	$(if $(TORCH_INDEX),@echo "$(PIP_INSTALL) --index-url '$(TORCH_INDEX)' $(TORCH_PINS)")
+	$(if $(TORCH_INDEX),@$(call still_working,$(PIP_INSTALL) --index-url '$(TORCH_INDEX)' $(TORCH_PINS),[3/3] pip (torch)))
+	@echo "$(PIP_INSTALL) -e '$(EXTRAS)'"
+	@$(call still_working,$(PIP_INSTALL) -e '$(EXTRAS)',[3/3] pip)
 	touch $(STAMP)
 	@echo "== $(VENV) ready"
 

@@ -80,7 +80,7 @@ def write(line: str, file: TextIO | None = None) -> None:
 
 class _Heartbeat:
     """A daemon thread that calls ``say(now)`` whenever ``every_s`` seconds pass without a progress line
-    (its own, or any other of this module's). It first speaks no sooner than ``every_s / 2`` into its own
+    (its own, or any other of this module's). It first speaks no sooner than ``0.3 * every_s`` into its own
     step, so a short step after a long silence stays quiet; ``stop()`` ends it."""
 
     def __init__(self, every_s: float, say: Callable[[float], None]) -> None:
@@ -91,7 +91,9 @@ class _Heartbeat:
         self._thread.start()
 
     def _due(self) -> float:
-        return max(_LAST_LINE[0] + self.every_s, self.start + self.every_s / 2)
+        # 0.3: a step that starts just before the next line was due speaks 3 s into it (at most 13 s after
+        # the last line with the default 10 s), yet a step of a second or two after a long silence is quiet
+        return max(_LAST_LINE[0] + self.every_s, self.start + 0.3 * self.every_s)
 
     def _run(self) -> None:
         while not self._stop.wait(max(0.05, self._due() - time.monotonic())):

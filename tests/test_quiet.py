@@ -102,7 +102,7 @@ def test_working_writes_a_line_while_a_long_step_runs():
 def test_progress_lines_keep_one_rhythm_across_steps():
     """A step that follows another (an epoch's monitor after its batches) speaks every_s after the last
     progress line, not every_s after its own start: no 15 s gap at the hand-over; but a quick step after a
-    long silence stays quiet for half the interval."""
+    long silence stays quiet for 0.3 of the interval (so no gap exceeds 1.3 intervals)."""
     from mococxr import console
 
     beat = console._Heartbeat(10.0, lambda now: None)
@@ -110,7 +110,7 @@ def test_progress_lines_keep_one_rhythm_across_steps():
         console._LAST_LINE[0] = beat.start - 3.0  # the batches' last line, 3 s before this step began
         assert beat._due() == beat.start + 7.0
         console._LAST_LINE[0] = beat.start - 60.0  # a minute of other output since
-        assert beat._due() == beat.start + 5.0
+        assert beat._due() == beat.start + 3.0
     finally:
         beat.stop()
     out = io.StringIO()

@@ -48,8 +48,8 @@ _PER_FRACTION = ("fractions", "draws", "epochs")
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big each stage is (``sizes`` in the plan: ``full`` fits 15 minutes on 2 CPU cores; ``quick``
-    about 2 minutes)."""
+    """How big each stage is (``sizes`` in the plan: ``full`` takes ~6 minutes on 2 CPU cores, ``quick``
+    ~40 s; the README's Measured table)."""
 
     n_images: int
     n_test: int  # the phantom's valid.csv, the test set: larger than CheXpert's 1/10 for tighter CIs

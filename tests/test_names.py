@@ -40,15 +40,14 @@ def test_a_plan_named_with_quotes_backslashes_and_unicode_runs_end_to_end(tmp_pa
     spec.write_text(yaml.safe_dump(_tiny_plan(name), allow_unicode=True))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MOCOCXR_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "PYTHONUNBUFFERED": "1"}
-    base = [sys.executable, "-m", "mococxr", "--tracking-uri", uri]
-    run = subprocess.run(
-        [*base, "paper", str(spec), "--only", "data", "pretrain", "chexpert", "report"],
-        cwd=tmp_path,
-        env={**_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+
+    def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mococxr", "--tracking-uri", uri, *args]
+        return subprocess.run(
+            command, cwd=tmp_path, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout
+        )
+
+    run = cli("paper", str(spec), "--only", "data", "pretrain", "chexpert", "report", timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "internal error" not in run.stdout + run.stderr
     plan = load_plan(spec)
@@ -65,23 +64,9 @@ def test_a_plan_named_with_quotes_backslashes_and_unicode_runs_end_to_end(tmp_pa
     assert client.get_registered_model(plan.registered_model("resnet18")).latest_versions is not None
 
     # the report and the registry commands take the same names from the command line
-    report = subprocess.run(
-        [*base, "report", "--experiment", experiment, "--out", str(tmp_path / "rep"), "--replicates", "20"],
-        cwd=tmp_path,
-        env={**_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    report = cli("report", "--experiment", experiment, "--out", str(tmp_path / "rep"), "--replicates", "20")
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
-    listed = subprocess.run(
-        [*base, "registry", "list", "--name", plan.registered_model("resnet18")],
-        cwd=tmp_path,
-        env={**_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    listed = cli("registry", "list", "--name", plan.registered_model("resnet18"))
     assert listed.returncode == 0 and "production" in listed.stdout, listed.stdout + listed.stderr
 
 

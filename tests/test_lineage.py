@@ -166,13 +166,14 @@ def test_a_long_list_is_capped_and_says_how_to_find_every_run():
     runs = [
         SimpleNamespace(
             info=SimpleNamespace(run_id=f"{i:032x}", run_name=f"d{i} 1% linear_x", experiment_id="3"),
-            data=SimpleNamespace(metrics={"test/auc": 0.5}),
+            data=SimpleNamespace(metrics={"test/auc": 0.5}, tags={"mococxr.task": "Cardiomegaly"}),
         )
         for i in range(60)
     ]
     text = lineage.runs_section("Runs", (runs, {"3": "exp"}), "tags.`mococxr.kind` = 'finetune'", 10_000)
     assert text.count("](#/experiments/3/runs/") == lineage.MAX_LISTED and text.endswith("- and 10 more")
     assert "`` tags.`mococxr.kind` = 'finetune' ``" in text and r"[d0 1% linear\_x]" in text
+    assert "/runs/00000000000000000000000000000000) · exp · Cardiomegaly · test AUC 0.5000\n" in text
     short = lineage.runs_section("Runs", (runs, {"3": "exp"}), "f", 1_000)
     assert len(short) <= 1_000 and short.endswith(f"- and {60 - short.count('](#/')} more")
 

@@ -220,10 +220,13 @@ def runs_section(heading: str, found: Found, filter_string: str, limit: int) -> 
 
 
 def _run_line(run: Run, names: Mapping[str, str]) -> str:
-    """``[name](page) · experiment · test AUC 0.7123``."""
+    """``[name](page) · experiment · task · test AUC 0.7123``: the task tells apart runs of one experiment
+    that share a name (the paper's competition grid beside its CheXpert grid)."""
     info = run.info
     parts = [link(info.run_name or info.run_id, run_page(info.experiment_id, info.run_id))]
     parts.append(names.get(info.experiment_id, f"experiment {info.experiment_id}").translate(_MARKDOWN))
+    if task := run.data.tags.get(tag("task")):
+        parts.append(task.translate(_MARKDOWN))
     if "test/auc" in run.data.metrics:
         parts.append(f"test AUC {run.data.metrics['test/auc']:.4f}")
     return " · ".join(parts)

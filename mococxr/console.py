@@ -73,9 +73,14 @@ def write(line: str, file: TextIO | None = None) -> None:
     """Print a progress line (an epoch's summary) to ``file`` (stdout): above any bar on a terminal, flushed
     in a log; the heartbeats below count it as a line."""
     with _WRITING:
-        tqdm.write(line, file=file if file is not None else sys.stdout)
-        (file if file is not None else sys.stdout).flush()
+        _emit(line, file if file is not None else sys.stdout)
         _LAST_LINE[0] = time.monotonic()
+
+
+def _emit(line: str, file: TextIO) -> None:
+    """One whole line: above any tqdm bar on a terminal, flushed in a log."""
+    tqdm.write(line, file=file)
+    file.flush()
 
 
 class _Heartbeat:
@@ -227,14 +232,7 @@ def working(
     file = file if file is not None else sys.stderr
     start = time.monotonic()
 
-    def say(now: float) -> None:
-        line = f"{desc}: still working ({now - start:.0f} s)"
-        if _is_tty(file):
-            tqdm.write(line, file=file)  # above any bar on the screen
-        else:
-            print(line, file=file, flush=True)
-
-    beat = _Heartbeat(every_s, say)
+    beat = _Heartbeat(every_s, lambda now: _emit(f"{desc}: still working ({now - start:.0f} s)", file))
     try:
         yield
     finally:

@@ -126,6 +126,13 @@ def _load_args(create: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in create.items() if k in ("sampler", "pruner")}
 
 
+def name_value(study: optuna.Study, metric: str) -> None:
+    """Name the study's objective ``metric`` where optuna-dashboard shows it (instead of "Objective 0")."""
+    with warnings.catch_warnings():  # experimental before Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
+
+
 class WorkQueue:
     """A queue of :class:`Item` s in an Optuna study (see the module docstring)."""
 
@@ -156,9 +163,7 @@ class WorkQueue:
         storage = rdb_storage(storage_url, heartbeat, on_stale=on_stale)
 
         def fill(study: optuna.Study, repair: bool) -> None:
-            with warnings.catch_warnings():  # experimental before Optuna 5
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([metric])  # optuna-dashboard's name for the value, not "Objective 0"
+            name_value(study, metric)
             attrs = study.user_attrs
             if setup is not None and not (repair and attrs.get("setup_done")):
                 for k, v in setup().items():
@@ -442,4 +447,4 @@ def run_once(
     return run_each(name, storage_url, {"once": work}, heartbeat=heartbeat, say=say)["once"]
 
 
-__all__ = ["Item", "Lease", "WorkQueue", "fail_stale", "open_study", "run_each", "run_once"]
+__all__ = ["Item", "Lease", "WorkQueue", "fail_stale", "name_value", "open_study", "run_each", "run_once"]

@@ -36,7 +36,7 @@ from mococxr.config import ALIASES, override
 from mococxr.console import mococxr
 from mococxr.data.prepare import Prepared, prepare
 from mococxr.errors import ConfigError
-from mococxr.sweep.queue import open_study, run_once
+from mococxr.sweep.queue import name_value, open_study, run_once
 from mococxr.sweep.spec import Param, StudySpec, load_spec, mask_password, parse_spec, valid_study_name
 from mococxr.sweep.storage import make_pruner, make_sampler, make_storage, study_budget
 from mococxr.sweep.study_record import create_parent, record_study
@@ -182,9 +182,7 @@ def _open_study(spec: StudySpec, log: Callable[[str], None]) -> tuple[optuna.Stu
         if not study.user_attrs.get("mlflow_parent_run_id"):
             study.set_user_attr("mlflow_parent_run_id", create_parent(spec, spec.name))
         study.set_user_attr("mlflow_experiment", spec.experiment)
-        with warnings.catch_warnings():  # experimental before Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.metric])  # optuna-dashboard's name for the value, not "Objective 0"
+        name_value(study, spec.metric)
 
     study = open_study(
         spec.name,
